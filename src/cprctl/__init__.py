@@ -1,0 +1,63 @@
+"""cprctl: update QEMU or reboot the host without losing running VMs, with QEMU's cpr-reboot.
+
+The public API is this module's ``__all__``; everything in ``_``-modules is
+private. Errors are in `cprctl.errors`.
+"""
+
+from ._api import adopt, check, launch, remove, restore, save, status, stop, update
+from ._checkpoint.inspect import VMStatus
+from ._checkpoint.plan import Finding
+from ._checkpoint.record import Checkpoint, VMRecord
+from ._checkpoint.report import Reporter
+from ._checkpoint.restore import RestoreResult
+from ._checkpoint.save import SaveResult
+from .errors import (
+    AgentError,
+    BusyError,
+    CheckFailed,
+    CheckpointError,
+    CprctlError,
+    MigrationError,
+    QemuError,
+    RecordError,
+    StateDirError,
+    UsageError,
+    VMNotFound,
+    VMStateError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = (
+    # Operations
+    "launch",
+    "adopt",
+    "save",
+    "restore",
+    "update",
+    "check",
+    "status",
+    "stop",
+    "remove",
+    # Results and records
+    "SaveResult",
+    "RestoreResult",
+    "VMStatus",
+    "Finding",
+    "VMRecord",
+    "Checkpoint",
+    "Reporter",
+    # Errors, most generic first
+    "CprctlError",
+    "UsageError",
+    "VMNotFound",
+    "VMStateError",
+    "BusyError",
+    "CheckFailed",
+    "RecordError",
+    "StateDirError",
+    "CheckpointError",
+    "QemuError",
+    "MigrationError",
+    "AgentError",
+)

@@ -1,0 +1,98 @@
+"""The Python API: one blocking function per operation, used by the CLI and other tools alike.
+
+Each takes ``state_dir`` (default: ``$CPRCTL_STATE_DIR``, /var/lib/cprctl for
+root, else ``$XDG_STATE_HOME/cprctl``) and raises only `CprctlError`
+subclasses on purpose (see `cprctl.errors`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+from ._checkpoint import inspect, lifecycle
+from ._checkpoint import restore as _restore
+from ._checkpoint import save as _save
+from ._checkpoint.inspect import VMStatus
+from ._checkpoint.plan import Finding, Strategy, SuspendMode
+from ._checkpoint.record import VMRecord
+from ._checkpoint.report import Reporter
+from ._checkpoint.restore import RestoreResult
+from ._checkpoint.save import SaveResult
+from ._store import StateDir
+
+PathLike = Path | str | None
+
+
+def launch(name: str, argv: Sequence[str], *, agent: bool = False, state_dir: PathLike = None) -> VMRecord:
+    """Start ``argv`` (a QEMU command line) detached as managed VM *name*; returns once QMP answers.
+
+    The machine type is pinned, a QMP socket (and with *agent* a guest agent
+    channel) added, and the exact argv recorded.
+    """
+    return asyncio.run(lifecycle.launch(StateDir(state_dir), name, argv, agent))
+
+
+def adopt(name: str, qmp: str, *, qga: str | None = None, state_dir: PathLike = None) -> VMRecord:
+    """Manage a running QEMU that something else started, reachable at QMP socket *qmp*."""
+    return asyncio.run(lifecycle.adopt(StateDir(state_dir), name, qmp, qga))
+
+
+def save(name: str, *, suspend: SuspendMode = "auto", strategy: Strategy = "auto", reboot: bool = False,
+         force: bool = False, verify_disks: Literal["sampled", "full"] = "sampled",
+         reporter: Reporter | None = None, state_dir: PathLike = None) -> SaveResult:
+    """Checkpoint VM *name* with cpr-reboot and stop its QEMU (see `cprctl.errors` for failures).
+
+    *reboot* also requires what a host reboot needs (RAM kept in place on
+    non-volatile storage) and flushes RAM files to disk.
+    """
+    return asyncio.run(_save.save(StateDir(state_dir), name, suspend=suspend, strategy=strategy, reboot=reboot,
+                                  force=force, verify_disks=verify_disks, reporter=reporter))
+
+
+def restore(name: str, *, qemu: str | None = None, force: bool = False, sync_time: bool = True,
+            reporter: Reporter | None = None, state_dir: PathLike = None) -> RestoreResult:
+    """Resume VM *name* from its checkpoint, optionally on QEMU binary *qemu*."""
+    return asyncio.run(_restore.restore(StateDir(state_dir), name, qemu=qemu, force=force, sync_time=sync_time,
+                                        reporter=reporter))
+
+
+def update(name: str, qemu: str, *, suspend: SuspendMode = "auto", force: bool = False,
+           sync_time: bool = True, reporter: Reporter | None = None,
+           state_dir: PathLike = None) -> tuple[SaveResult, RestoreResult]:
+    """Move VM *name* onto QEMU binary *qemu*: save, then restore with the new binary."""
+
+    async def both() -> tuple[SaveResult, RestoreResult]:
+        sd = StateDir(state_dir)
+        from ._qemu.process import Binary
+
+        Binary(qemu).require_cpr()
+        saved = await _save.save(sd, name, suspend=suspend, force=force, reporter=reporter)
+        restored = await _restore.restore(sd, name, qemu=qemu, force=force, sync_time=sync_time,
+                                          reporter=reporter)
+        return saved, restored
+
+    return asyncio.run(both())
+
+
+def check(name: str, *, reboot: bool = False, suspend: SuspendMode = "auto", strategy: Strategy = "auto",
+          state_dir: PathLike = None) -> list[Finding]:
+    """The preflight check of VM *name*, worst finding first; touches nothing."""
+    return asyncio.run(inspect.check(StateDir(state_dir), name, reboot=reboot, suspend=suspend, strategy=strategy))
+
+
+def status(name: str | None = None, *, state_dir: PathLike = None) -> list[VMStatus]:
+    """Status of VM *name*, or of every managed VM."""
+    return inspect.status(StateDir(state_dir), name)
+
+
+def stop(name: str, *, state_dir: PathLike = None) -> None:
+    """Power VM *name* off (the guest is not saved); it stays managed, as ``stopped``."""
+    asyncio.run(lifecycle.stop(StateDir(state_dir), name))
+
+
+def remove(name: str, *, force: bool = False, state_dir: PathLike = None) -> None:
+    """Stop managing VM *name* (not running; saved only with *force*) and delete its folder."""
+    lifecycle.remove(StateDir(state_dir), name, force)

@@ -1,0 +1,90 @@
+"""Collecting `Facts` about a live VM: from QMP, the guest agent, its argv and this host's filesystems."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+from .._qemu import argv as qargv
+from .._qemu.agent import Agent
+from .._qemu.qmp import Monitor
+from ..errors import AgentError, QemuError
+from .plan import Facts, RamFact, SuspendMode, wants_suspend
+from .record import VMRecord
+
+
+def mount_of(path: str) -> tuple[str, str, str]:
+    """``(mount point, fs type, options)`` of the filesystem holding *path*."""
+    real = os.path.realpath(path)
+    best = ("/", "", "")
+    with open("/proc/self/mounts") as mounts:
+        for line in mounts:
+            _dev, point, fstype, opts, *_ = line.split()
+            point = point.replace("\\040", " ")
+            if (real == point or real.startswith(point.rstrip("/") + "/")) and len(point) >= len(best[0]):
+                best = (point, fstype, opts)
+    return best
+
+
+def ram_fact(backend: qargv.RamBackend) -> RamFact:
+    if not backend.path:
+        return RamFact(backend)
+    try:
+        mode = os.stat(backend.path).st_mode
+    except FileNotFoundError:
+        return RamFact(backend, "missing")
+    kind = "dir" if stat.S_ISDIR(mode) else "chardev" if stat.S_ISCHR(mode) else "file"
+    _point, fstype, opts = mount_of(backend.path)
+    dax = (kind == "chardev" and "/dax" in backend.path) or "dax" in opts.split(",")
+    return RamFact(backend, kind, fstype, dax)
+
+
+async def has_cpr_mode(mon: Monitor) -> bool:
+    """Whether QEMU's schema has ``cpr-reboot`` among its migration modes."""
+    schema: list[dict[str, Any]] = await mon.execute("query-qmp-schema")
+    return any(e.get("meta-type") == "enum" and "cpr-reboot" in e.get("values", []) for e in schema)
+
+
+async def vfio_devices(mon: Monitor) -> list[str]:
+    """Ids (or paths) of VFIO devices in the QOM tree, hot-plugged ones included."""
+    found = []
+    for folder in ("/machine/peripheral", "/machine/peripheral-anon"):
+        try:
+            children = await mon.execute("qom-list", {"path": folder})
+        except QemuError:
+            continue
+        found += [f"{folder}/{c['name']}" for c in children if str(c.get("type", "")).startswith("child<vfio")]
+    return found
+
+
+async def agent_facts(record: VMRecord) -> tuple[bool, bool, str]:
+    """``(answers, offers guest-suspend-ram, error)`` for the VM's guest agent."""
+    if not record.qga:
+        return False, False, "no agent channel"
+    try:
+        async with Agent(record.qga, record.name, timeout=3.0) as agent:
+            return True, "guest-suspend-ram" in await agent.commands(), ""
+    except AgentError as exc:
+        return False, False, str(exc).split(": ", 1)[-1]
+
+
+async def gather(record: VMRecord, mon: Monitor, state_dir: Path, suspend: SuspendMode = "auto") -> Facts:
+    """Everything the plan and the check need, read without changing the VM."""
+    caps = await mon.execute("query-migrate-capabilities")
+    summary = await mon.execute("query-memory-size-summary")
+    vfio = await vfio_devices(mon)
+    status = await mon.status()
+    base = Facts(record.name, await mon.version(), await has_cpr_mode(mon), record.machine,
+                 [ram_fact(b) for b in qargv.ram_layout(record.argv).backends],
+                 int(summary.get("base-memory", 0)) + int(summary.get("plugged-memory", 0)),
+                 frozenset(c["capability"] for c in caps if c["state"]), vfio)
+    answers, can_suspend, err = (False, False, "")
+    if wants_suspend(base, suspend) and status == "running":
+        answers, can_suspend, err = await agent_facts(record)
+    vfs = os.statvfs(state_dir)
+    return Facts(**{**base.__dict__, "agent_configured": bool(record.qga), "agent_answers": answers,
+                    "agent_can_suspend": can_suspend, "agent_error": err,
+                    "s3_enabled": qargv.s3_enabled(record.argv), "status": status,
+                    "state_fs": mount_of(str(state_dir))[1], "state_free": vfs.f_bavail * vfs.f_frsize})

@@ -1,0 +1,109 @@
+"""Read-only views of managed VMs: `status` and the preflight `check`."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .._qemu.argv import ram_layout
+from .._qemu.qmp import Monitor
+from .._store import StateDir
+from ..errors import CprctlError, QemuError
+from . import disks, statefile
+from .facts import gather, mount_of, ram_fact
+from .plan import VOLATILE_FS, Finding, Strategy, SuspendMode, findings
+from .vm import VM, open_vm
+
+
+@dataclass(frozen=True)
+class VMStatus:
+    """What `status` reports for one VM (also its ``--json`` form)."""
+
+    name: str
+    state: str
+    pid: int | None
+    qmp: str
+    qga: str | None
+    argv: list[str]
+    machine: str
+    origin: str
+    state_file: str | None
+    state_file_bytes: int | None
+    strategy: str | None
+    last_pause_ms: float | None
+    operation: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def vm_status(vm: VM) -> VMStatus:
+    r, cp = vm.record, vm.record.checkpoint
+    size = None
+    if cp is not None:
+        with contextlib.suppress(OSError):
+            size = os.stat(cp.state_file).st_size
+    op = f"{r.operation.kind} at '{r.operation.step}' (pid {r.operation.pid})" if r.operation else None
+    return VMStatus(r.name, vm.state(), r.pid if vm.running() else None, r.qmp, r.qga, r.argv, r.machine,
+                    r.origin, cp.state_file if cp else None, size, cp.strategy if cp else None,
+                    r.last_pause_ms, op)
+
+
+def status(sd: StateDir, name: str | None = None) -> list[VMStatus]:
+    """Status of VM *name*, or of every managed VM.
+
+    :raise VMNotFound: *name* is not managed.
+    """
+    names = [name] if name else sd.names()
+    return [vm_status(open_vm(sd, n)) for n in names]
+
+
+async def check(sd: StateDir, name: str, *, reboot: bool = False, suspend: SuspendMode = "auto",
+                strategy: Strategy = "auto") -> list[Finding]:
+    """The preflight check of VM *name*, without touching it.
+
+    A running VM is checked as `save` would; a saved one has its checkpoint
+    verified (state file, disks, RAM kept in place).
+    """
+    vm = open_vm(sd, name)
+    if vm.running() and vm.record.checkpoint is None:
+        try:
+            async with Monitor(vm.record.qmp, name, vm.record.pid) as mon:
+                facts = await gather(vm.record, mon, vm.folder, suspend)
+        except QemuError as exc:
+            return [Finding("qmp", "error", str(exc), "check that QEMU is healthy")]
+        return findings(facts, reboot=reboot, suspend=suspend, strategy=strategy)
+    if vm.record.checkpoint is not None:
+        return _check_saved(vm, reboot)
+    return [Finding("not-running", "error", f"{name} is {vm.state()}: nothing to check",
+                    "launch it again with 'cprctl launch'")]
+
+
+def _check_saved(vm: VM, reboot: bool) -> list[Finding]:
+    cp = vm.record.checkpoint
+    assert cp is not None
+    out: list[Finding] = []
+    try:
+        statefile.verify(Path(cp.state_file), cp.size, cp.digest)
+    except CprctlError as exc:
+        out.append(Finding("state-file", "error", str(exc), "the checkpoint cannot be restored"))
+    for d in cp.disks:
+        if why := disks.changed(d):
+            out.append(Finding("disk-changed", "error", f"disk {d.path}: {why}", "restore --force accepts the risk",
+                               forceable=True))
+    if cp.strategy == "in-place":
+        for b in ram_layout(vm.record.argv).backends:
+            fact = ram_fact(b)
+            if fact.path_kind != "file" and not fact.dax:
+                out.append(Finding("ram-missing", "error", f"RAM file {b.path} of backend {b.id!r} is gone",
+                                   "the guest's RAM is lost; the checkpoint cannot be restored"))
+            elif reboot and not fact.non_volatile:
+                out.append(Finding("ram-volatile", "error", f"RAM file {b.path} is on {fact.fs_type}: a reboot erases it",
+                                   "do not reboot before restoring this VM"))
+    if reboot and mount_of(str(vm.folder))[1] in VOLATILE_FS:
+        out.append(Finding("state-volatile", "error", "the state directory is on a filesystem a reboot erases",
+                           "do not reboot before restoring"))
+    return out or [Finding("ok", "info", f"checkpoint of {vm.name} verifies", "")]

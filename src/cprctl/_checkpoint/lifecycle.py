@@ -1,0 +1,185 @@
+"""Bringing a VM under management: `launch` a new QEMU, or `adopt` a running one."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from .._qemu import argv as qargv
+from .._qemu import process
+from .._qemu.process import Binary
+from .._qemu.qmp import Monitor
+from .._store import StateDir, VMLock
+from ..errors import QemuError, UsageError, VMStateError
+from .record import VMRecord
+from .vm import LOG_FILE, VM, open_vm
+
+#: sun_path holds 108 bytes, the last a NUL.
+SOCKET_PATH_MAX = 107
+
+
+def _fresh_folder(sd: StateDir, name: str) -> Path:
+    """VM *name*'s folder, refusing a name that is already managed and not stopped."""
+    if sd.existing_vm_dir(name) is not None:
+        vm = open_vm(sd, name)
+        if vm.state() != "stopped":
+            raise VMStateError(f"{name} already exists and is {vm.state()}; pick another name")
+    return sd.create_vm_dir(name)
+
+
+def _socket_path(path: Path) -> str:
+    if len(str(path)) > SOCKET_PATH_MAX:
+        raise UsageError(f"socket path {path} is longer than {SOCKET_PATH_MAX} bytes; use a shorter --state-dir or name")
+    path.unlink(missing_ok=True)
+    return str(path)
+
+
+def prepare_argv(argv: Sequence[str], folder: Path, agent: bool) -> tuple[list[str], str, str | None, str]:
+    """The argv cprctl will run: absolute binary, machine pinned, QMP (and agent) sockets added.
+
+    Returns ``(argv, qmp socket, agent socket, machine)``.
+    """
+    if not argv:
+        raise UsageError("no QEMU command line given (cprctl launch NAME -- QEMU ARGS...)")
+    binary = Binary(_absolute(argv[0]))
+    binary.require_cpr()
+    machine = binary.resolve_machine(qargv.machine_type(argv))
+    out = qargv.with_machine_type([binary.path, *argv[1:]], machine)
+    qmp = qargv.qmp_socket(out)
+    if qmp is None:
+        qmp = _socket_path(folder / "qmp.sock")
+        out += qargv.qmp_args(qmp)
+    qga = qargv.agent_socket(out)
+    if agent and qga is None:
+        qga = _socket_path(folder / "qga.sock")
+        out += qargv.agent_args(qga)
+    return out, qmp, qga, machine
+
+
+def _absolute(binary: str) -> str:
+    import shutil
+
+    found = shutil.which(binary) if os.sep not in binary else binary
+    if not found:
+        raise UsageError(f"QEMU binary not found: {binary}")
+    return os.path.abspath(found)
+
+
+async def launch(sd: StateDir, name: str, argv: Sequence[str], agent: bool = False) -> VMRecord:
+    """Start QEMU detached under management and return once QMP answers.
+
+    :raise UsageError: bad name or argv; `QemuError` when QEMU is too old or does not come up
+        (its log tail in the message); `VMStateError` when *name* is taken.
+    """
+    folder = _fresh_folder(sd, name)
+    with VMLock(folder, name, "launch"):
+        full, qmp, qga, machine = prepare_argv(argv, folder, agent)
+        log = folder / LOG_FILE
+        rec = VMRecord(name=name, argv=full, qmp=qmp, origin="launch", machine=machine, log=str(log),
+                       qga=qga, cwd=os.getcwd(), created=time.time())
+        rec.pid = process.spawn(full, log, cwd=rec.cwd)
+        vm = VM(name, folder, rec)
+        vm.commit()
+        await wait_qmp(vm, rec.pid)
+        return rec
+
+
+async def wait_qmp(vm: VM, pid: int) -> None:
+    """Wait for QMP of a QEMU just started; stop it and say why if it never answers."""
+    try:
+        async with Monitor(vm.record.qmp, vm.name, pid):
+            pass
+    except QemuError as exc:
+        process.kill(pid)
+        tail = process.log_tail(vm.log_path)
+        raise QemuError(f"{exc}{': ' + tail if tail else ''}") from None
+
+
+def socket_peer_pid(path: str) -> int:
+    """The pid of the process listening on unix socket *path* (SO_PEERCRED)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(path)
+        except OSError as exc:
+            raise QemuError(f"cannot connect to {path}: {exc.strerror}") from None
+        creds = s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return int(struct.unpack("3i", creds)[0])
+
+
+async def adopt(sd: StateDir, name: str, qmp: str, qga: str | None = None) -> VMRecord:
+    """Take a QEMU that something else started under management.
+
+    Its argv comes from ``/proc/PID/cmdline`` (PID from the QMP socket's peer),
+    with the machine type pinned to the one QEMU actually runs.
+
+    :raise QemuError: when QMP does not answer or QEMU is too old.
+    """
+    qmp = os.path.abspath(qmp)
+    pid = socket_peer_pid(qmp)
+    folder = _fresh_folder(sd, name)
+    with VMLock(folder, name, "adopt"):
+        argv = process.cmdline(pid)
+        async with Monitor(qmp, name, pid) as mon:
+            version = await mon.version()
+            machine = str(await mon.execute("qom-get", {"path": "/machine", "property": "type"}))
+        if version[:2] < process.MIN_VERSION:
+            raise QemuError(f"{name}: QEMU {'.'.join(map(str, version))} is too old; cpr-reboot needs >= 9.0")
+        machine = machine.removesuffix("-machine")
+        argv = qargv.with_machine_type([_absolute_in(argv[0], pid), *argv[1:]], machine)
+        qga = os.path.abspath(qga) if qga else qargv.agent_socket(argv)
+        cwd = os.readlink(f"/proc/{pid}/cwd")
+        rec = VMRecord(name=name, argv=argv, qmp=qmp, origin="adopt", machine=machine,
+                       log=str(folder / LOG_FILE), qga=qga, pid=pid, cwd=cwd, created=time.time())
+        VM(name, folder, rec).commit()
+        return rec
+
+
+def _absolute_in(binary: str, pid: int) -> str:
+    """The adopted QEMU's binary as an absolute path (it may have been started by a relative one)."""
+    if os.sep in binary and not os.path.isabs(binary):
+        return os.path.normpath(os.path.join(os.readlink(f"/proc/{pid}/cwd"), binary))
+    if os.sep not in binary:
+        return os.readlink(f"/proc/{pid}/exe").removesuffix(" (deleted)")
+    return binary
+
+
+async def stop(sd: StateDir, name: str) -> None:
+    """Power VM *name* off (QMP ``quit``, then signals); the record stays, as ``stopped``.
+
+    :raise VMStateError: the VM is saved (restore it, or `remove` it with its checkpoint).
+    """
+    vm = open_vm(sd, name)
+    with VMLock(vm.folder, name, "stop"):
+        if vm.record.checkpoint is not None:
+            raise VMStateError(f"{name} is saved, not running; 'cprctl remove --force' discards the checkpoint")
+        pid = vm.record.pid
+        if pid and process.alive(pid):
+            try:
+                async with Monitor(vm.record.qmp, name, pid) as mon:
+                    await mon.quit()
+            except QemuError:
+                pass
+            if not process.wait_gone(pid, 10):
+                process.kill(pid)
+        vm.record.pid = None
+        vm.commit()
+
+
+def remove(sd: StateDir, name: str, force: bool = False) -> None:
+    """Stop managing VM *name* and delete its folder.
+
+    :raise VMStateError: it runs, or is saved and *force* is not given (its checkpoint would be lost).
+    """
+    import shutil
+
+    vm = open_vm(sd, name)
+    with VMLock(vm.folder, name, "remove"):
+        if vm.running():
+            raise VMStateError(f"{name} is running; 'cprctl stop {name}' first")
+        if vm.record.checkpoint is not None and not force:
+            raise VMStateError(f"{name} is saved; removing it discards its checkpoint (use --force)")
+        shutil.rmtree(vm.folder)

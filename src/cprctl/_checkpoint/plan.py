@@ -1,0 +1,214 @@
+"""Deciding, without I/O: what the preflight check finds, and how a save will run.
+
+`gather` (in ``facts.py``) collects `Facts` about a live VM; the functions here
+turn them into `Finding` lists and a `Plan`. Keeping this pure makes every rule
+unit-testable.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .._qemu.argv import RamBackend
+
+Severity = Literal["error", "warning", "info"]
+SuspendMode = Literal["auto", "always", "never"]
+Strategy = Literal["auto", "in-place", "stream"]
+
+#: Filesystems whose contents do not survive a host reboot.
+VOLATILE_FS = frozenset({"tmpfs", "ramfs", "hugetlbfs", "devtmpfs"})
+#: Migration capabilities that cpr-reboot cannot be combined with.
+INCOMPATIBLE_CAPS = ("postcopy-ram", "background-snapshot", "x-colo")
+#: Room the device state takes in a state file, on top of any RAM written (a generous bound).
+DEVICE_STATE_BYTES = 64 << 20
+#: Uncapped migration bandwidth (bytes/s): QEMU's 128 MiB/s default would cap a save to a file.
+UNCAPPED = 1 << 40
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One result of the preflight check."""
+
+    code: str
+    severity: Severity
+    message: str
+    fix: str = ""
+    #: ``--force`` may override it (the risk is the operator's, not a certain failure).
+    forceable: bool = False
+
+    @property
+    def blocking(self) -> bool:
+        return self.severity == "error"
+
+
+@dataclass(frozen=True)
+class RamFact:
+    """A RAM backend and what its ``mem-path`` is on this host."""
+
+    backend: RamBackend
+    #: ``file``, ``dir``, ``chardev`` (DAX), ``missing``, or None (no path).
+    path_kind: str | None = None
+    fs_type: str | None = None
+    dax: bool = False
+
+    @property
+    def in_place(self) -> bool:
+        """RAM that stays where it is across QEMU's exit (a named shared file or DAX device)."""
+        return self.backend.named_shared_file and self.path_kind in ("file", "chardev")
+
+    @property
+    def non_volatile(self) -> bool:
+        return self.dax or (self.path_kind == "file" and self.fs_type not in VOLATILE_FS)
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What cprctl knows about a running VM before it touches it."""
+
+    name: str
+    qemu_version: tuple[int, int, int]
+    has_cpr_mode: bool
+    machine: str
+    ram: list[RamFact]
+    ram_bytes: int
+    enabled_caps: frozenset[str] = frozenset()
+    vfio: list[str] = field(default_factory=list)
+    agent_configured: bool = False
+    agent_answers: bool = False
+    agent_can_suspend: bool = False
+    agent_error: str = ""
+    s3_enabled: bool = False
+    status: str = "running"
+    state_fs: str = ""
+    state_free: int = 0
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How a save runs; recorded in the checkpoint so restore mirrors it."""
+
+    strategy: Literal["in-place", "stream"]
+    suspend: bool
+    capabilities: dict[str, bool]
+    parameters: dict[str, str | int | bool]
+    expected_bytes: int
+
+
+def ram_in_place(facts: Facts) -> bool:
+    return bool(facts.ram) and all(r.in_place for r in facts.ram)
+
+
+def wants_suspend(facts: Facts, mode: SuspendMode) -> bool:
+    return mode == "always" or (mode == "auto" and bool(facts.vfio))
+
+
+def choose(facts: Facts, suspend: SuspendMode = "auto", strategy: Strategy = "auto") -> Plan:
+    """The fastest safe way to save this VM (RAM in place when it can stay, else streamed uncapped)."""
+    in_place = ram_in_place(facts) if strategy == "auto" else strategy == "in-place"
+    caps = {"x-ignore-shared": in_place}
+    params: dict[str, str | int | bool] = {"mode": "cpr-reboot", "max-bandwidth": UNCAPPED}
+    expected = DEVICE_STATE_BYTES + (0 if in_place else facts.ram_bytes)
+    return Plan("in-place" if in_place else "stream", wants_suspend(facts, suspend) and facts.status == "running",
+                caps, params, expected)
+
+
+_VERSIONED = re.compile(r".*-\d+\.\d+$")
+
+
+def findings(facts: Facts, *, reboot: bool = False, suspend: SuspendMode = "auto",
+             strategy: Strategy = "auto") -> list[Finding]:
+    """Everything the preflight check says about *facts*, worst first."""
+    found = [*_qemu(facts), *_ram(facts, reboot, strategy), *_suspend(facts, suspend), *_space(facts, reboot, suspend, strategy)]
+    order = {"error": 0, "warning": 1, "info": 2}
+    return sorted(found, key=lambda f: order[f.severity])
+
+
+def _qemu(facts: Facts) -> list[Finding]:
+    out = []
+    if facts.qemu_version[:2] < (9, 0):
+        have = ".".join(map(str, facts.qemu_version))
+        out.append(Finding("qemu-version", "error", f"QEMU {have} is older than 9.0",
+                           "run the VM on QEMU >= 9.0 (e.g. from bookworm-backports)"))
+    if not facts.has_cpr_mode:
+        out.append(Finding("no-cpr-mode", "error", "this QEMU has no 'cpr-reboot' migration mode",
+                           "run the VM on QEMU >= 9.0"))
+    for cap in INCOMPATIBLE_CAPS:
+        if cap in facts.enabled_caps:
+            out.append(Finding(f"cap-{cap}", "error", f"migration capability {cap} is on; cpr-reboot cannot use it",
+                               f"migrate-set-capabilities {cap}=off"))
+    if not _VERSIONED.fullmatch(facts.machine) and facts.machine not in ("none", "microvm", "isapc"):
+        out.append(Finding("machine-unpinned", "warning",
+                           f"machine type {facts.machine!r} is not versioned; a newer QEMU may not load the state",
+                           "start the VM with a versioned machine type (cprctl launch pins it)"))
+    if facts.status not in ("running", "paused", "suspended"):
+        out.append(Finding("runstate", "error", f"the VM is {facts.status!r}, not running",
+                           "resume it, or let the operation in progress finish"))
+    return out
+
+
+def _ram(facts: Facts, reboot: bool, strategy: Strategy) -> list[Finding]:
+    out = []
+    for r in facts.ram:
+        b = r.backend
+        if b.kind == "file" and r.path_kind == "dir":
+            out.append(Finding(f"ram-dir-{b.id}", "warning",
+                               f"RAM backend {b.id!r}: mem-path {b.path} is a directory, so QEMU's RAM there is an "
+                               "unlinked file that dies with QEMU; it will be written to the state file",
+                               "give mem-path a file name to keep RAM in place"))
+        elif b.kind == "file" and not b.share:
+            out.append(Finding(f"ram-private-{b.id}", "info",
+                               f"RAM backend {b.id!r} is share=off: it will be written to the state file",
+                               "use share=on to keep RAM in place"))
+        elif b.kind in ("memfd", "ram", "default", "mem-path", "epc"):
+            out.append(Finding(f"ram-anon-{b.id}", "info",
+                               f"RAM backend {b.id!r} ({b.kind}) cannot stay in place: it will be written to the state file",
+                               "use memory-backend-file,share=on,mem-path=FILE to keep RAM in place"))
+        if reboot and r.in_place and not r.non_volatile and (strategy != "stream"):
+            out.append(Finding(f"ram-volatile-{b.id}", "error",
+                               f"RAM backend {b.id!r} stays in {b.path} on {r.fs_type or 'unknown fs'}, "
+                               "which a host reboot erases",
+                               "put mem-path on a disk filesystem or a DAX device, or save with --strategy stream"))
+    if strategy == "in-place" and not ram_in_place(facts):
+        out.append(Finding("strategy-in-place", "error", "--strategy in-place needs every RAM backend to be a "
+                           "named shared file", "use --strategy auto"))
+    if reboot and facts.state_fs in VOLATILE_FS:
+        out.append(Finding("state-volatile", "error",
+                           f"the state directory is on {facts.state_fs}, which a host reboot erases",
+                           "set CPRCTL_STATE_DIR to a folder on a disk filesystem"))
+    return out
+
+
+def _suspend(facts: Facts, mode: SuspendMode) -> list[Finding]:
+    out = []
+    if facts.vfio and mode == "never":
+        out.append(Finding("vfio-no-suspend", "error",
+                           f"VFIO devices {', '.join(facts.vfio)} need the guest suspended, and --suspend never was given",
+                           "use --suspend auto"))
+    if not wants_suspend(facts, mode) or facts.status != "running":
+        return out
+    why = "VFIO devices are present" if facts.vfio else "--suspend always"
+    if not facts.agent_configured:
+        out.append(Finding("agent-missing", "error", f"{why}, but the VM has no guest agent channel",
+                           "launch the VM with --agent and run qemu-ga in the guest"))
+    elif not facts.agent_answers:
+        out.append(Finding("agent-silent", "error", f"{why}, but the guest agent does not answer ({facts.agent_error})",
+                           "start qemu-ga in the guest"))
+    elif not facts.agent_can_suspend:
+        out.append(Finding("agent-no-suspend", "error", f"{why}, but the guest agent does not offer guest-suspend-ram",
+                           "enable guest-suspend-ram in qemu-ga"))
+    if not facts.s3_enabled:
+        out.append(Finding("s3-disabled", "error", f"{why}, but the guest's S3 (suspend to RAM) is disabled",
+                           "add -global ICH9-LPC.disable_s3=0 (q35) or -global PIIX4_PM.disable_s3=0 (pc)",
+                           forceable=True))
+    return out
+
+
+def _space(facts: Facts, reboot: bool, suspend: SuspendMode, strategy: Strategy) -> list[Finding]:
+    plan = choose(facts, suspend, "stream" if strategy == "stream" else strategy)
+    if facts.state_free and facts.state_free < plan.expected_bytes:
+        need, have = plan.expected_bytes >> 20, facts.state_free >> 20
+        return [Finding("space", "error", f"the state directory has {have} MiB free; this save needs up to {need} MiB",
+                        "free space, or move CPRCTL_STATE_DIR to a larger filesystem", forceable=True)]
+    return []

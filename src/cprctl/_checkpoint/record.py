@@ -1,0 +1,162 @@
+"""The on-disk record of one VM: a versioned JSON file, parsed strictly, written atomically.
+
+The record is the single source of truth about a managed VM: the exact argv
+cprctl runs, its sockets and process, its checkpoint once saved, and the
+journal of an operation in flight (so a killed cprctl can be finished or
+rolled back by the next one).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+
+from ..errors import RecordError
+
+#: The record format this cprctl writes; it reads this one and older ones.
+VERSION = 1
+
+Origin = Literal["launch", "adopt"]
+OpKind = Literal["save", "restore"]
+
+
+class DiskPrint(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """What a disk image looked like when the VM was saved."""
+
+    path: str
+    size: int
+    inode: int
+    mtime_ns: int
+    digest: str
+    full: bool = False
+
+
+class Checkpoint(msgspec.Struct, forbid_unknown_fields=True):
+    """A completed save: everything restore needs to mirror it and to verify it."""
+
+    state_file: str
+    size: int
+    digest: str
+    capabilities: dict[str, bool]
+    parameters: dict[str, str | int | bool]
+    strategy: str
+    suspended: bool
+    was_running: bool
+    stopped_at: float
+    saved_at: float
+    qemu_version: str
+    disks: list[DiskPrint] = []
+    ram_files: list[str] = []
+    timings_ms: dict[str, float] = {}
+
+
+class Operation(msgspec.Struct, forbid_unknown_fields=True):
+    """The journal of an operation in flight; cleared when it ends either way."""
+
+    kind: OpKind
+    pid: int
+    started: float
+    steps: list[tuple[str, float]] = []
+    state_file: str | None = None
+    suspended_by_us: bool = False
+    new_pid: int | None = None
+
+    @property
+    def step(self) -> str:
+        return self.steps[-1][0] if self.steps else "started"
+
+    def mark(self, step: str) -> None:
+        self.steps.append((step, time.time()))
+
+
+class VMRecord(msgspec.Struct, forbid_unknown_fields=True):
+    """One managed VM."""
+
+    name: str
+    argv: list[str]
+    qmp: str
+    origin: Origin
+    machine: str
+    log: str
+    version: int = VERSION
+    qga: str | None = None
+    cwd: str = "/"
+    pid: int | None = None
+    checkpoint: Checkpoint | None = None
+    operation: Operation | None = None
+    last_pause_ms: float | None = None
+    created: float = 0.0
+
+    @property
+    def binary(self) -> str:
+        return self.argv[0]
+
+
+class _Versioned(msgspec.Struct):
+    version: int
+
+
+def decode(data: bytes, where: str) -> VMRecord:
+    """Parse a record strictly.
+
+    :raise RecordError: for anything but a well-formed record of a known version.
+    """
+    try:
+        version = msgspec.json.decode(data, type=_Versioned).version
+    except msgspec.DecodeError as exc:
+        raise RecordError(f"{where}: malformed record ({exc}); fix or remove it") from None
+    if version > VERSION or version < 1:
+        raise RecordError(
+            f"{where}: record version {version} is not understood by this cprctl "
+            f"(knows up to {VERSION}); use the cprctl that wrote it"
+        )
+    try:
+        return msgspec.json.decode(data, type=VMRecord)
+    except msgspec.DecodeError as exc:
+        raise RecordError(f"{where}: malformed record ({exc}); fix or remove it") from None
+
+
+def encode(record: VMRecord) -> bytes:
+    return msgspec.json.format(msgspec.json.encode(record), indent=2) + b"\n"
+
+
+def load(path: Path) -> VMRecord:
+    """Read and parse the record at *path*.
+
+    :raise RecordError: when it cannot be read or parsed.
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise RecordError(f"{path}: cannot read record: {exc.strerror}") from None
+    return decode(data, str(path))
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Replace *path* with *data*: temp file, fsync, rename, fsync the folder."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save(path: Path, record: VMRecord) -> None:
+    """Write *record* to *path* atomically (0600)."""
+    write_atomic(path, encode(record))

@@ -1,0 +1,149 @@
+"""``restore``: verify the checkpoint, start QEMU with ``-incoming defer``, load, resume, retire.
+
+Nothing is deleted until the guest runs on the new QEMU. A failure before that
+stops the new QEMU and keeps the checkpoint, so restore can be tried again
+(with another binary, too); once the guest has run, going back to the
+checkpoint would lose its new state, so cprctl only goes forward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import dataclass
+
+from .._qemu import argv as qargv
+from .._qemu import process
+from .._qemu.agent import Agent
+from .._qemu.process import Binary
+from .._qemu.qmp import Monitor
+from .._store import StateDir, VMLock
+from ..errors import AgentError, CheckpointError, CprctlError, VMStateError
+from . import disks, statefile
+from .record import Checkpoint, Operation
+from .report import Quiet, Reporter
+from .vm import VM, open_vm, recover, retire_checkpoint
+
+LOAD_TIMEOUT = 3600.0
+
+
+@dataclass(frozen=True)
+class RestoreResult:
+    name: str
+    pid: int
+    pause_ms: float
+    status: str
+    woke: bool
+    timings_ms: dict[str, float]
+
+
+def verify(vm: VM, force: bool = False) -> Checkpoint:
+    """The VM's checkpoint, after its state file and disks were verified.
+
+    :raise VMStateError: nothing to restore; `CheckpointError` on any mismatch
+        (disk changes pass with *force*).
+    """
+    cp = vm.record.checkpoint
+    if cp is None:
+        raise VMStateError(f"{vm.name} has no checkpoint to restore (it is {vm.state()})")
+    if vm.running():
+        raise VMStateError(f"{vm.name}: QEMU (pid {vm.record.pid}) still runs; it is not saved")
+    statefile.verify(vm.folder / os.path.basename(cp.state_file), cp.size, cp.digest)
+    for old in cp.disks:
+        why = disks.changed(old, full=old.full)
+        if why and not force:
+            raise CheckpointError(f"{vm.name}: disk {old.path} changed since the save: {why}; "
+                                  "restore --force accepts the risk of a corrupt guest filesystem")
+    return cp
+
+
+async def restore(sd: StateDir, name: str, *, qemu: str | None = None, force: bool = False,
+                  sync_time: bool = True, reporter: Reporter | None = None) -> RestoreResult:
+    """Resume VM *name* from its checkpoint, optionally on another QEMU binary.
+
+    :raise VMStateError: there is no checkpoint; `CheckpointError`: it failed
+        verification (nothing started); `QemuError`: the new QEMU failed (the
+        checkpoint is kept; the log tail is in the message).
+    """
+    reporter = reporter or Quiet()
+    vm = open_vm(sd, name)
+    with VMLock(vm.folder, name, "restore"):
+        await recover(vm, reporter)
+        t0 = time.perf_counter()
+        cp = verify(vm, force)
+        argv = list(vm.record.argv)
+        if qemu:
+            binary = Binary(os.path.abspath(qemu) if os.sep in qemu else qemu)
+            binary.require_cpr()
+            argv[0] = binary.path
+        timings = {"verify": (time.perf_counter() - t0) * 1000}
+        vm.record.operation = op = Operation("restore", os.getpid(), time.time())
+        vm.commit()
+        reporter.step(f"{name}: starting {argv[0]} -incoming defer")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(vm.record.qmp)
+        t = time.perf_counter()
+        pid = process.spawn(qargv.incoming(argv), vm.log_path, cwd=vm.record.cwd)
+        op.new_pid = pid
+        op.mark("started")
+        vm.commit()
+        try:
+            result = await _load(vm, cp, pid, argv, timings, t, reporter)
+        except BaseException as exc:
+            process.kill(pid)
+            vm.record.operation = None
+            vm.commit()
+            if isinstance(exc, CprctlError):
+                tail = process.log_tail(vm.log_path)
+                raise type(exc)(f"{exc}; the checkpoint is kept, restore can be retried"
+                                f"{' (QEMU log: ' + tail + ')' if tail else ''}") from None
+            raise
+        if sync_time and vm.record.qga and result.status == "running":
+            await _sync_time(vm, reporter)
+        return result
+
+
+async def _load(vm: VM, cp: Checkpoint, pid: int, argv: list[str], timings: dict[str, float], t_start: float,
+                reporter: Reporter) -> RestoreResult:
+    r, op = vm.record, vm.record.operation
+    assert op is not None
+    async with Monitor(r.qmp, vm.name, pid) as mon:
+        timings["start"] = (time.perf_counter() - t_start) * 1000
+        t = time.perf_counter()
+        await mon.set_migration(cp.capabilities, cp.parameters)
+        await mon.execute("migrate-incoming", {"uri": f"file:{cp.state_file}"})
+        await mon.wait_migration(LOAD_TIMEOUT, on_progress=lambda i: None)
+        status = await mon.wait_status({"running", "paused", "suspended", "postmigrate"}, 60)
+        timings["load"] = (time.perf_counter() - t) * 1000
+        woke = False
+        if status == "suspended" and cp.suspended:
+            await mon.execute("system_wakeup")
+            status = await mon.wait_status({"running"}, 30)
+            woke = True
+        elif status in ("paused", "postmigrate") and cp.was_running:
+            await mon.execute("cont")
+            status = await mon.wait_status({"running"}, 30)
+        resumed = mon.event_time("WAKEUP") if woke else mon.event_time("RESUME")
+        pause_ms = ((resumed or time.time()) - cp.stopped_at) * 1000
+        # The guest has run on the new QEMU: from here on, only forward.
+        op.mark("resumed")
+        r.argv = qargv.for_relaunch(argv)
+        retire_checkpoint(vm, pid, pause_ms if status == "running" else None)
+        r.operation = None
+        vm.commit()
+        reporter.step(f"{vm.name}: {status} again after a {pause_ms:.0f} ms pause")
+        return RestoreResult(vm.name, pid, pause_ms, status, woke, timings)
+
+
+async def _sync_time(vm: VM, reporter: Reporter) -> None:
+    """Set the guest clock to the host's after the pause (like libvirt-guests' SYNC_TIME)."""
+    assert vm.record.qga
+    try:
+        async with Agent(vm.record.qga, vm.name, timeout=5) as agent:
+            before = await agent.execute("guest-get-time")
+            await agent.set_time(time.time_ns())
+        skew = time.time() - int(before) / 1e9
+        reporter.step(f"{vm.name}: guest clock set from the host (was {skew:+.1f} s off)")
+    except AgentError as exc:
+        reporter.step(f"{vm.name}: guest clock not synced: {exc}")

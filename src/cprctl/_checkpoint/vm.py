@@ -1,0 +1,181 @@
+"""One managed VM on disk: its folder, its record, and finishing what a killed cprctl left."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .._qemu import process
+from .._qemu.qmp import Monitor
+from .._store import StateDir
+from .._store.statedir import RECORD_FILE
+from ..errors import QemuError, VMNotFound
+from . import disks, record
+from .record import VMRecord
+from .report import Reporter
+
+STATE_FILE = "state.cpr"
+LOG_FILE = "qemu.log"
+
+
+@dataclass
+class VM:
+    """A VM's folder and its record; `commit` writes the record back atomically."""
+
+    name: str
+    folder: Path
+    record: VMRecord
+
+    @property
+    def record_path(self) -> Path:
+        return self.folder / RECORD_FILE
+
+    @property
+    def state_path(self) -> Path:
+        return self.folder / STATE_FILE
+
+    @property
+    def log_path(self) -> Path:
+        return Path(self.record.log)
+
+    def commit(self) -> None:
+        record.save(self.record_path, self.record)
+
+    def running(self) -> bool:
+        return process.alive(self.record.pid)
+
+    def state(self) -> str:
+        """``running``, ``saved``, ``stopped`` or ``broken`` (an unfinished operation or missing state file)."""
+        r = self.record
+        if r.operation is not None:
+            return "broken"
+        if r.checkpoint is not None:
+            return "saved" if Path(r.checkpoint.state_file).exists() and not self.running() else "broken"
+        return "running" if self.running() else "stopped"
+
+
+def open_vm(sd: StateDir, name: str) -> VM:
+    """Load VM *name*.
+
+    :raise VMNotFound: when it is not managed; `RecordError` when its record is bad.
+    """
+    folder = sd.existing_vm_dir(name)
+    if folder is None:
+        raise VMNotFound(name)
+    return VM(name, folder, record.load(folder / RECORD_FILE))
+
+
+async def recover(vm: VM, reporter: Reporter) -> str | None:
+    """Finish or roll back an operation a killed cprctl left in the record; what was done.
+
+    Call with the VM's lock held. A save whose checkpoint was recorded is
+    finished (QEMU stopped); an earlier one is rolled back (the guest resumed,
+    the partial state file removed). A restore whose new QEMU runs the guest is
+    finished; otherwise that QEMU is stopped and the checkpoint kept.
+    """
+    op = vm.record.operation
+    if op is None or (op.pid != os.getpid() and process.alive(op.pid) and _is_cprctl(op.pid)):
+        return None
+    if op.kind == "save":
+        done = await _recover_save(vm)
+    else:
+        done = await _recover_restore(vm)
+    vm.record.operation = None
+    vm.commit()
+    reporter.step(f"{vm.name}: an earlier {op.kind} was interrupted at '{op.step}': {done}")
+    return done
+
+
+def _is_cprctl(pid: int) -> bool:
+    with contextlib.suppress(QemuError):
+        return any("cprctl" in w for w in process.cmdline(pid)[:3])
+    return False
+
+
+async def _recover_save(vm: VM) -> str:
+    r, op = vm.record, vm.record.operation
+    assert op is not None
+    if r.checkpoint is not None:
+        await finish_quit(vm)
+        return "finished it (the checkpoint was complete); the VM is saved"
+    if not vm.running():
+        _remove(op.state_file)
+        return "QEMU had died before the state was saved; the VM is stopped and its state is lost"
+    async with Monitor(r.qmp, r.name, r.pid) as mon:
+        await resume_guest(mon, op.suspended_by_us)
+    _remove(op.state_file)
+    return "rolled it back; the guest runs as before"
+
+
+async def _recover_restore(vm: VM) -> str:
+    r, op = vm.record, vm.record.operation
+    assert op is not None
+    if op.new_pid and process.alive(op.new_pid):
+        status = "unknown"
+        with contextlib.suppress(QemuError):
+            async with Monitor(r.qmp, r.name, op.new_pid) as mon:
+                status = await mon.status()
+        if status == "running":
+            retire_checkpoint(vm, op.new_pid, None)
+            return "finished it (the guest was already running); the checkpoint is retired"
+        process.kill(op.new_pid)
+    return "rolled it back; the checkpoint is kept, run restore again"
+
+
+async def resume_guest(mon: Monitor, wake: bool) -> None:
+    """Undo a save that did not finish: cancel the migration, run the guest again, wake it if we slept it."""
+    info = await mon.execute("query-migrate")
+    if info.get("status") in ("active", "setup", "device", "pre-switchover", "wait-unplug"):
+        with contextlib.suppress(QemuError):
+            await mon.execute("migrate_cancel")
+        for _ in range(1000):
+            if (await mon.execute("query-migrate")).get("status") not in ("active", "cancelling", "setup", "device"):
+                break
+    status = await mon.status()
+    if status in ("postmigrate", "paused", "finish-migrate"):
+        await mon.execute("cont")
+        status = await mon.status()
+    if wake and status == "suspended":
+        await mon.execute("system_wakeup")
+    with contextlib.suppress(QemuError):
+        await mon.set_migration({"x-ignore-shared": False}, {"mode": "normal"})
+
+
+async def finish_quit(vm: VM) -> None:
+    """Stop the QEMU of a VM whose checkpoint is recorded, then fingerprint its disks."""
+    r = vm.record
+    if vm.running():
+        with contextlib.suppress(QemuError):
+            async with Monitor(r.qmp, r.name, r.pid) as mon:
+                await mon.quit()
+        if r.pid and not process.wait_gone(r.pid, 30):
+            process.kill(r.pid)
+    fingerprint_disks(vm)
+    r.pid = None
+
+
+def fingerprint_disks(vm: VM) -> None:
+    """Record the disks' fingerprints (taken once QEMU is gone, so its last writes are in)."""
+    cp = vm.record.checkpoint
+    if cp is None:
+        return
+    cp.disks = [disks.fingerprint(d.path, d.full) for d in cp.disks]
+
+
+def retire_checkpoint(vm: VM, pid: int, pause_ms: float | None) -> None:
+    """The guest runs again: forget the checkpoint and delete its state file."""
+    r = vm.record
+    if r.checkpoint is not None:
+        _remove(r.checkpoint.state_file)
+    r.checkpoint = None
+    r.pid = pid
+    if pause_ms is not None:
+        r.last_pause_ms = pause_ms
+
+
+def _remove(path: str | None) -> None:
+    if path:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)

@@ -1,0 +1,79 @@
+"""The QEMU guest agent (qemu-ga), spoken to over its host-side socket with ``qemu.qmp``."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from typing import Any
+
+from qemu.qmp import ExecuteError, QMPClient, QMPError
+
+from ..errors import AgentError
+
+
+class Agent:
+    """One connection to a guest agent. Use as ``async with Agent(path, name) as ga:``.
+
+    qemu-ga sends no greeting and does no negotiation; a fresh connection is
+    synchronised with ``guest-sync`` so a stale reply can never be mistaken
+    for the answer to our command.
+
+    :raise AgentError: from any method, when the agent does not answer in time or refuses.
+    """
+
+    def __init__(self, path: str, name: str, timeout: float = 5.0) -> None:
+        self.path = path
+        self.name = name
+        self.timeout = timeout
+        self._client = QMPClient(f"{name}-qga")
+        self._client.await_greeting = False
+        self._client.negotiate = False
+
+    async def __aenter__(self) -> Agent:
+        try:
+            await asyncio.wait_for(self._client.connect(self.path), self.timeout)
+        except (QMPError, OSError, TimeoutError) as exc:
+            raise AgentError(f"{self.name}: guest agent socket {self.path}: cannot connect ({exc})") from None
+        await self.sync()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        try:
+            await self._client.disconnect()
+        except (EOFError, OSError, QMPError):
+            pass
+
+    async def execute(self, cmd: str, args: dict[str, Any] | None = None, timeout: float | None = None) -> Any:
+        try:
+            return await asyncio.wait_for(self._client.execute(cmd, args), timeout or self.timeout)
+        except TimeoutError:
+            raise AgentError(f"{self.name}: guest agent did not answer {cmd} in {timeout or self.timeout:.0f} s") from None
+        except ExecuteError as exc:
+            raise AgentError(f"{self.name}: guest agent refused {cmd}: {exc}") from None
+        except (QMPError, EOFError, OSError) as exc:
+            raise AgentError(f"{self.name}: guest agent connection broke during {cmd}: {exc}") from None
+
+    async def sync(self) -> None:
+        token = random.randrange(1, 2**31)
+        if await self.execute("guest-sync", {"id": token}) != token:
+            raise AgentError(f"{self.name}: guest agent answered guest-sync with a stale reply")
+
+    async def commands(self) -> set[str]:
+        """The enabled commands the agent offers."""
+        info = await self.execute("guest-info")
+        return {c["name"] for c in info.get("supported_commands", []) if c.get("enabled", True)}
+
+    async def suspend_ram(self) -> None:
+        """Ask the guest to suspend to RAM. Success has no reply: poll QMP's runstate for ``suspended``."""
+        try:
+            await asyncio.wait_for(self._client.execute("guest-suspend-ram"), 0.5)
+        except TimeoutError:
+            return  # expected: the guest went to sleep before answering
+        except ExecuteError as exc:
+            raise AgentError(f"{self.name}: guest agent refused guest-suspend-ram: {exc}") from None
+        except (QMPError, EOFError, OSError):
+            return
+
+    async def set_time(self, ns: int) -> None:
+        """Set the guest clock to *ns* nanoseconds since the epoch (``guest-set-time``)."""
+        await self.execute("guest-set-time", {"time": ns}, timeout=10)

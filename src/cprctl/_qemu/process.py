@@ -1,0 +1,161 @@
+"""QEMU's binary and processes: version, machine aliases, detached start, liveness, exit."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+from ..errors import QemuError, UsageError
+
+#: The oldest QEMU whose cpr-reboot cprctl trusts (8.2 has it, 9.0 made it reliable).
+MIN_VERSION = (9, 0)
+
+
+@dataclass(frozen=True)
+class Binary:
+    """A QEMU system emulator binary on this host."""
+
+    path: str
+
+    def _run(self, *args: str) -> str:
+        try:
+            done = subprocess.run(
+                [self.path, *args], capture_output=True, text=True, timeout=30, check=False
+            )
+        except FileNotFoundError:
+            raise UsageError(f"QEMU binary not found: {self.path}") from None
+        except PermissionError:
+            raise UsageError(f"QEMU binary not executable: {self.path}") from None
+        except subprocess.TimeoutExpired:
+            raise QemuError(f"{self.path} {' '.join(args)} did not answer in 30 s") from None
+        if done.returncode != 0:
+            raise QemuError(f"{self.path} {' '.join(args)} failed: {done.stderr.strip()[:200]}")
+        return done.stdout
+
+    @cached_property
+    def version(self) -> tuple[int, int, int]:
+        """``(major, minor, micro)`` from ``--version``.
+
+        :raise UsageError: when the binary is missing; `QemuError` when it does not say.
+        """
+        text = self._run("--version")
+        match = re.search(r"version (\d+)\.(\d+)\.(\d+)", text)
+        if not match:
+            raise QemuError(f"{self.path} --version does not name a QEMU version")
+        major, minor, micro = (int(g) for g in match.groups())
+        return major, minor, micro
+
+    def require_cpr(self) -> None:
+        """:raise QemuError: when this QEMU is older than `MIN_VERSION`."""
+        if self.version[:2] < MIN_VERSION:
+            have = ".".join(map(str, self.version))
+            raise QemuError(
+                f"{self.path} is QEMU {have}; cpr-reboot needs QEMU >= "
+                f"{MIN_VERSION[0]}.{MIN_VERSION[1]}"
+            )
+
+    def resolve_machine(self, requested: str | None) -> str:
+        """The versioned machine type *requested* (an alias, or None for the default) stands for."""
+        aliases: dict[str, str] = {}
+        default = None
+        for line in self._run("-machine", "help").splitlines()[1:]:
+            name = line.split(" ", 1)[0]
+            alias = re.search(r"\(alias of ([^)]+)\)", line)
+            if alias:
+                aliases[name] = alias.group(1)
+            if "(default)" in line:
+                default = name
+        if requested is None:
+            if default is None:
+                raise UsageError(f"{self.path} has no default machine type; pass -machine TYPE")
+            return aliases.get(default, default)
+        return aliases.get(requested, requested)
+
+
+def spawn(argv: Sequence[str], log: Path, cwd: str = "/") -> int:
+    """Start *argv* detached (own session, stdin closed, output appended to *log*); its pid.
+
+    Never through a shell.
+
+    :raise UsageError: when the binary does not exist or cannot run.
+    """
+    with open(log, "ab", buffering=0) as out:
+        os.chmod(log, 0o600)
+        out.write(f"--- cprctl {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(argv)}\n".encode())
+        try:
+            proc = subprocess.Popen(
+                list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True, close_fds=True, cwd=cwd,
+            )
+        except OSError as exc:
+            raise UsageError(f"cannot run {argv[0]}: {exc.strerror}") from None
+    _children[proc.pid] = proc
+    return proc.pid
+
+
+#: Processes this cprctl started; reaped when they exit so they do not stay zombies.
+_children: dict[int, subprocess.Popen[bytes]] = {}
+
+
+def alive(pid: int | None) -> bool:
+    """Whether *pid* runs (a zombie counts as gone: here PID 1 may never reap it)."""
+    if not pid:
+        return False
+    child = _children.get(pid)
+    if child is not None and child.poll() is not None:
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
+
+
+def cmdline(pid: int) -> list[str]:
+    """The argv of process *pid*.
+
+    :raise QemuError: when the process is gone.
+    """
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        raise QemuError(f"process {pid} is gone") from None
+    return [w.decode() for w in raw.split(b"\0")[:-1]]
+
+
+def wait_gone(pid: int, timeout: float) -> bool:
+    """Wait up to *timeout* seconds for *pid* to exit; whether it did."""
+    deadline = time.monotonic() + timeout
+    while alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def kill(pid: int, timeout: float = 5.0) -> None:
+    """SIGTERM *pid*, then SIGKILL if it has not gone after *timeout* seconds."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        if wait_gone(pid, timeout):
+            return
+
+
+def log_tail(log: Path, lines: int = 5) -> str:
+    """The last *lines* lines of a QEMU log, joined with `` | `` (one line for an error)."""
+    try:
+        text = log.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    tail = [line.strip() for line in text[-lines:] if line.strip() and not line.startswith("--- cprctl")]
+    return " | ".join(tail)

@@ -1,0 +1,143 @@
+"""QMP: the control channel of one QEMU process, over QEMU's own ``qemu.qmp`` client."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from qemu.qmp import ConnectError, ExecInterruptedError, ExecuteError, QMPClient, QMPError
+
+from ..errors import MigrationError, QemuError
+from . import process
+
+#: Runstates in which a guest counts as paused by a migration.
+PAUSED_BY_MIGRATION = frozenset({"postmigrate", "finish-migrate", "paused", "inmigrate", "prelaunch"})
+
+
+class Monitor:
+    """One QMP connection. Use as ``async with Monitor(path, name) as mon:``.
+
+    Every method raises `QemuError` when QEMU refuses a command, stops
+    answering, or goes away; the message names the VM and the command.
+    """
+
+    def __init__(self, path: str, name: str, pid: int | None = None) -> None:
+        self.path = path
+        self.name = name
+        self.pid = pid
+        self._qmp = QMPClient(name)
+
+    async def __aenter__(self) -> Monitor:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def connect(self, timeout: float = 30.0) -> None:
+        """Connect, retrying until QEMU listens; give up at once if its process died.
+
+        :raise QemuError: after *timeout* seconds, or when the process is gone.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                await self._qmp.connect(self.path)
+                return
+            except ConnectError as exc:
+                if self.pid is not None and not process.alive(self.pid):
+                    raise QemuError(f"{self.name}: QEMU (pid {self.pid}) exited") from None
+                if time.monotonic() > deadline:
+                    raise QemuError(f"{self.name}: QMP at {self.path} is not answering: {exc}") from None
+                await asyncio.sleep(0.01)
+
+    async def close(self) -> None:
+        """Disconnect; a QEMU that already hung up (after ``quit``) is not an error."""
+        try:
+            await self._qmp.disconnect()
+        except (EOFError, OSError, QMPError):
+            pass
+
+    async def execute(self, cmd: str, args: dict[str, Any] | None = None, timeout: float = 60.0) -> Any:
+        """Run one QMP command; its return value.
+
+        :raise QemuError: when QEMU refuses it (with QEMU's message), or does not answer in time.
+        """
+        try:
+            return await asyncio.wait_for(self._qmp.execute(cmd, args), timeout)
+        except ExecuteError as exc:
+            raise QemuError(f"{self.name}: {cmd}: {exc}") from None
+        except (ExecInterruptedError, EOFError, ConnectionError) as exc:
+            raise QemuError(f"{self.name}: {cmd}: QEMU hung up ({type(exc).__name__})") from None
+        except TimeoutError:
+            raise QemuError(f"{self.name}: {cmd}: no answer in {timeout:.0f} s") from None
+        except QMPError as exc:
+            raise QemuError(f"{self.name}: {cmd}: {exc}") from None
+
+    async def status(self) -> str:
+        """The VM's runstate (``running``, ``paused``, ``suspended``, ``postmigrate``, ...)."""
+        return str((await self.execute("query-status"))["status"])
+
+    async def version(self) -> tuple[int, int, int]:
+        q = (await self.execute("query-version"))["qemu"]
+        return int(q["major"]), int(q["minor"]), int(q["micro"])
+
+    async def wait_status(self, wanted: set[str], timeout: float, poll: float = 0.005) -> str:
+        """Poll until the runstate is one of *wanted*; the runstate.
+
+        :raise QemuError: after *timeout* seconds.
+        """
+        deadline = time.monotonic() + timeout
+        while (status := await self.status()) not in wanted:
+            if time.monotonic() > deadline:
+                raise QemuError(f"{self.name}: still {status!r} after {timeout:.0f} s, wanted {sorted(wanted)}")
+            await asyncio.sleep(poll)
+        return status
+
+    def event_time(self, name: str, after: float = 0.0) -> float | None:
+        """Host time (s) of the first event *name* seen on this connection after *after*."""
+        for event in self._qmp.events.history:
+            if event["event"] == name:
+                stamp: dict[str, int] = event["timestamp"]  # type: ignore[assignment]
+                when = stamp["seconds"] + stamp["microseconds"] / 1e6
+                if when >= after:
+                    return float(when)
+        return None
+
+    async def set_migration(self, capabilities: dict[str, bool], parameters: dict[str, Any]) -> None:
+        if capabilities:
+            caps = [{"capability": k, "state": v} for k, v in capabilities.items()]
+            await self.execute("migrate-set-capabilities", {"capabilities": caps})
+        if parameters:
+            await self.execute("migrate-set-parameters", parameters)
+
+    async def wait_migration(self, timeout: float, on_progress: Any = None) -> dict[str, Any]:
+        """Poll ``query-migrate`` until ``completed``; its last answer.
+
+        :raise MigrationError: when it fails or is cancelled (with QEMU's reason), or times out.
+        """
+        deadline = time.monotonic() + timeout
+        poll = 0.002
+        while True:
+            info: dict[str, Any] = await self.execute("query-migrate")
+            state = info.get("status", "none")
+            if state == "completed":
+                return info
+            if state in ("failed", "cancelled", "cancelling"):
+                reason = info.get("error-desc", state)
+                raise MigrationError(f"{self.name}: migration {state}: {reason}")
+            if on_progress is not None:
+                on_progress(info)
+            if time.monotonic() > deadline:
+                raise MigrationError(f"{self.name}: migration still {state!r} after {timeout:.0f} s")
+            await asyncio.sleep(poll)
+            poll = min(poll * 2, 0.1)
+
+    async def quit(self) -> None:
+        """Ask QEMU to exit; it hanging up on us is the expected answer."""
+        try:
+            await self.execute("quit", timeout=10)
+        except QemuError:
+            pass
+        await self.close()

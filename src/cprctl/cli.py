@@ -1,0 +1,229 @@
+"""The ``cprctl`` command: a thin shell over the Python API (`cprctl._api`)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn, TypeVar
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+from rich.table import Table
+
+from . import _api
+from .errors import CheckFailed, CprctlError
+
+err = Console(stderr=True, highlight=False)
+out = Console(highlight=False)
+T = TypeVar("T")
+
+
+class TermReporter:
+    """Steps as lines on stderr; a progress bar for long migrations on a terminal."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.quiet = quiet
+        self._bar: Progress | None = None
+        self._task: Any = None
+
+    def step(self, message: str) -> None:
+        if not self.quiet:
+            err.print(f"[dim]•[/] {message}")
+
+    def progress(self, done: int, total: int) -> None:
+        if self.quiet or not err.is_terminal or total < (256 << 20):
+            return
+        if self._bar is None:
+            self._bar = Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                                 TransferSpeedColumn(), TimeRemainingColumn(), console=err, transient=True)
+            self._bar.start()
+            self._task = self._bar.add_task("RAM", total=total)
+        self._bar.update(self._task, completed=done, total=total)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+def fail(exc: CprctlError) -> NoReturn:
+    err.print(f"cprctl: error: {exc}", markup=False, soft_wrap=True)
+    sys.exit(exc.exit_code)
+
+
+def run(fn: Callable[[], T]) -> T:
+    try:
+        return fn()
+    except CprctlError as exc:
+        fail(exc)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--state-dir", envvar="CPRCTL_STATE_DIR", type=click.Path(file_okay=False),
+              help="State directory [env CPRCTL_STATE_DIR; default /var/lib/cprctl as root].")
+@click.version_option(package_name="cprctl")
+@click.pass_context
+def main(ctx: click.Context, state_dir: str | None) -> None:
+    """Checkpoint and restart QEMU VMs with cpr-reboot: update QEMU or reboot the host, keep the guests."""
+    ctx.obj = state_dir
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.argument("name")
+@click.option("--agent", is_flag=True, help="Add a guest agent channel (qemu-ga) to the VM.")
+@click.argument("qemu_argv", nargs=-1, type=click.UNPROCESSED, required=True)
+@click.pass_obj
+def launch(state_dir: str | None, name: str, agent: bool, qemu_argv: Sequence[str]) -> None:
+    """Start QEMU detached under management: cprctl launch NAME [--agent] -- QEMU ARGS..."""
+    rec = run(lambda: _api.launch(name, list(qemu_argv), agent=agent, state_dir=state_dir))
+    out.print(f"{name}: running, pid {rec.pid}, machine {rec.machine}, QMP {rec.qmp}")
+
+
+@main.command()
+@click.argument("name")
+@click.option("--qmp", required=True, help="QMP unix socket of the running QEMU.")
+@click.option("--qga", help="Guest agent socket, if not in its command line.")
+@click.pass_obj
+def adopt(state_dir: str | None, name: str, qmp: str, qga: str | None) -> None:
+    """Manage a running QEMU that something else started."""
+    rec = run(lambda: _api.adopt(name, qmp, qga=qga, state_dir=state_dir))
+    out.print(f"{name}: adopted pid {rec.pid}, machine {rec.machine}")
+
+
+_suspend = click.option("--suspend", type=click.Choice(["auto", "always", "never"]), default="auto",
+                        show_default=True, help="Suspend the guest first (auto: when it has VFIO devices).")
+_force = click.option("--force", is_flag=True, help="Override the findings that are safe to override.")
+_json = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+
+
+@main.command()
+@click.argument("name")
+@_suspend
+@click.option("--strategy", type=click.Choice(["auto", "in-place", "stream"]), default="auto", show_default=True,
+              help="Keep RAM in place (shared file) or write it to the state file.")
+@click.option("--reboot", is_flag=True, help="Require what a host reboot needs; flush RAM files to disk.")
+@click.option("--verify-disks", type=click.Choice(["sampled", "full"]), default="sampled", show_default=True)
+@_force
+@_json
+@click.pass_obj
+def save(state_dir: str | None, name: str, suspend: Any, strategy: Any, reboot: bool, verify_disks: Any,
+         force: bool, as_json: bool) -> None:
+    """Checkpoint a running VM to its state file and stop its QEMU."""
+    rep = TermReporter(quiet=as_json)
+    try:
+        res = run(lambda: _api.save(name, suspend=suspend, strategy=strategy, reboot=reboot, force=force,
+                                    verify_disks=verify_disks, reporter=rep, state_dir=state_dir))
+    finally:
+        rep.close()
+    if as_json:
+        out.print_json(json.dumps(res.__dict__))
+    else:
+        out.print(f"{name}: saved ({res.strategy}{', suspended' if res.suspended else ''}), "
+                  f"state file {res.state_file} {res.size / 1e6:.1f} MB; QEMU stopped")
+
+
+@main.command()
+@click.argument("name")
+@click.option("--qemu", help="Restart on this QEMU binary instead of the recorded one.")
+@click.option("--no-sync-time", is_flag=True, help="Do not set the guest clock from the host.")
+@click.option("--force", is_flag=True, help="Restore even if a disk changed since the save.")
+@_json
+@click.pass_obj
+def restore(state_dir: str | None, name: str, qemu: str | None, no_sync_time: bool, force: bool,
+            as_json: bool) -> None:
+    """Restart a saved VM with -incoming and resume it."""
+    rep = TermReporter(quiet=as_json)
+    res = run(lambda: _api.restore(name, qemu=qemu, force=force, sync_time=not no_sync_time, reporter=rep,
+                                   state_dir=state_dir))
+    if as_json:
+        out.print_json(json.dumps(res.__dict__))
+    else:
+        out.print(f"{name}: {res.status}, pid {res.pid}; guest paused {res.pause_ms:.0f} ms")
+
+
+@main.command()
+@click.argument("name")
+@click.option("--qemu", required=True, help="The new QEMU binary.")
+@_suspend
+@click.option("--no-sync-time", is_flag=True, help="Do not set the guest clock from the host.")
+@_force
+@click.pass_obj
+def update(state_dir: str | None, name: str, qemu: str, suspend: Any, no_sync_time: bool, force: bool) -> None:
+    """Move a running VM onto another QEMU binary (save + restore)."""
+    rep = TermReporter()
+    _saved, res = run(lambda: _api.update(name, qemu, suspend=suspend, force=force, sync_time=not no_sync_time,
+                                          reporter=rep, state_dir=state_dir))
+    out.print(f"{name}: {res.status} on {qemu}, pid {res.pid}; guest paused {res.pause_ms:.0f} ms")
+
+
+@main.command()
+@click.argument("name", required=False)
+@_json
+@click.pass_obj
+def status(state_dir: str | None, name: str | None, as_json: bool) -> None:
+    """State of each managed VM."""
+    rows = run(lambda: _api.status(name, state_dir=state_dir))
+    if as_json:
+        data = [{**r.to_dict(), "last_pause_ms": r.last_pause_ms} for r in rows]
+        out.print_json(json.dumps(data if name is None else data[0]))
+        return
+    table = Table("VM", "state", "pid", "QMP", "agent", "state file", "last pause")
+    for r in rows:
+        size = f"{r.state_file} ({r.state_file_bytes / 1e6:.1f} MB)" if r.state_file_bytes is not None else "-"
+        pause = f"{r.last_pause_ms:.0f} ms" if r.last_pause_ms is not None else "-"
+        table.add_row(r.name, r.state, str(r.pid or "-"), r.qmp, r.qga or "-", size, pause)
+    out.print(table)
+
+
+@main.command()
+@click.argument("name")
+@click.option("--reboot", is_flag=True, help="Also require what a host reboot needs.")
+@_suspend
+@_json
+@click.pass_obj
+def check(state_dir: str | None, name: str, reboot: bool, suspend: Any, as_json: bool) -> None:
+    """Preflight check: would a save (and a reboot) keep this VM? Exit 1 on errors."""
+    found = run(lambda: _api.check(name, reboot=reboot, suspend=suspend, state_dir=state_dir))
+    bad = [f for f in found if f.blocking]
+    if as_json:
+        out.print_json(json.dumps([f.__dict__ | {"blocking": f.blocking} for f in found]))
+    else:
+        colour = {"error": "red", "warning": "yellow", "info": "dim"}
+        for f in found:
+            fix = f" [dim](fix: {f.fix})[/]" if f.fix else ""
+            out.print(f"[{colour[f.severity]}]{f.severity:7}[/] {f.message}{fix}")
+        out.print(f"{name}: {'refused' if bad else 'ok'}")
+    if bad:
+        sys.exit(CheckFailed.exit_code)
+
+
+@main.command()
+@click.argument("name")
+@click.pass_obj
+def stop(state_dir: str | None, name: str) -> None:
+    """Power a running VM off (its state is not saved)."""
+    run(lambda: _api.stop(name, state_dir=state_dir))
+    out.print(f"{name}: stopped")
+
+
+@main.command()
+@click.argument("name")
+@click.option("--force", is_flag=True, help="Also discard a checkpoint.")
+@click.pass_obj
+def remove(state_dir: str | None, name: str, force: bool) -> None:
+    """Stop managing a VM that is not running, and delete its folder."""
+    run(lambda: _api.remove(name, force=force, state_dir=state_dir))
+    out.print(f"{name}: removed")
+
+
+@main.command()
+@click.option("--guest", envvar="CPRCTL_DEMO_GUEST", type=click.Path(file_okay=False, exists=True), required=True,
+              help="Folder with the demo guest's vmlinuz and initrd.img [env CPRCTL_DEMO_GUEST].")
+@click.option("--qemu", default="qemu-system-x86_64", show_default=True)
+@click.pass_obj
+def demo(state_dir: str | None, guest: str, qemu: str) -> None:
+    """Launch the demo guest, save it, show QEMU gone, restore it, show it continuing."""
+    from ._demo import run_demo
+
+    run(lambda: run_demo(guest, qemu, state_dir, out))

@@ -1,0 +1,96 @@
+"""Unit tests of the pure planning and check rules."""
+
+from __future__ import annotations
+
+import pytest
+
+from cprctl._checkpoint.plan import UNCAPPED, Facts, RamFact, choose, findings
+from cprctl._qemu.argv import RamBackend
+
+SHARED = RamFact(RamBackend("ram0", "file", True, "/var/lib/vm/ram", "1G"), "file", "ext4")
+SHM = RamFact(RamBackend("ram0", "file", True, "/dev/shm/ram", "1G"), "file", "tmpfs")
+ANON = RamFact(RamBackend("main", "default", False, None, "1G"))
+DIRPATH = RamFact(RamBackend("ram0", "file", True, "/dev/hugepages", "1G"), "dir", "hugetlbfs")
+GIB = 1 << 30
+
+
+def facts(*ram: RamFact, **kw: object) -> Facts:
+    base = dict(name="vm", qemu_version=(10, 0, 2), has_cpr_mode=True, machine="pc-q35-10.0", ram=list(ram),
+                ram_bytes=GIB, state_fs="ext4", state_free=100 * GIB, s3_enabled=True)
+    base.update(kw)
+    return Facts(**base)  # type: ignore[arg-type]
+
+
+def codes(found: list) -> set[str]:  # type: ignore[type-arg]
+    return {f.code for f in found if f.blocking}
+
+
+def test_shared_file_stays_in_place() -> None:
+    plan = choose(facts(SHARED))
+    assert plan.strategy == "in-place" and plan.capabilities == {"x-ignore-shared": True}
+    assert plan.parameters["mode"] == "cpr-reboot"
+    assert plan.expected_bytes < GIB
+
+
+def test_any_anonymous_backend_streams_everything_uncapped() -> None:
+    plan = choose(facts(SHARED, ANON))
+    assert plan.strategy == "stream" and plan.capabilities == {"x-ignore-shared": False}
+    assert plan.parameters["max-bandwidth"] == UNCAPPED
+    assert plan.expected_bytes > GIB
+
+
+def test_directory_mem_path_is_flagged_and_streamed() -> None:
+    found = findings(facts(DIRPATH))
+    assert any(f.code == "ram-dir-ram0" and "unlinked" in f.message for f in found)
+    assert choose(facts(DIRPATH)).strategy == "stream"
+
+
+def test_old_qemu_and_incompatible_caps_refused() -> None:
+    found = findings(facts(SHARED, qemu_version=(8, 2, 0), has_cpr_mode=False,
+                           enabled_caps=frozenset({"postcopy-ram"})))
+    assert codes(found) == {"qemu-version", "no-cpr-mode", "cap-postcopy-ram"}
+
+
+def test_reboot_refuses_ram_on_tmpfs_but_not_on_disk() -> None:
+    assert "ram-volatile-ram0" in codes(findings(facts(SHM), reboot=True))
+    assert codes(findings(facts(SHM))) == set()
+    assert codes(findings(facts(SHARED), reboot=True)) == set()
+    assert "state-volatile" in codes(findings(facts(SHARED, state_fs="tmpfs"), reboot=True))
+
+
+def test_space_uses_the_plan() -> None:
+    assert "space" in codes(findings(facts(ANON, state_free=GIB // 2)))
+    assert "space" not in codes(findings(facts(SHARED, state_free=GIB // 2)))
+
+
+@pytest.mark.parametrize("kw, code", [
+    ({"agent_configured": False}, "agent-missing"),
+    ({"agent_configured": True, "agent_answers": False}, "agent-silent"),
+    ({"agent_configured": True, "agent_answers": True, "agent_can_suspend": False}, "agent-no-suspend"),
+    ({"agent_configured": True, "agent_answers": True, "agent_can_suspend": True, "s3_enabled": False},
+     "s3-disabled"),
+])
+def test_vfio_needs_a_working_agent_and_s3(kw: dict[str, object], code: str) -> None:
+    found = findings(facts(SHARED, vfio=["/machine/peripheral/gpu"], **kw))
+    assert code in codes(found)
+    assert choose(facts(SHARED, vfio=["x"])).suspend
+
+
+def test_vfio_with_suspend_never_refused() -> None:
+    assert "vfio-no-suspend" in codes(findings(facts(SHARED, vfio=["x"]), suspend="never"))
+
+
+def test_vfio_with_working_agent_passes() -> None:
+    ok = facts(SHARED, vfio=["x"], agent_configured=True, agent_answers=True, agent_can_suspend=True)
+    assert codes(findings(ok)) == set()
+
+
+def test_unversioned_machine_warns() -> None:
+    found = findings(facts(SHARED, machine="q35"))
+    assert any(f.code == "machine-unpinned" and f.severity == "warning" for f in found)
+
+
+def test_findings_sorted_worst_first() -> None:
+    found = findings(facts(ANON, DIRPATH, qemu_version=(8, 0, 0)))
+    order = [f.severity for f in found]
+    assert order == sorted(order, key=["error", "warning", "info"].index)

@@ -1,0 +1,119 @@
+"""Unit tests of the on-disk record, the state directory and the lock (real files, no QEMU)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from cprctl._checkpoint import record
+from cprctl._checkpoint.record import Checkpoint, Operation, VMRecord
+from cprctl._store import StateDir, VMLock, validate_name
+from cprctl.errors import BusyError, RecordError, StateDirError, UsageError
+
+
+def _rec() -> VMRecord:
+    return VMRecord(name="vm1", argv=["/usr/bin/qemu-system-x86_64", "-m", "1G"], qmp="/s/qmp.sock",
+                    origin="launch", machine="pc-q35-10.0", log="/s/qemu.log", pid=42)
+
+
+def test_roundtrip_with_checkpoint_and_journal(tmp_path: Path) -> None:
+    rec = _rec()
+    rec.checkpoint = Checkpoint(state_file="/s/state.cpr", size=10, digest="xxh3_128:ab", capabilities={"x": True},
+                                parameters={"mode": "cpr-reboot"}, strategy="in-place", suspended=False,
+                                was_running=True, stopped_at=1.0, saved_at=2.0, qemu_version="10.0.2")
+    rec.operation = Operation("save", 1, 3.0)
+    rec.operation.mark("migrating")
+    record.save(tmp_path / "vm.json", rec)
+    back = record.load(tmp_path / "vm.json")
+    assert back == rec
+    assert back.operation is not None and back.operation.step == "migrating"
+    assert (tmp_path / "vm.json").stat().st_mode & 0o777 == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == ["vm.json"]  # no temp file left
+
+
+@pytest.mark.parametrize("data, words", [
+    (b"{not json", "malformed record"),
+    (b'{"version": 1, "name": "x"}', "malformed record"),
+    (b'{"version": 99}', "version 99 is not understood"),
+    (b'{"version": 0}', "version 0 is not understood"),
+    (b"[]", "malformed record"),
+])
+def test_bad_records_are_clear_errors(data: bytes, words: str) -> None:
+    with pytest.raises(RecordError, match=words):
+        record.decode(data, "vm.json")
+
+
+def test_unknown_field_is_refused() -> None:
+    data = json.loads(record.encode(_rec()))
+    data["surprise"] = 1
+    with pytest.raises(RecordError, match="malformed"):
+        record.decode(json.dumps(data).encode(), "vm.json")
+
+
+@given(st.binary(max_size=200))
+def test_decode_raises_only_record_error(data: bytes) -> None:
+    try:
+        record.decode(data, "x")
+    except RecordError:
+        pass
+
+
+@given(st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=5),
+                    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=5), c, max_size=3),
+                    max_leaves=10))
+def test_decode_of_any_json_raises_only_record_error(value: object) -> None:
+    base = json.loads(record.encode(_rec()))
+    for key in ("argv", "pid", "checkpoint", "version"):
+        try:
+            record.decode(json.dumps({**base, key: value}).encode(), "x")
+        except RecordError:
+            pass
+
+
+@pytest.mark.parametrize("name", ["", "../x", "a/b", "x" * 65, ".hidden", "a..b", "-rf", "a b"])
+def test_bad_names(name: str) -> None:
+    with pytest.raises(UsageError, match="invalid VM name"):
+        validate_name(name)
+
+
+@pytest.mark.parametrize("name", ["vm1", "web-01.prod", "A_b", "x" * 64])
+def test_good_names(name: str) -> None:
+    assert validate_name(name) == name
+
+
+def test_state_dir_is_private(tmp_path: Path) -> None:
+    sd = StateDir(tmp_path / "state")
+    folder = sd.create_vm_dir("vm1")
+    assert (tmp_path / "state").stat().st_mode & 0o777 == 0o700
+    assert folder.stat().st_mode & 0o777 == 0o700
+
+
+def test_state_dir_symlink_and_world_writable_refused(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir(mode=0o700)
+    (tmp_path / "link").symlink_to(real)
+    with pytest.raises(StateDirError, match="symlink"):
+        StateDir(tmp_path / "link").create_vm_dir("vm1")
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    os.chmod(open_dir, 0o777)
+    with pytest.raises(StateDirError, match="writable by others"):
+        StateDir(open_dir).create_vm_dir("vm1")
+
+
+def test_state_dir_env_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CPRCTL_STATE_DIR", str(tmp_path))
+    assert StateDir().path == tmp_path
+
+
+def test_lock_is_exclusive_and_names_holder(tmp_path: Path) -> None:
+    with VMLock(tmp_path, "vm1", "save"):
+        with pytest.raises(BusyError, match=f"'save' by pid {os.getpid()}"):
+            VMLock(tmp_path, "vm1", "restore").__enter__()
+    with VMLock(tmp_path, "vm1", "restore"):
+        pass
