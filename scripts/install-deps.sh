@@ -33,7 +33,7 @@ if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.
     updated=0
 fi
 
-pkgs=$(missing busybox-static cpio gcc libc6-dev python3-venv zstd)
+pkgs=$(missing busybox-static cpio gcc libc6-dev binutils xz-utils zstd)
 if need_qemu || [ -n "$pkgs" ] || [ -n "$(missing qemu-utils qemu-guest-agent)" ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q

@@ -123,7 +123,7 @@ async def adopt(sd: StateDir, name: str, qmp: str, qga: str | None = None) -> VM
     folder = _fresh_folder(sd, name)
     with VMLock(folder, name, "adopt"):
         argv = process.cmdline(pid)
-        async with Monitor(qmp, name, pid) as mon:
+        async with Monitor(qmp, name, pid, timeout=5.0) as mon:
             version = await mon.version()
             machine = str(await mon.execute("qom-get", {"path": "/machine", "property": "type"}))
         if version[:2] < process.MIN_VERSION:

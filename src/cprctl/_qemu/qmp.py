@@ -22,14 +22,15 @@ class Monitor:
     answering, or goes away; the message names the VM and the command.
     """
 
-    def __init__(self, path: str, name: str, pid: int | None = None) -> None:
+    def __init__(self, path: str, name: str, pid: int | None = None, timeout: float = 30.0) -> None:
         self.path = path
         self.name = name
         self.pid = pid
+        self.timeout = timeout
         self._qmp = QMPClient(name)
 
     async def __aenter__(self) -> Monitor:
-        await self.connect()
+        await self.connect(self.timeout)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -43,8 +44,11 @@ class Monitor:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                await self._qmp.connect(self.path)
+                await asyncio.wait_for(self._qmp.connect(self.path), max(0.1, deadline - time.monotonic()))
                 return
+            except TimeoutError:
+                raise QemuError(f"{self.name}: QMP at {self.path} is not answering (no greeting in "
+                                f"{timeout:.0f} s)") from None
             except ConnectError as exc:
                 if self.pid is not None and not process.alive(self.pid):
                     raise QemuError(f"{self.name}: QEMU (pid {self.pid}) exited") from None

@@ -1,0 +1,44 @@
+# cprctl: the README's two commands, `make demo` and `make test`, work on a fresh Debian 12 machine as root.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+GUEST_DIR ?= $(HOME)/.cache/cprctl-guest
+export CPRCTL_TEST_GUEST := $(GUEST_DIR)
+
+.PHONY: all deps venv guest demo test unit lint bench clean
+
+all: test
+
+# QEMU >= 9.0 (bookworm-backports) and the packages the test guest is built from.
+deps:
+	@if [ "$$(id -u)" -eq 0 ]; then bash scripts/install-deps.sh; else sudo bash scripts/install-deps.sh; fi
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+guest: deps
+	@if [ "$$(id -u)" -eq 0 ]; then bash guest/build.sh $(GUEST_DIR); else sudo bash guest/build.sh $(GUEST_DIR); fi
+
+demo: deps venv guest
+	$(VENV)/bin/cprctl demo --guest $(GUEST_DIR)
+
+lint: venv
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/mypy
+
+unit: venv
+	$(VENV)/bin/pytest -q -m "not qemu"
+
+test: deps venv guest lint
+	$(VENV)/bin/pytest -q -ra
+
+bench: deps venv guest
+	$(VENV)/bin/python benchmarks/bench.py --guest $(GUEST_DIR)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

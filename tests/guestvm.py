@@ -1,0 +1,124 @@
+"""Test helpers: the demo guest under cprctl, and what it printed.
+
+What the tests assert about a guest after a restore is always the same:
+the boot id never changed, the counter ran on with no gap and no reset, the
+RAM pattern still verifies, and the guest agent answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cprctl
+from cprctl._demo import guest_argv, ticks
+from cprctl._qemu.agent import Agent
+
+QEMU = shutil.which("qemu-system-x86_64") or "qemu-system-x86_64"
+MEM = re.compile(r"mem (ok|BAD) (\d+) MiB(?: pass=(\d+))?")
+
+
+def guest_dir() -> Path:
+    folder = Path(os.environ.get("CPRCTL_TEST_GUEST", Path.home() / ".cache" / "cprctl-guest"))
+    if not (folder / "vmlinuz").exists() or not (folder / "initrd.img").exists():
+        raise RuntimeError(f"no test guest in {folder}: run 'make guest' (or set CPRCTL_TEST_GUEST)")
+    return folder
+
+
+def short_tmp(prefix: str = "cpr") -> Path:
+    """A private temp folder with a short path (unix socket paths are limited to 107 bytes)."""
+    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+
+
+@dataclass
+class GuestVM:
+    """One demo guest managed by cprctl in *state_dir*; its console and RAM file live in *work*."""
+
+    name: str
+    state_dir: Path
+    work: Path
+    argv: list[str] = field(default_factory=list)
+
+    @classmethod
+    def launch(cls, name: str, state_dir: Path, *, ram: str = "file", fill: int = 64, ram_mib: int = 256,
+               agent: bool = True, extra: tuple[str, ...] = (), qemu: str = QEMU) -> GuestVM:
+        work = state_dir.parent / f"{name}-work"
+        work.mkdir(exist_ok=True)
+        vm = cls(name, state_dir, work, guest_argv(qemu, guest_dir(), work, ram_mib=ram_mib, fill_mib=fill,
+                                                   ram=ram, extra=extra))
+        cprctl.launch(name, vm.argv, agent=agent, state_dir=state_dir)
+        vm.wait_ready(fill)
+        return vm
+
+    @property
+    def console(self) -> Path:
+        return self.work / "console.log"
+
+    def text(self) -> str:
+        return self.console.read_text(errors="replace") if self.console.exists() else ""
+
+    def wait_for(self, pattern: str, after: int = 0, timeout: float = 60.0) -> re.Match[str]:
+        """Wait for *pattern* in the console text past offset *after*."""
+        deadline = time.monotonic() + timeout
+        while not (m := re.compile(pattern).search(self.text(), after)):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self.name}: {pattern!r} not seen in {timeout:.0f} s; console tail:\n"
+                                     + self.text()[-800:])
+            time.sleep(0.1)
+        return m
+
+    def wait_ready(self, fill: int) -> None:
+        self.wait_for(r"guest ready")
+        if fill:
+            self.wait_for(r"mem ok")
+        self.wait_for(r"tick .* n=2 ")
+
+    def mark(self) -> int:
+        """An offset into the console: what comes after it was printed after now."""
+        return len(self.text())
+
+    def assert_continued(self, mark: int, fill: int = 64) -> None:
+        """The guest went on where it stopped: same boot, no counter gap or reset, RAM intact."""
+        self.wait_for(r"tick .*\n(?:.*\n)*?.*tick ", after=mark)  # two ticks after the restore
+        if fill:
+            self.wait_for(r"mem ok", after=mark)
+        all_ticks = ticks(self.console)
+        assert len({t.boot for t in all_ticks}) == 1, "the guest rebooted"
+        ns = [t.n for t in all_ticks]
+        assert ns == list(range(1, len(ns) + 1)), f"counter not continuous: {ns}"
+        assert "mem BAD" not in self.text() and "memfill exited" not in self.text()
+        assert self.agent_answers()
+
+    def agent_answers(self) -> bool:
+        status = cprctl.status(self.name, state_dir=self.state_dir)[0]
+        if not status.qga:
+            return True
+
+        async def ping() -> bool:
+            async with Agent(status.qga, self.name, timeout=10) as agent:  # type: ignore[arg-type]
+                return "guest-sync" in await agent.commands()
+
+        return asyncio.run(ping())
+
+    def status(self) -> cprctl.VMStatus:
+        return cprctl.status(self.name, state_dir=self.state_dir)[0]
+
+    def stop(self) -> None:
+        st = self.status()
+        if st.state == "running":
+            cprctl.stop(self.name, state_dir=self.state_dir)
+
+
+def cli(*args: str, state_dir: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run the real ``cprctl`` command of this venv."""
+    exe = str(Path(sys.executable).parent / "cprctl")
+    pre = ["--state-dir", str(state_dir)] if state_dir else []
+    return subprocess.run([exe, *pre, *args], capture_output=True, text=True, timeout=timeout, check=False)

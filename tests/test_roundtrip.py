@@ -1,0 +1,116 @@
+"""Save and restore real guests on the real QEMU: the core paths a user takes (issue 2)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import cprctl
+from cprctl._checkpoint import record
+
+from .guestvm import QEMU, GuestVM, cli, guest_dir
+
+pytestmark = pytest.mark.qemu
+
+
+def test_shared_file_ram_stays_in_place(state_dir: Path) -> None:
+    vm = GuestVM.launch("shared", state_dir, ram="file", fill=64)
+    st = vm.status()
+    assert st.state == "running" and st.machine == "pc-q35-10.0"
+    assert "pc-q35-10.0" in " ".join(st.argv) and " q35" not in " ".join(st.argv)
+    saved = cprctl.save("shared", state_dir=state_dir)
+    assert saved.strategy == "in-place"
+    assert saved.size < 5_000_000
+    assert Path(saved.state_file).read_bytes()[:8] == b"QEVM\x00\x00\x00\x03"
+    assert not os.path.exists(f"/proc/{st.pid}/cmdline") or "Z" in Path(f"/proc/{st.pid}/stat").read_text()
+    assert vm.status().state == "saved" and vm.status().pid is None
+    mark = vm.mark()
+    res = cprctl.restore("shared", state_dir=state_dir)
+    assert res.status == "running" and res.pause_ms > 0
+    vm.assert_continued(mark)
+    assert vm.status().state == "running"
+    assert not Path(saved.state_file).exists(), "the checkpoint is retired once the guest runs"
+    assert vm.status().last_pause_ms == pytest.approx(res.pause_ms)
+    vm.stop()
+
+
+def test_anonymous_ram_goes_into_the_state_file(state_dir: Path) -> None:
+    vm = GuestVM.launch("anon", state_dir, ram="anon", fill=96)
+    saved = cprctl.save("anon", state_dir=state_dir)
+    assert saved.strategy == "stream"
+    assert saved.size > 96 << 20, "the filled RAM must be in the state file"
+    mark = vm.mark()
+    cprctl.restore("anon", state_dir=state_dir)
+    vm.assert_continued(mark, fill=96)
+    vm.stop()
+
+
+def test_suspend_always_saves_suspended_and_wakes(state_dir: Path) -> None:
+    vm = GuestVM.launch("susp", state_dir, ram="file", fill=32)
+    saved = cprctl.save("susp", suspend="always", state_dir=state_dir)
+    assert saved.suspended
+    rec = record.load(state_dir / "vms" / "susp" / "vm.json")
+    assert rec.checkpoint is not None and rec.checkpoint.suspended
+    assert "suspending" in vm.text()
+    mark = vm.mark()
+    res = cprctl.restore("susp", state_dir=state_dir)
+    assert res.woke and res.status == "running"
+    vm.wait_for("resumed", after=mark)
+    vm.assert_continued(mark, fill=32)
+    vm.stop()
+
+
+def test_update_moves_the_vm_to_another_binary(state_dir: Path, tmp_path: Path) -> None:
+    new = tmp_path / "qemu-new"
+    shutil.copy2(QEMU, new)
+    vm = GuestVM.launch("upd", state_dir, ram="file", fill=32)
+    mark = vm.mark()
+    _saved, res = cprctl.update("upd", str(new), state_dir=state_dir)
+    assert os.readlink(f"/proc/{res.pid}/exe") == str(new)
+    assert vm.status().argv[0] == str(new)
+    vm.assert_continued(mark, fill=32)
+    vm.stop()
+
+
+def test_adopt_a_qemu_cprctl_did_not_launch(state_dir: Path) -> None:
+    from cprctl._demo import guest_argv
+    from cprctl._qemu import argv as qa
+
+    work = state_dir.parent / "adopted-work"
+    work.mkdir()
+    qmp, qga = work / "q.sock", work / "g.sock"
+    argv = [*guest_argv(QEMU, guest_dir(), work, ram_mib=256, fill_mib=32), *qa.agent_args(str(qga), "ga"),
+            "-qmp", f"unix:{qmp},server=on,wait=off"]
+    argv[argv.index("q35")] = "q35,usb=off"
+    with open(work / "qemu.log", "wb") as log:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+                                cwd=work)
+    vm = GuestVM("adopted", state_dir, work, argv)
+    vm.wait_ready(32)
+    rec = cprctl.adopt("adopted", str(qmp), state_dir=state_dir)
+    assert rec.pid == proc.pid and rec.origin == "adopt"
+    assert rec.machine == "pc-q35-10.0" and "pc-q35-10.0,usb=off" in rec.argv
+    assert rec.qga == str(qga)
+    mark = vm.mark()
+    cprctl.save("adopted", state_dir=state_dir)
+    assert proc.wait(10) == 0
+    cprctl.restore("adopted", state_dir=state_dir)
+    vm.assert_continued(mark, fill=32)
+    vm.stop()
+
+
+def test_status_json_keys(state_dir: Path) -> None:
+    out = cli("status", "--json", state_dir=state_dir)
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert {d["name"] for d in data} == {p.name for p in (state_dir / "vms").iterdir()}
+    for d in data:
+        assert {"name", "state", "pid", "qmp", "qga", "argv", "state_file", "last_pause_ms"} <= d.keys()
+        assert d["state"] == "stopped" and d["last_pause_ms"] > 0
+    one = json.loads(cli("status", "adopted", "--json", state_dir=state_dir).stdout)
+    assert one["name"] == "adopted" and one["argv"][0].endswith("qemu-system-x86_64")
