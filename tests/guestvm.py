@@ -49,11 +49,13 @@ class GuestVM:
 
     @classmethod
     def launch(cls, name: str, state_dir: Path, *, ram: str = "file", fill: int = 64, ram_mib: int = 256,
-               agent: bool = True, extra: tuple[str, ...] = (), qemu: str = QEMU) -> GuestVM:
-        work = state_dir.parent / f"{name}-work"
+               agent: bool = True, extra: tuple[str, ...] = (), qemu: str = QEMU, ram_path: Path | None = None,
+               kernel_args: str = "", work: Path | None = None) -> GuestVM:
+        work = work or state_dir.parent / f"{name}-work"
         work.mkdir(exist_ok=True)
         vm = cls(name, state_dir, work, guest_argv(qemu, guest_dir(), work, ram_mib=ram_mib, fill_mib=fill,
-                                                   ram=ram, extra=extra))
+                                                   ram=ram, ram_path=ram_path, kernel_args=kernel_args,
+                                                   extra=extra))
         cprctl.launch(name, vm.argv, agent=agent, state_dir=state_dir)
         vm.wait_ready(fill)
         return vm
@@ -85,7 +87,7 @@ class GuestVM:
         """An offset into the console: what comes after it was printed after now."""
         return len(self.text())
 
-    def assert_continued(self, mark: int, fill: int = 64) -> None:
+    def assert_continued(self, mark: int, fill: int = 64, agent: bool = True) -> None:
         """The guest went on where it stopped: same boot, no counter gap or reset, RAM intact."""
         self.wait_for(r"tick .*\n(?:.*\n)*?.*tick ", after=mark)  # two ticks after the restore
         if fill:
@@ -95,7 +97,8 @@ class GuestVM:
         ns = [t.n for t in all_ticks]
         assert ns == list(range(1, len(ns) + 1)), f"counter not continuous: {ns}"
         assert "mem BAD" not in self.text() and "memfill exited" not in self.text()
-        assert self.agent_answers()
+        if agent:
+            assert self.agent_answers()
 
     def agent_answers(self) -> bool:
         status = cprctl.status(self.name, state_dir=self.state_dir)[0]
@@ -122,3 +125,37 @@ def cli(*args: str, state_dir: Path | None = None, timeout: float = 300) -> subp
     exe = str(Path(sys.executable).parent / "cprctl")
     pre = ["--state-dir", str(state_dir)] if state_dir else []
     return subprocess.run([exe, *pre, *args], capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def record_of(state_dir: Path, name: str) -> dict[str, object]:
+    """The VM's record as raw JSON (what a killed cprctl left), or {} while it is being replaced."""
+    import json
+
+    try:
+        return dict(json.loads((state_dir / "vms" / name / "vm.json").read_text()))
+    except (OSError, ValueError):
+        return {}
+
+
+def wait_record(state_dir: Path, name: str, pred: object, timeout: float = 60.0, poll: float = 0.002) -> dict:
+    """Poll the record until ``pred(record)`` holds; the record."""
+    deadline = time.monotonic() + timeout
+    while not pred(rec := record_of(state_dir, name)):  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{name}: record never matched; last: {rec}")
+        time.sleep(poll)
+    return rec
+
+
+def op_step(rec: dict) -> tuple[str | None, str | None]:
+    op = rec.get("operation")
+    if not isinstance(op, dict):
+        return None, None
+    steps = op.get("steps") or [["started", 0]]
+    return op.get("kind"), steps[-1][0]
+
+
+def spawn_cli(*args: str, state_dir: Path) -> subprocess.Popen[str]:
+    exe = str(Path(sys.executable).parent / "cprctl")
+    return subprocess.Popen([exe, "--state-dir", str(state_dir), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)

@@ -83,9 +83,10 @@ def check(name: str, *, reboot: bool = False, suspend: SuspendMode = "auto", str
     return asyncio.run(inspect.check(StateDir(state_dir), name, reboot=reboot, suspend=suspend, strategy=strategy))
 
 
-def status(name: str | None = None, *, state_dir: PathLike = None) -> list[VMStatus]:
-    """Status of VM *name*, or of every managed VM."""
-    return inspect.status(StateDir(state_dir), name)
+def status(name: str | None = None, *, reporter: Reporter | None = None,
+           state_dir: PathLike = None) -> list[VMStatus]:
+    """Status of VM *name*, or of every managed VM (finishing what a killed cprctl left undone)."""
+    return asyncio.run(inspect.status(StateDir(state_dir), name, reporter))
 
 
 def stop(name: str, *, state_dir: PathLike = None) -> None:

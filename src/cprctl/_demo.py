@@ -49,14 +49,18 @@ def wait_ticks(console: Path, count: int, timeout: float = 60.0) -> list[Tick]:
 
 
 def guest_argv(qemu: str, guest: Path, folder: Path, *, ram_mib: int = 512, fill_mib: int = 128,
-               ram: str = "file", extra: tuple[str, ...] = ()) -> list[str]:
-    """A QEMU command line for the demo guest; *ram* is ``file`` (shared, in place) or ``anon``."""
+               ram: str = "file", ram_path: Path | None = None, kernel_args: str = "",
+               extra: tuple[str, ...] = ()) -> list[str]:
+    """A QEMU command line for the demo guest.
+
+    *ram* is ``file`` (a shared file, *ram_path* or ``folder/ram``: stays in place) or ``anon``.
+    """
     argv = [qemu, "-accel", "tcg", "-cpu", "max", "-machine", "q35", "-smp", "1", "-m", f"{ram_mib}M",
             "-display", "none", "-no-reboot", "-kernel", str(guest / "vmlinuz"), "-initrd", str(guest / "initrd.img"),
-            "-append", f"console=ttyS0 quiet fill={fill_mib}", "-global", "ICH9-LPC.disable_s3=0",
+            "-append", f"console=ttyS0 quiet fill={fill_mib} {kernel_args}".strip(), "-global", "ICH9-LPC.disable_s3=0",
             "-chardev", f"file,id=con0,path={folder / 'console.log'},append=on", "-serial", "chardev:con0"]
     if ram == "file":
-        argv += ["-object", f"memory-backend-file,id=ram0,size={ram_mib}M,mem-path={folder / 'ram'},share=on",
+        argv += ["-object", f"memory-backend-file,id=ram0,size={ram_mib}M,mem-path={ram_path or folder / 'ram'},share=on",
                  "-machine", "memory-backend=ram0"]
     return [*argv, *extra]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn, TypeVar
@@ -53,10 +54,20 @@ def fail(exc: CprctlError) -> NoReturn:
 
 
 def run(fn: Callable[[], T]) -> T:
+    """Call *fn*; a `CprctlError` becomes one line and its exit status, Ctrl-C or SIGTERM exit 130
+    after the operation rolled itself back."""
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         return fn()
     except CprctlError as exc:
         fail(exc)
+    except KeyboardInterrupt:
+        err.print("cprctl: interrupted; the operation was rolled back or kept restorable (see 'cprctl status')")
+        sys.exit(130)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -163,7 +174,7 @@ def update(state_dir: str | None, name: str, qemu: str, suspend: Any, no_sync_ti
 @click.pass_obj
 def status(state_dir: str | None, name: str | None, as_json: bool) -> None:
     """State of each managed VM."""
-    rows = run(lambda: _api.status(name, state_dir=state_dir))
+    rows = run(lambda: _api.status(name, reporter=TermReporter(), state_dir=state_dir))
     if as_json:
         data = [{**r.to_dict(), "last_pause_ms": r.last_pause_ms} for r in rows]
         out.print_json(json.dumps(data if name is None else data[0]))

@@ -9,13 +9,15 @@ from pathlib import Path
 from typing import Any
 
 from .._qemu.argv import ram_layout
+from .._qemu import process
 from .._qemu.qmp import Monitor
-from .._store import StateDir
-from ..errors import CprctlError, QemuError
+from .._store import StateDir, VMLock
+from ..errors import BusyError, CprctlError, QemuError
 from . import disks, statefile
 from .facts import gather, mount_of, ram_fact
 from .plan import VOLATILE_FS, Finding, Strategy, SuspendMode, findings
-from .vm import VM, open_vm
+from .report import Quiet, Reporter
+from .vm import VM, open_vm, recover
 
 
 @dataclass(frozen=True)
@@ -52,13 +54,24 @@ def vm_status(vm: VM) -> VMStatus:
                     r.last_pause_ms, op)
 
 
-def status(sd: StateDir, name: str | None = None) -> list[VMStatus]:
+async def status(sd: StateDir, name: str | None = None, reporter: Reporter | None = None) -> list[VMStatus]:
     """Status of VM *name*, or of every managed VM.
+
+    An operation that a killed cprctl left unfinished is finished or rolled
+    back first (see `vm.recover`), so no guest stays paused behind a dead cprctl.
 
     :raise VMNotFound: *name* is not managed.
     """
     names = [name] if name else sd.names()
-    return [vm_status(open_vm(sd, n)) for n in names]
+    out = []
+    for n in names:
+        vm = open_vm(sd, n)
+        if vm.record.operation is not None and not process.alive(vm.record.operation.pid):
+            with contextlib.suppress(BusyError), VMLock(vm.folder, n, "recover"):
+                vm = open_vm(sd, n)
+                await recover(vm, reporter or Quiet())
+        out.append(vm_status(vm))
+    return out
 
 
 async def check(sd: StateDir, name: str, *, reboot: bool = False, suspend: SuspendMode = "auto",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import struct
 import time
@@ -61,8 +62,6 @@ def prepare_argv(argv: Sequence[str], folder: Path, agent: bool) -> tuple[list[s
 
 
 def _absolute(binary: str) -> str:
-    import shutil
-
     found = shutil.which(binary) if os.sep not in binary else binary
     if not found:
         raise UsageError(f"QEMU binary not found: {binary}")
@@ -77,14 +76,21 @@ async def launch(sd: StateDir, name: str, argv: Sequence[str], agent: bool = Fal
     """
     folder = _fresh_folder(sd, name)
     with VMLock(folder, name, "launch"):
-        full, qmp, qga, machine = prepare_argv(argv, folder, agent)
-        log = folder / LOG_FILE
-        rec = VMRecord(name=name, argv=full, qmp=qmp, origin="launch", machine=machine, log=str(log),
-                       qga=qga, cwd=os.getcwd(), created=time.time())
-        rec.pid = process.spawn(full, log, cwd=rec.cwd)
-        vm = VM(name, folder, rec)
-        vm.commit()
-        await wait_qmp(vm, rec.pid)
+        rec: VMRecord | None = None
+        try:
+            full, qmp, qga, machine = prepare_argv(argv, folder, agent)
+            log = folder / LOG_FILE
+            rec = VMRecord(name=name, argv=full, qmp=qmp, origin="launch", machine=machine, log=str(log),
+                           qga=qga, cwd=os.getcwd(), created=time.time())
+            rec.pid = process.spawn(full, log, cwd=rec.cwd)
+            vm = VM(name, folder, rec)
+            vm.commit()
+            await wait_qmp(vm, rec.pid)
+        except BaseException:
+            if rec is not None and rec.pid:
+                process.kill(rec.pid)
+            shutil.rmtree(folder, ignore_errors=True)  # it never ran: nothing to keep
+            raise
         return rec
 
 
@@ -174,8 +180,6 @@ def remove(sd: StateDir, name: str, force: bool = False) -> None:
 
     :raise VMStateError: it runs, or is saved and *force* is not given (its checkpoint would be lost).
     """
-    import shutil
-
     vm = open_vm(sd, name)
     with VMLock(vm.folder, name, "remove"):
         if vm.running():

@@ -76,7 +76,11 @@ async def save(sd: StateDir, name: str, *, suspend: SuspendMode = "auto", strate
                                                disks.image_paths(nodes), timings, reporter, reboot)
             except BaseException as exc:
                 await _rollback(vm, mon, exc, reporter)
+                if isinstance(exc, CprctlError) and not vm.running():
+                    raise QemuError(f"{name}: QEMU died during the save ({exc}); the VM is stopped and its "
+                                    "running state is lost") from None
                 raise
+            reporter.step(f"{name}: checkpoint recorded ({checkpoint.size / 1e6:.1f} MB); stopping QEMU")
             if quit_qemu:
                 t1 = time.perf_counter()
                 await mon.quit()

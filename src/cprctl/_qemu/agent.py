@@ -4,11 +4,32 @@ from __future__ import annotations
 
 import asyncio
 import random
+import secrets
 from typing import Any
 
 from qemu.qmp import ExecuteError, QMPClient, QMPError
 
 from ..errors import AgentError
+
+
+class _AgentClient(QMPClient):
+    """qemu.qmp's client with command ids unique to this connection.
+
+    The agent answers guest-suspend-ram only after the guest wakes, possibly
+    on a later connection; with the default ids (restarting at 0 on each
+    client) that stale answer would be taken as the reply to our first command.
+    """
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self._prefix = f"cprctl-{secrets.token_hex(4)}"
+        self._seq = 0
+        self.await_greeting = False
+        self.negotiate = False
+
+    def _get_exec_id(self) -> str:
+        self._seq += 1
+        return f"{self._prefix}-{self._seq}"
 
 
 class Agent:
@@ -25,9 +46,7 @@ class Agent:
         self.path = path
         self.name = name
         self.timeout = timeout
-        self._client = QMPClient(f"{name}-qga")
-        self._client.await_greeting = False
-        self._client.negotiate = False
+        self._client = _AgentClient(f"{name}-qga")
 
     async def __aenter__(self) -> Agent:
         try:
