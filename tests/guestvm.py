@@ -48,14 +48,39 @@ class GuestVM:
     argv: list[str] = field(default_factory=list)
 
     @classmethod
-    def launch(cls, name: str, state_dir: Path, *, ram: str = "file", fill: int = 64, ram_mib: int = 256,
-               agent: bool = True, extra: tuple[str, ...] = (), qemu: str = QEMU, ram_path: Path | None = None,
-               kernel_args: str = "", work: Path | None = None) -> GuestVM:
+    def launch(
+        cls,
+        name: str,
+        state_dir: Path,
+        *,
+        ram: str = "file",
+        fill: int = 64,
+        ram_mib: int = 256,
+        agent: bool = True,
+        extra: tuple[str, ...] = (),
+        qemu: str = QEMU,
+        ram_path: Path | None = None,
+        kernel_args: str = "",
+        work: Path | None = None,
+    ) -> GuestVM:
         work = work or state_dir.parent / f"{name}-work"
         work.mkdir(exist_ok=True)
-        vm = cls(name, state_dir, work, guest_argv(qemu, guest_dir(), work, ram_mib=ram_mib, fill_mib=fill,
-                                                   ram=ram, ram_path=ram_path, kernel_args=kernel_args,
-                                                   extra=extra))
+        vm = cls(
+            name,
+            state_dir,
+            work,
+            guest_argv(
+                qemu,
+                guest_dir(),
+                work,
+                ram_mib=ram_mib,
+                fill_mib=fill,
+                ram=ram,
+                ram_path=ram_path,
+                kernel_args=kernel_args,
+                extra=extra,
+            ),
+        )
         cprctl.launch(name, vm.argv, agent=agent, state_dir=state_dir)
         vm.wait_ready(fill)
         return vm
@@ -72,8 +97,9 @@ class GuestVM:
         deadline = time.monotonic() + timeout
         while not (m := re.compile(pattern).search(self.text(), after)):
             if time.monotonic() > deadline:
-                raise AssertionError(f"{self.name}: {pattern!r} not seen in {timeout:.0f} s; console tail:\n"
-                                     + self.text()[-800:])
+                raise AssertionError(
+                    f"{self.name}: {pattern!r} not seen in {timeout:.0f} s; console tail:\n" + self.text()[-800:]
+                )
             time.sleep(0.1)
         return m
 
@@ -157,5 +183,6 @@ def op_step(rec: dict) -> tuple[str | None, str | None]:
 
 def spawn_cli(*args: str, state_dir: Path) -> subprocess.Popen[str]:
     exe = str(Path(sys.executable).parent / "cprctl")
-    return subprocess.Popen([exe, "--state-dir", str(state_dir), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [exe, "--state-dir", str(state_dir), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )

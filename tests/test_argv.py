@@ -14,13 +14,21 @@ Q = "/usr/bin/qemu-system-x86_64"
 
 def test_parse_flags_and_values() -> None:
     opts = qa.parse([Q, "-nographic", "-m", "512M", "disk.img", "--machine", "q35"])
-    assert [(o.name, o.value) for o in opts] == [("nographic", None), ("m", "512M"), ("", "disk.img"),
-                                                 ("machine", "q35")]
+    assert [(o.name, o.value) for o in opts] == [
+        ("nographic", None),
+        ("m", "512M"),
+        ("", "disk.img"),
+        ("machine", "q35"),
+    ]
 
 
 def test_keyval_escaped_comma_and_implied_key() -> None:
     assert qa.split_keyval("file,id=r,mem-path=/a,,b,share=on", "qom-type") == {
-        "qom-type": "file", "id": "r", "mem-path": "/a,b", "share": "on"}
+        "qom-type": "file",
+        "id": "r",
+        "mem-path": "/a,b",
+        "share": "on",
+    }
 
 
 def test_keyval_json_object() -> None:
@@ -38,11 +46,20 @@ def test_machine_type_forms() -> None:
 
 def test_pin_machine_type() -> None:
     assert qa.with_machine_type([Q, "-machine", "q35,accel=tcg"], "pc-q35-10.0") == [
-        Q, "-machine", "pc-q35-10.0,accel=tcg"]
+        Q,
+        "-machine",
+        "pc-q35-10.0,accel=tcg",
+    ]
     assert qa.with_machine_type([Q, "-machine", "accel=tcg,type=q35"], "pc-q35-10.0") == [
-        Q, "-machine", "accel=tcg,type=pc-q35-10.0"]
+        Q,
+        "-machine",
+        "accel=tcg,type=pc-q35-10.0",
+    ]
     assert qa.with_machine_type([Q, "-machine", "accel=tcg"], "pc-i440fx-10.0") == [
-        Q, "-machine", "pc-i440fx-10.0,accel=tcg"]
+        Q,
+        "-machine",
+        "pc-i440fx-10.0,accel=tcg",
+    ]
     assert qa.with_machine_type([Q, "-m", "1G"], "pc-i440fx-10.0") == [Q, "-machine", "pc-i440fx-10.0", "-m", "1G"]
     # the pinned type is found again
     pinned = qa.with_machine_type([Q, "-M", "q35", "-machine", "memory-backend=r"], "pc-q35-10.0")
@@ -50,8 +67,15 @@ def test_pin_machine_type() -> None:
 
 
 def test_ram_layout_shared_file_is_in_place_candidate() -> None:
-    argv = [Q, "-m", "1G", "-object", "memory-backend-file,id=ram0,size=1G,mem-path=/dev/shm/vm,share=on",
-            "-machine", "q35,memory-backend=ram0"]
+    argv = [
+        Q,
+        "-m",
+        "1G",
+        "-object",
+        "memory-backend-file,id=ram0,size=1G,mem-path=/dev/shm/vm,share=on",
+        "-machine",
+        "q35,memory-backend=ram0",
+    ]
     (b,) = qa.ram_layout(argv).backends
     assert b == qa.RamBackend("ram0", "file", True, "/dev/shm/vm", "1G")
     assert b.named_shared_file
@@ -69,9 +93,17 @@ def test_ram_layout_backend_not_used_as_main_ram_adds_default() -> None:
 
 
 def test_ram_layout_numa_memdevs_and_memfd() -> None:
-    argv = [Q, "-object", "memory-backend-memfd,id=a,size=1G", "-object",
-            "memory-backend-file,id=b,size=1G,mem-path=/f,share=off",
-            "-numa", "node,memdev=a", "-numa", "node,memdev=b"]
+    argv = [
+        Q,
+        "-object",
+        "memory-backend-memfd,id=a,size=1G",
+        "-object",
+        "memory-backend-file,id=b,size=1G,mem-path=/f,share=off",
+        "-numa",
+        "node,memdev=a",
+        "-numa",
+        "node,memdev=b",
+    ]
     backends = qa.ram_layout(argv).backends
     assert [(b.id, b.kind, b.share) for b in backends] == [("a", "memfd", True), ("b", "file", False)]
     assert not any(b.named_shared_file for b in backends)
@@ -130,8 +162,13 @@ def test_pinning_is_idempotent_and_found(words: list[str], machine: str) -> None
     assert qa.with_machine_type(pinned, machine) == pinned
 
 
-@given(st.dictionaries(st.from_regex(r"[a-z][a-z-]{0,8}", fullmatch=True),
-                       st.text(string.ascii_letters + string.digits + ",/.", max_size=10), max_size=5))
+@given(
+    st.dictionaries(
+        st.from_regex(r"[a-z][a-z-]{0,8}", fullmatch=True),
+        st.text(string.ascii_letters + string.digits + ",/.", max_size=10),
+        max_size=5,
+    )
+)
 def test_keyval_roundtrips_with_escaped_commas(props: dict[str, str]) -> None:
     text = ",".join(f"{k}={v.replace(',', ',,')}" for k, v in props.items())
     assert qa.split_keyval(text, "implied") == props if props else True

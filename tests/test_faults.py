@@ -77,7 +77,7 @@ def test_qemu_killed_before_the_checkpoint(state_dir: Path) -> None:
     vm = GuestVM.launch("qk1", state_dir, fill=0)
     pid = vm.status().pid
     assert pid
-    with pytest.raises(QemuError, match="QEMU died during the save.*state is lost"):
+    with pytest.raises(QemuError, match=r"QEMU died during the save.*state is lost"):
         cprctl.save("qk1", reporter=KillQemuAt(pid, "saving"), state_dir=state_dir)
     st = vm.status()
     assert st.state == "stopped" and st.operation is None and st.state_file is None
@@ -102,8 +102,7 @@ def test_cprctl_killed_during_save(state_dir: Path, step: str) -> None:
     fill = 400 if step == "migrating" else 32
     vm = GuestVM.launch(name, state_dir, ram="anon", ram_mib=512, fill=fill)
     mark = vm.mark()
-    proc = spawn_cli("save", name, "--suspend", "always" if step == "suspending" else "never",
-                     state_dir=state_dir)
+    proc = spawn_cli("save", name, "--suspend", "always" if step == "suspending" else "never", state_dir=state_dir)
     wait_record(state_dir, name, lambda r: op_step(r) == ("save", step))
     proc.kill()
     proc.wait()
@@ -187,8 +186,7 @@ def test_disk_written_between_save_and_restore(state_dir: Path) -> None:
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "256M"], check=True)
     extra = ("-drive", f"file={disk},if=none,id=d0,format=qcow2", "-device", "virtio-blk-pci,drive=d0")
     vm, mark, _path = _saved(state_dir, "disk", extra=extra)
-    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 1M 64k", str(disk)], check=True,
-                   capture_output=True)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 1M 64k", str(disk)], check=True, capture_output=True)
     out = cli("restore", "disk", state_dir=state_dir)
     assert out.returncode != 0 and str(disk) in out.stderr and "changed since the save" in out.stderr
     assert vm.status().state == "saved"
@@ -245,7 +243,7 @@ def test_busy_error_names_the_holder(state_dir: Path) -> None:
     from cprctl._store import StateDir, VMLock
 
     vm = GuestVM.launch("locked", state_dir, fill=0)
-    with VMLock(StateDir(state_dir).vm_dir("locked"), "locked", "restore"):
-        with pytest.raises(BusyError, match=f"'restore' by pid {os.getpid()}"):
-            cprctl.save("locked", state_dir=state_dir)
+    lock = VMLock(StateDir(state_dir).vm_dir("locked"), "locked", "restore")
+    with lock, pytest.raises(BusyError, match=f"'restore' by pid {os.getpid()}"):
+        cprctl.save("locked", state_dir=state_dir)
     vm.stop()

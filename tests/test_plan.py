@@ -15,8 +15,17 @@ GIB = 1 << 30
 
 
 def facts(*ram: RamFact, **kw: object) -> Facts:
-    base = dict(name="vm", qemu_version=(10, 0, 2), has_cpr_mode=True, machine="pc-q35-10.0", ram=list(ram),
-                ram_bytes=GIB, state_fs="ext4", state_free=100 * GIB, s3_enabled=True)
+    base = dict(
+        name="vm",
+        qemu_version=(10, 0, 2),
+        has_cpr_mode=True,
+        machine="pc-q35-10.0",
+        ram=list(ram),
+        ram_bytes=GIB,
+        state_fs="ext4",
+        state_free=100 * GIB,
+        s3_enabled=True,
+    )
     base.update(kw)
     return Facts(**base)  # type: ignore[arg-type]
 
@@ -46,8 +55,9 @@ def test_directory_mem_path_is_flagged_and_streamed() -> None:
 
 
 def test_old_qemu_and_incompatible_caps_refused() -> None:
-    found = findings(facts(SHARED, qemu_version=(8, 2, 0), has_cpr_mode=False,
-                           enabled_caps=frozenset({"postcopy-ram"})))
+    found = findings(
+        facts(SHARED, qemu_version=(8, 2, 0), has_cpr_mode=False, enabled_caps=frozenset({"postcopy-ram"}))
+    )
     assert codes(found) == {"qemu-version", "no-cpr-mode", "cap-postcopy-ram"}
 
 
@@ -63,13 +73,18 @@ def test_space_uses_the_plan() -> None:
     assert "space" not in codes(findings(facts(SHARED, state_free=GIB // 2)))
 
 
-@pytest.mark.parametrize("kw, code", [
-    ({"agent_configured": False}, "agent-missing"),
-    ({"agent_configured": True, "agent_answers": False}, "agent-silent"),
-    ({"agent_configured": True, "agent_answers": True, "agent_can_suspend": False}, "agent-no-suspend"),
-    ({"agent_configured": True, "agent_answers": True, "agent_can_suspend": True, "s3_enabled": False},
-     "s3-disabled"),
-])
+@pytest.mark.parametrize(
+    "kw, code",
+    [
+        ({"agent_configured": False}, "agent-missing"),
+        ({"agent_configured": True, "agent_answers": False}, "agent-silent"),
+        ({"agent_configured": True, "agent_answers": True, "agent_can_suspend": False}, "agent-no-suspend"),
+        (
+            {"agent_configured": True, "agent_answers": True, "agent_can_suspend": True, "s3_enabled": False},
+            "s3-disabled",
+        ),
+    ],
+)
 def test_vfio_needs_a_working_agent_and_s3(kw: dict[str, object], code: str) -> None:
     found = findings(facts(SHARED, vfio=["/machine/peripheral/gpu"], **kw))
     assert code in codes(found)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -17,15 +18,32 @@ from cprctl.errors import BusyError, RecordError, StateDirError, UsageError
 
 
 def _rec() -> VMRecord:
-    return VMRecord(name="vm1", argv=["/usr/bin/qemu-system-x86_64", "-m", "1G"], qmp="/s/qmp.sock",
-                    origin="launch", machine="pc-q35-10.0", log="/s/qemu.log", pid=42)
+    return VMRecord(
+        name="vm1",
+        argv=["/usr/bin/qemu-system-x86_64", "-m", "1G"],
+        qmp="/s/qmp.sock",
+        origin="launch",
+        machine="pc-q35-10.0",
+        log="/s/qemu.log",
+        pid=42,
+    )
 
 
 def test_roundtrip_with_checkpoint_and_journal(tmp_path: Path) -> None:
     rec = _rec()
-    rec.checkpoint = Checkpoint(state_file="/s/state.cpr", size=10, digest="xxh3_128:ab", capabilities={"x": True},
-                                parameters={"mode": "cpr-reboot"}, strategy="in-place", suspended=False,
-                                was_running=True, stopped_at=1.0, saved_at=2.0, qemu_version="10.0.2")
+    rec.checkpoint = Checkpoint(
+        state_file="/s/state.cpr",
+        size=10,
+        digest="xxh3_128:ab",
+        capabilities={"x": True},
+        parameters={"mode": "cpr-reboot"},
+        strategy="in-place",
+        suspended=False,
+        was_running=True,
+        stopped_at=1.0,
+        saved_at=2.0,
+        qemu_version="10.0.2",
+    )
     rec.operation = Operation("save", 1, 3.0)
     rec.operation.mark("migrating")
     record.save(tmp_path / "vm.json", rec)
@@ -36,13 +54,16 @@ def test_roundtrip_with_checkpoint_and_journal(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["vm.json"]  # no temp file left
 
 
-@pytest.mark.parametrize("data, words", [
-    (b"{not json", "malformed record"),
-    (b'{"version": 1, "name": "x"}', "malformed record"),
-    (b'{"version": 99}', "version 99 is not understood"),
-    (b'{"version": 0}', "version 0 is not understood"),
-    (b"[]", "malformed record"),
-])
+@pytest.mark.parametrize(
+    "data, words",
+    [
+        (b"{not json", "malformed record"),
+        (b'{"version": 1, "name": "x"}', "malformed record"),
+        (b'{"version": 99}', "version 99 is not understood"),
+        (b'{"version": 0}', "version 0 is not understood"),
+        (b"[]", "malformed record"),
+    ],
+)
 def test_bad_records_are_clear_errors(data: bytes, words: str) -> None:
     with pytest.raises(RecordError, match=words):
         record.decode(data, "vm.json")
@@ -57,22 +78,22 @@ def test_unknown_field_is_refused() -> None:
 
 @given(st.binary(max_size=200))
 def test_decode_raises_only_record_error(data: bytes) -> None:
-    try:
+    with contextlib.suppress(RecordError):
         record.decode(data, "x")
-    except RecordError:
-        pass
 
 
-@given(st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=5),
-                    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=5), c, max_size=3),
-                    max_leaves=10))
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.text(max_size=5),
+        lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=5), c, max_size=3),
+        max_leaves=10,
+    )
+)
 def test_decode_of_any_json_raises_only_record_error(value: object) -> None:
     base = json.loads(record.encode(_rec()))
     for key in ("argv", "pid", "checkpoint", "version"):
-        try:
+        with contextlib.suppress(RecordError):
             record.decode(json.dumps({**base, key: value}).encode(), "x")
-        except RecordError:
-            pass
 
 
 @pytest.mark.parametrize("name", ["", "../x", "a/b", "x" * 65, ".hidden", "a..b", "-rf", "a b"])
@@ -112,8 +133,7 @@ def test_state_dir_env_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 
 
 def test_lock_is_exclusive_and_names_holder(tmp_path: Path) -> None:
-    with VMLock(tmp_path, "vm1", "save"):
-        with pytest.raises(BusyError, match=f"'save' by pid {os.getpid()}"):
-            VMLock(tmp_path, "vm1", "restore").__enter__()
+    with VMLock(tmp_path, "vm1", "save"), pytest.raises(BusyError, match=f"'save' by pid {os.getpid()}"):
+        VMLock(tmp_path, "vm1", "restore").__enter__()
     with VMLock(tmp_path, "vm1", "restore"):
         pass

@@ -84,12 +84,17 @@ def test_adopt_a_qemu_cprctl_did_not_launch(state_dir: Path) -> None:
     work = state_dir.parent / "adopted-work"
     work.mkdir()
     qmp, qga = work / "q.sock", work / "g.sock"
-    argv = [*guest_argv(QEMU, guest_dir(), work, ram_mib=256, fill_mib=32), *qa.agent_args(str(qga), "ga"),
-            "-qmp", f"unix:{qmp},server=on,wait=off"]
+    argv = [
+        *guest_argv(QEMU, guest_dir(), work, ram_mib=256, fill_mib=32),
+        *qa.agent_args(str(qga), "ga"),
+        "-qmp",
+        f"unix:{qmp},server=on,wait=off",
+    ]
     argv[argv.index("q35")] = "q35,usb=off"
     with open(work / "qemu.log", "wb") as log:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-                                cwd=work)
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, cwd=work
+        )
     vm = GuestVM("adopted", state_dir, work, argv)
     vm.wait_ready(32)
     rec = cprctl.adopt("adopted", str(qmp), state_dir=state_dir)

@@ -40,28 +40,61 @@ def adopt(name: str, qmp: str, *, qga: str | None = None, state_dir: PathLike = 
     return asyncio.run(lifecycle.adopt(StateDir(state_dir), name, qmp, qga))
 
 
-def save(name: str, *, suspend: SuspendMode = "auto", strategy: Strategy = "auto", reboot: bool = False,
-         force: bool = False, verify_disks: Literal["sampled", "full"] = "sampled",
-         reporter: Reporter | None = None, state_dir: PathLike = None) -> SaveResult:
+def save(
+    name: str,
+    *,
+    suspend: SuspendMode = "auto",
+    strategy: Strategy = "auto",
+    reboot: bool = False,
+    force: bool = False,
+    verify_disks: Literal["sampled", "full"] = "sampled",
+    reporter: Reporter | None = None,
+    state_dir: PathLike = None,
+) -> SaveResult:
     """Checkpoint VM *name* with cpr-reboot and stop its QEMU (see `cprctl.errors` for failures).
 
     *reboot* also requires what a host reboot needs (RAM kept in place on
     non-volatile storage) and flushes RAM files to disk.
     """
-    return asyncio.run(_save.save(StateDir(state_dir), name, suspend=suspend, strategy=strategy, reboot=reboot,
-                                  force=force, verify_disks=verify_disks, reporter=reporter))
+    return asyncio.run(
+        _save.save(
+            StateDir(state_dir),
+            name,
+            suspend=suspend,
+            strategy=strategy,
+            reboot=reboot,
+            force=force,
+            verify_disks=verify_disks,
+            reporter=reporter,
+        )
+    )
 
 
-def restore(name: str, *, qemu: str | None = None, force: bool = False, sync_time: bool = True,
-            reporter: Reporter | None = None, state_dir: PathLike = None) -> RestoreResult:
+def restore(
+    name: str,
+    *,
+    qemu: str | None = None,
+    force: bool = False,
+    sync_time: bool = True,
+    reporter: Reporter | None = None,
+    state_dir: PathLike = None,
+) -> RestoreResult:
     """Resume VM *name* from its checkpoint, optionally on QEMU binary *qemu*."""
-    return asyncio.run(_restore.restore(StateDir(state_dir), name, qemu=qemu, force=force, sync_time=sync_time,
-                                        reporter=reporter))
+    return asyncio.run(
+        _restore.restore(StateDir(state_dir), name, qemu=qemu, force=force, sync_time=sync_time, reporter=reporter)
+    )
 
 
-def update(name: str, qemu: str, *, suspend: SuspendMode = "auto", force: bool = False,
-           sync_time: bool = True, reporter: Reporter | None = None,
-           state_dir: PathLike = None) -> tuple[SaveResult, RestoreResult]:
+def update(
+    name: str,
+    qemu: str,
+    *,
+    suspend: SuspendMode = "auto",
+    force: bool = False,
+    sync_time: bool = True,
+    reporter: Reporter | None = None,
+    state_dir: PathLike = None,
+) -> tuple[SaveResult, RestoreResult]:
     """Move VM *name* onto QEMU binary *qemu*: save, then restore with the new binary."""
 
     async def both() -> tuple[SaveResult, RestoreResult]:
@@ -70,21 +103,25 @@ def update(name: str, qemu: str, *, suspend: SuspendMode = "auto", force: bool =
 
         Binary(qemu).require_cpr()
         saved = await _save.save(sd, name, suspend=suspend, force=force, reporter=reporter)
-        restored = await _restore.restore(sd, name, qemu=qemu, force=force, sync_time=sync_time,
-                                          reporter=reporter)
+        restored = await _restore.restore(sd, name, qemu=qemu, force=force, sync_time=sync_time, reporter=reporter)
         return saved, restored
 
     return asyncio.run(both())
 
 
-def check(name: str, *, reboot: bool = False, suspend: SuspendMode = "auto", strategy: Strategy = "auto",
-          state_dir: PathLike = None) -> list[Finding]:
+def check(
+    name: str,
+    *,
+    reboot: bool = False,
+    suspend: SuspendMode = "auto",
+    strategy: Strategy = "auto",
+    state_dir: PathLike = None,
+) -> list[Finding]:
     """The preflight check of VM *name*, worst finding first; touches nothing."""
     return asyncio.run(inspect.check(StateDir(state_dir), name, reboot=reboot, suspend=suspend, strategy=strategy))
 
 
-def status(name: str | None = None, *, reporter: Reporter | None = None,
-           state_dir: PathLike = None) -> list[VMStatus]:
+def status(name: str | None = None, *, reporter: Reporter | None = None, state_dir: PathLike = None) -> list[VMStatus]:
     """Status of VM *name*, or of every managed VM (finishing what a killed cprctl left undone)."""
     return asyncio.run(inspect.status(StateDir(state_dir), name, reporter))
 

@@ -48,20 +48,57 @@ def wait_ticks(console: Path, count: int, timeout: float = 60.0) -> list[Tick]:
     return found
 
 
-def guest_argv(qemu: str, guest: Path, folder: Path, *, ram_mib: int = 512, fill_mib: int = 128,
-               ram: str = "file", ram_path: Path | None = None, kernel_args: str = "",
-               extra: tuple[str, ...] = ()) -> list[str]:
+def guest_argv(
+    qemu: str,
+    guest: Path,
+    folder: Path,
+    *,
+    ram_mib: int = 512,
+    fill_mib: int = 128,
+    ram: str = "file",
+    ram_path: Path | None = None,
+    kernel_args: str = "",
+    extra: tuple[str, ...] = (),
+) -> list[str]:
     """A QEMU command line for the demo guest.
 
     *ram* is ``file`` (a shared file, *ram_path* or ``folder/ram``: stays in place) or ``anon``.
     """
-    argv = [qemu, "-accel", "tcg", "-cpu", "max", "-machine", "q35", "-smp", "1", "-m", f"{ram_mib}M",
-            "-display", "none", "-no-reboot", "-kernel", str(guest / "vmlinuz"), "-initrd", str(guest / "initrd.img"),
-            "-append", f"console=ttyS0 quiet fill={fill_mib} {kernel_args}".strip(), "-global", "ICH9-LPC.disable_s3=0",
-            "-chardev", f"file,id=con0,path={folder / 'console.log'},append=on", "-serial", "chardev:con0"]
+    argv = [
+        qemu,
+        "-accel",
+        "tcg",
+        "-cpu",
+        "max",
+        "-machine",
+        "q35",
+        "-smp",
+        "1",
+        "-m",
+        f"{ram_mib}M",
+        "-display",
+        "none",
+        "-no-reboot",
+        "-kernel",
+        str(guest / "vmlinuz"),
+        "-initrd",
+        str(guest / "initrd.img"),
+        "-append",
+        f"console=ttyS0 quiet fill={fill_mib} {kernel_args}".strip(),
+        "-global",
+        "ICH9-LPC.disable_s3=0",
+        "-chardev",
+        f"file,id=con0,path={folder / 'console.log'},append=on",
+        "-serial",
+        "chardev:con0",
+    ]
     if ram == "file":
-        argv += ["-object", f"memory-backend-file,id=ram0,size={ram_mib}M,mem-path={ram_path or folder / 'ram'},share=on",
-                 "-machine", "memory-backend=ram0"]
+        argv += [
+            "-object",
+            f"memory-backend-file,id=ram0,size={ram_mib}M,mem-path={ram_path or folder / 'ram'},share=on",
+            "-machine",
+            "memory-backend=ram0",
+        ]
     return [*argv, *extra]
 
 
@@ -82,10 +119,14 @@ def run_demo(guest: str, qemu: str, state_dir: str | None, out: Console) -> None
         gone = not process.alive(rec.pid)
         out.print(f"QEMU pid {rec.pid} {'is gone' if gone else 'still runs (!)'}; strategy {saved.strategy}")
         head = Path(saved.state_file).read_bytes()[:8]
-        out.print(f"state file {saved.state_file}: {saved.size / 1e6:.2f} MB, header {head!r} "
-                  f"(guest RAM stays in {work / 'ram'})")
-        out.print(f"save took {sum(saved.timings_ms.values()):.0f} ms: "
-                  + ", ".join(f"{k} {v:.0f}" for k, v in saved.timings_ms.items()))
+        out.print(
+            f"state file {saved.state_file}: {saved.size / 1e6:.2f} MB, header {head!r} "
+            f"(guest RAM stays in {work / 'ram'})"
+        )
+        out.print(
+            f"save took {sum(saved.timings_ms.values()):.0f} ms: "
+            + ", ".join(f"{k} {v:.0f}" for k, v in saved.timings_ms.items())
+        )
         out.rule("3. restore: same argv + -incoming defer, migrate-incoming, resume")
         res = _api.restore(name, state_dir=sd)
         after = wait_ticks(console, 3)
@@ -93,8 +134,10 @@ def run_demo(guest: str, qemu: str, state_dir: str | None, out: Console) -> None
         for t in resumed:
             out.print(f"  guest: boot={t.boot[:8]}… n={t.n} up={t.up:.1f}s")
         same = all(t.boot == before.boot for t in after)
-        out.print(f"boot id {'unchanged' if same else 'CHANGED'}; counter went {before.n} -> {resumed[0].n}; "
-                  f"guest paused {res.pause_ms:.0f} ms")
+        out.print(
+            f"boot id {'unchanged' if same else 'CHANGED'}; counter went {before.n} -> {resumed[0].n}; "
+            f"guest paused {res.pause_ms:.0f} ms"
+        )
         mem = [line for line in console.read_text().splitlines() if line.startswith("mem ")]
         if mem:
             out.print(f"  guest: {mem[-1]}")

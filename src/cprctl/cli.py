@@ -37,8 +37,15 @@ class TermReporter:
         if self.quiet or not err.is_terminal or total < (256 << 20):
             return
         if self._bar is None:
-            self._bar = Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-                                 TransferSpeedColumn(), TimeRemainingColumn(), console=err, transient=True)
+            self._bar = Progress(
+                "[progress.description]{task.description}",
+                BarColumn(),
+                DownloadColumn(),
+                TransferSpeedColumn(),
+                TimeRemainingColumn(),
+                console=err,
+                transient=True,
+            )
             self._bar.start()
             self._task = self._bar.add_task("RAM", total=total)
         self._bar.update(self._task, completed=done, total=total)
@@ -71,8 +78,12 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--state-dir", envvar="CPRCTL_STATE_DIR", type=click.Path(file_okay=False),
-              help="State directory [env CPRCTL_STATE_DIR; default /var/lib/cprctl as root].")
+@click.option(
+    "--state-dir",
+    envvar="CPRCTL_STATE_DIR",
+    type=click.Path(file_okay=False),
+    help="State directory [env CPRCTL_STATE_DIR; default /var/lib/cprctl as root].",
+)
 @click.version_option(package_name="cprctl")
 @click.pass_context
 def main(ctx: click.Context, state_dir: str | None) -> None:
@@ -102,8 +113,13 @@ def adopt(state_dir: str | None, name: str, qmp: str, qga: str | None) -> None:
     out.print(f"{name}: adopted pid {rec.pid}, machine {rec.machine}")
 
 
-_suspend = click.option("--suspend", type=click.Choice(["auto", "always", "never"]), default="auto",
-                        show_default=True, help="Suspend the guest first (auto: when it has VFIO devices).")
+_suspend = click.option(
+    "--suspend",
+    type=click.Choice(["auto", "always", "never"]),
+    default="auto",
+    show_default=True,
+    help="Suspend the guest first (auto: when it has VFIO devices).",
+)
 _force = click.option("--force", is_flag=True, help="Override the findings that are safe to override.")
 _json = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 
@@ -111,27 +127,52 @@ _json = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @main.command()
 @click.argument("name")
 @_suspend
-@click.option("--strategy", type=click.Choice(["auto", "in-place", "stream"]), default="auto", show_default=True,
-              help="Keep RAM in place (shared file) or write it to the state file.")
+@click.option(
+    "--strategy",
+    type=click.Choice(["auto", "in-place", "stream"]),
+    default="auto",
+    show_default=True,
+    help="Keep RAM in place (shared file) or write it to the state file.",
+)
 @click.option("--reboot", is_flag=True, help="Require what a host reboot needs; flush RAM files to disk.")
 @click.option("--verify-disks", type=click.Choice(["sampled", "full"]), default="sampled", show_default=True)
 @_force
 @_json
 @click.pass_obj
-def save(state_dir: str | None, name: str, suspend: Any, strategy: Any, reboot: bool, verify_disks: Any,
-         force: bool, as_json: bool) -> None:
+def save(
+    state_dir: str | None,
+    name: str,
+    suspend: Any,
+    strategy: Any,
+    reboot: bool,
+    verify_disks: Any,
+    force: bool,
+    as_json: bool,
+) -> None:
     """Checkpoint a running VM to its state file and stop its QEMU."""
     rep = TermReporter(quiet=as_json)
     try:
-        res = run(lambda: _api.save(name, suspend=suspend, strategy=strategy, reboot=reboot, force=force,
-                                    verify_disks=verify_disks, reporter=rep, state_dir=state_dir))
+        res = run(
+            lambda: _api.save(
+                name,
+                suspend=suspend,
+                strategy=strategy,
+                reboot=reboot,
+                force=force,
+                verify_disks=verify_disks,
+                reporter=rep,
+                state_dir=state_dir,
+            )
+        )
     finally:
         rep.close()
     if as_json:
         out.print_json(json.dumps(res.__dict__))
     else:
-        out.print(f"{name}: saved ({res.strategy}{', suspended' if res.suspended else ''}), "
-                  f"state file {res.state_file} {res.size / 1e6:.1f} MB; QEMU stopped")
+        out.print(
+            f"{name}: saved ({res.strategy}{', suspended' if res.suspended else ''}), "
+            f"state file {res.state_file} {res.size / 1e6:.1f} MB; QEMU stopped"
+        )
 
 
 @main.command()
@@ -141,12 +182,14 @@ def save(state_dir: str | None, name: str, suspend: Any, strategy: Any, reboot: 
 @click.option("--force", is_flag=True, help="Restore even if a disk changed since the save.")
 @_json
 @click.pass_obj
-def restore(state_dir: str | None, name: str, qemu: str | None, no_sync_time: bool, force: bool,
-            as_json: bool) -> None:
+def restore(state_dir: str | None, name: str, qemu: str | None, no_sync_time: bool, force: bool, as_json: bool) -> None:
     """Restart a saved VM with -incoming and resume it."""
     rep = TermReporter(quiet=as_json)
-    res = run(lambda: _api.restore(name, qemu=qemu, force=force, sync_time=not no_sync_time, reporter=rep,
-                                   state_dir=state_dir))
+    res = run(
+        lambda: _api.restore(
+            name, qemu=qemu, force=force, sync_time=not no_sync_time, reporter=rep, state_dir=state_dir
+        )
+    )
     if as_json:
         out.print_json(json.dumps(res.__dict__))
     else:
@@ -163,8 +206,11 @@ def restore(state_dir: str | None, name: str, qemu: str | None, no_sync_time: bo
 def update(state_dir: str | None, name: str, qemu: str, suspend: Any, no_sync_time: bool, force: bool) -> None:
     """Move a running VM onto another QEMU binary (save + restore)."""
     rep = TermReporter()
-    _saved, res = run(lambda: _api.update(name, qemu, suspend=suspend, force=force, sync_time=not no_sync_time,
-                                          reporter=rep, state_dir=state_dir))
+    _saved, res = run(
+        lambda: _api.update(
+            name, qemu, suspend=suspend, force=force, sync_time=not no_sync_time, reporter=rep, state_dir=state_dir
+        )
+    )
     out.print(f"{name}: {res.status} on {qemu}, pid {res.pid}; guest paused {res.pause_ms:.0f} ms")
 
 
@@ -229,8 +275,13 @@ def remove(state_dir: str | None, name: str, force: bool) -> None:
 
 
 @main.command()
-@click.option("--guest", envvar="CPRCTL_DEMO_GUEST", type=click.Path(file_okay=False, exists=True), required=True,
-              help="Folder with the demo guest's vmlinuz and initrd.img [env CPRCTL_DEMO_GUEST].")
+@click.option(
+    "--guest",
+    envvar="CPRCTL_DEMO_GUEST",
+    type=click.Path(file_okay=False, exists=True),
+    required=True,
+    help="Folder with the demo guest's vmlinuz and initrd.img [env CPRCTL_DEMO_GUEST].",
+)
 @click.option("--qemu", default="qemu-system-x86_64", show_default=True)
 @click.pass_obj
 def demo(state_dir: str | None, guest: str, qemu: str) -> None:

@@ -76,15 +76,30 @@ async def gather(record: VMRecord, mon: Monitor, state_dir: Path, suspend: Suspe
     summary = await mon.execute("query-memory-size-summary")
     vfio = await vfio_devices(mon)
     status = await mon.status()
-    base = Facts(record.name, await mon.version(), await has_cpr_mode(mon), record.machine,
-                 [ram_fact(b) for b in qargv.ram_layout(record.argv).backends],
-                 int(summary.get("base-memory", 0)) + int(summary.get("plugged-memory", 0)),
-                 frozenset(c["capability"] for c in caps if c["state"]), vfio)
+    base = Facts(
+        record.name,
+        await mon.version(),
+        await has_cpr_mode(mon),
+        record.machine,
+        [ram_fact(b) for b in qargv.ram_layout(record.argv).backends],
+        int(summary.get("base-memory", 0)) + int(summary.get("plugged-memory", 0)),
+        frozenset(c["capability"] for c in caps if c["state"]),
+        vfio,
+    )
     answers, can_suspend, err = (False, False, "")
     if wants_suspend(base, suspend) and status == "running":
         answers, can_suspend, err = await agent_facts(record)
     vfs = os.statvfs(state_dir)
-    return Facts(**{**base.__dict__, "agent_configured": bool(record.qga), "agent_answers": answers,
-                    "agent_can_suspend": can_suspend, "agent_error": err,
-                    "s3_enabled": qargv.s3_enabled(record.argv), "status": status,
-                    "state_fs": mount_of(str(state_dir))[1], "state_free": vfs.f_bavail * vfs.f_frsize})
+    return Facts(
+        **{
+            **base.__dict__,
+            "agent_configured": bool(record.qga),
+            "agent_answers": answers,
+            "agent_can_suspend": can_suspend,
+            "agent_error": err,
+            "s3_enabled": qargv.s3_enabled(record.argv),
+            "status": status,
+            "state_fs": mount_of(str(state_dir))[1],
+            "state_free": vfs.f_bavail * vfs.f_frsize,
+        }
+    )

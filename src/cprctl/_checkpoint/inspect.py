@@ -8,8 +8,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .._qemu.argv import ram_layout
 from .._qemu import process
+from .._qemu.argv import ram_layout
 from .._qemu.qmp import Monitor
 from .._store import StateDir, VMLock
 from ..errors import BusyError, CprctlError, QemuError
@@ -49,9 +49,21 @@ def vm_status(vm: VM) -> VMStatus:
         with contextlib.suppress(OSError):
             size = os.stat(cp.state_file).st_size
     op = f"{r.operation.kind} at '{r.operation.step}' (pid {r.operation.pid})" if r.operation else None
-    return VMStatus(r.name, vm.state(), r.pid if vm.running() else None, r.qmp, r.qga, r.argv, r.machine,
-                    r.origin, cp.state_file if cp else None, size, cp.strategy if cp else None,
-                    r.last_pause_ms, op)
+    return VMStatus(
+        r.name,
+        vm.state(),
+        r.pid if vm.running() else None,
+        r.qmp,
+        r.qga,
+        r.argv,
+        r.machine,
+        r.origin,
+        cp.state_file if cp else None,
+        size,
+        cp.strategy if cp else None,
+        r.last_pause_ms,
+        op,
+    )
 
 
 async def status(sd: StateDir, name: str | None = None, reporter: Reporter | None = None) -> list[VMStatus]:
@@ -74,8 +86,9 @@ async def status(sd: StateDir, name: str | None = None, reporter: Reporter | Non
     return out
 
 
-async def check(sd: StateDir, name: str, *, reboot: bool = False, suspend: SuspendMode = "auto",
-                strategy: Strategy = "auto") -> list[Finding]:
+async def check(
+    sd: StateDir, name: str, *, reboot: bool = False, suspend: SuspendMode = "auto", strategy: Strategy = "auto"
+) -> list[Finding]:
     """The preflight check of VM *name*, without touching it.
 
     A running VM is checked as `save` would; a saved one has its checkpoint
@@ -91,8 +104,11 @@ async def check(sd: StateDir, name: str, *, reboot: bool = False, suspend: Suspe
         return findings(facts, reboot=reboot, suspend=suspend, strategy=strategy)
     if vm.record.checkpoint is not None:
         return _check_saved(vm, reboot)
-    return [Finding("not-running", "error", f"{name} is {vm.state()}: nothing to check",
-                    "launch it again with 'cprctl launch'")]
+    return [
+        Finding(
+            "not-running", "error", f"{name} is {vm.state()}: nothing to check", "launch it again with 'cprctl launch'"
+        )
+    ]
 
 
 def _check_saved(vm: VM, reboot: bool) -> list[Finding]:
@@ -105,18 +121,39 @@ def _check_saved(vm: VM, reboot: bool) -> list[Finding]:
         out.append(Finding("state-file", "error", str(exc), "the checkpoint cannot be restored"))
     for d in cp.disks:
         if why := disks.changed(d):
-            out.append(Finding("disk-changed", "error", f"disk {d.path}: {why}", "restore --force accepts the risk",
-                               forceable=True))
+            out.append(
+                Finding(
+                    "disk-changed", "error", f"disk {d.path}: {why}", "restore --force accepts the risk", forceable=True
+                )
+            )
     if cp.strategy == "in-place":
         for b in ram_layout(vm.record.argv).backends:
             fact = ram_fact(b)
             if fact.path_kind != "file" and not fact.dax:
-                out.append(Finding("ram-missing", "error", f"RAM file {b.path} of backend {b.id!r} is gone",
-                                   "the guest's RAM is lost; the checkpoint cannot be restored"))
+                out.append(
+                    Finding(
+                        "ram-missing",
+                        "error",
+                        f"RAM file {b.path} of backend {b.id!r} is gone",
+                        "the guest's RAM is lost; the checkpoint cannot be restored",
+                    )
+                )
             elif reboot and not fact.non_volatile:
-                out.append(Finding("ram-volatile", "error", f"RAM file {b.path} is on {fact.fs_type}: a reboot erases it",
-                                   "do not reboot before restoring this VM"))
+                out.append(
+                    Finding(
+                        "ram-volatile",
+                        "error",
+                        f"RAM file {b.path} is on {fact.fs_type}: a reboot erases it",
+                        "do not reboot before restoring this VM",
+                    )
+                )
     if reboot and mount_of(str(vm.folder))[1] in VOLATILE_FS:
-        out.append(Finding("state-volatile", "error", "the state directory is on a filesystem a reboot erases",
-                           "do not reboot before restoring"))
+        out.append(
+            Finding(
+                "state-volatile",
+                "error",
+                "the state directory is on a filesystem a reboot erases",
+                "do not reboot before restoring",
+            )
+        )
     return out or [Finding("ok", "info", f"checkpoint of {vm.name} verifies", "")]

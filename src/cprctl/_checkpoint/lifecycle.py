@@ -34,7 +34,9 @@ def _fresh_folder(sd: StateDir, name: str) -> Path:
 
 def _socket_path(path: Path) -> str:
     if len(str(path)) > SOCKET_PATH_MAX:
-        raise UsageError(f"socket path {path} is longer than {SOCKET_PATH_MAX} bytes; use a shorter --state-dir or name")
+        raise UsageError(
+            f"socket path {path} is longer than {SOCKET_PATH_MAX} bytes; use a shorter --state-dir or name"
+        )
     path.unlink(missing_ok=True)
     return str(path)
 
@@ -80,8 +82,17 @@ async def launch(sd: StateDir, name: str, argv: Sequence[str], agent: bool = Fal
         try:
             full, qmp, qga, machine = prepare_argv(argv, folder, agent)
             log = folder / LOG_FILE
-            rec = VMRecord(name=name, argv=full, qmp=qmp, origin="launch", machine=machine, log=str(log),
-                           qga=qga, cwd=os.getcwd(), created=time.time())
+            rec = VMRecord(
+                name=name,
+                argv=full,
+                qmp=qmp,
+                origin="launch",
+                machine=machine,
+                log=str(log),
+                qga=qga,
+                cwd=os.getcwd(),
+                created=time.time(),
+            )
             rec.pid = process.spawn(full, log, cwd=rec.cwd)
             vm = VM(name, folder, rec)
             vm.commit()
@@ -138,8 +149,18 @@ async def adopt(sd: StateDir, name: str, qmp: str, qga: str | None = None) -> VM
         argv = qargv.with_machine_type([_absolute_in(argv[0], pid), *argv[1:]], machine)
         qga = os.path.abspath(qga) if qga else qargv.agent_socket(argv)
         cwd = os.readlink(f"/proc/{pid}/cwd")
-        rec = VMRecord(name=name, argv=argv, qmp=qmp, origin="adopt", machine=machine,
-                       log=str(folder / LOG_FILE), qga=qga, pid=pid, cwd=cwd, created=time.time())
+        rec = VMRecord(
+            name=name,
+            argv=argv,
+            qmp=qmp,
+            origin="adopt",
+            machine=machine,
+            log=str(folder / LOG_FILE),
+            qga=qga,
+            pid=pid,
+            cwd=cwd,
+            created=time.time(),
+        )
         VM(name, folder, rec).commit()
         return rec
 

@@ -110,17 +110,28 @@ def choose(facts: Facts, suspend: SuspendMode = "auto", strategy: Strategy = "au
     caps = {"x-ignore-shared": in_place}
     params: dict[str, str | int | bool] = {"mode": "cpr-reboot", "max-bandwidth": UNCAPPED}
     expected = DEVICE_STATE_BYTES + (0 if in_place else facts.ram_bytes)
-    return Plan("in-place" if in_place else "stream", wants_suspend(facts, suspend) and facts.status == "running",
-                caps, params, expected)
+    return Plan(
+        "in-place" if in_place else "stream",
+        wants_suspend(facts, suspend) and facts.status == "running",
+        caps,
+        params,
+        expected,
+    )
 
 
 _VERSIONED = re.compile(r".*-\d+\.\d+$")
 
 
-def findings(facts: Facts, *, reboot: bool = False, suspend: SuspendMode = "auto",
-             strategy: Strategy = "auto") -> list[Finding]:
+def findings(
+    facts: Facts, *, reboot: bool = False, suspend: SuspendMode = "auto", strategy: Strategy = "auto"
+) -> list[Finding]:
     """Everything the preflight check says about *facts*, worst first."""
-    found = [*_qemu(facts), *_ram(facts, reboot, strategy), *_suspend(facts, suspend), *_space(facts, reboot, suspend, strategy)]
+    found = [
+        *_qemu(facts),
+        *_ram(facts, reboot, strategy),
+        *_suspend(facts, suspend),
+        *_space(facts, reboot, suspend, strategy),
+    ]
     order = {"error": 0, "warning": 1, "info": 2}
     return sorted(found, key=lambda f: order[f.severity])
 
@@ -129,22 +140,46 @@ def _qemu(facts: Facts) -> list[Finding]:
     out = []
     if facts.qemu_version[:2] < (9, 0):
         have = ".".join(map(str, facts.qemu_version))
-        out.append(Finding("qemu-version", "error", f"QEMU {have} is older than 9.0",
-                           "run the VM on QEMU >= 9.0 (e.g. from bookworm-backports)"))
+        out.append(
+            Finding(
+                "qemu-version",
+                "error",
+                f"QEMU {have} is older than 9.0",
+                "run the VM on QEMU >= 9.0 (e.g. from bookworm-backports)",
+            )
+        )
     if not facts.has_cpr_mode:
-        out.append(Finding("no-cpr-mode", "error", "this QEMU has no 'cpr-reboot' migration mode",
-                           "run the VM on QEMU >= 9.0"))
+        out.append(
+            Finding("no-cpr-mode", "error", "this QEMU has no 'cpr-reboot' migration mode", "run the VM on QEMU >= 9.0")
+        )
     for cap in INCOMPATIBLE_CAPS:
         if cap in facts.enabled_caps:
-            out.append(Finding(f"cap-{cap}", "error", f"migration capability {cap} is on; cpr-reboot cannot use it",
-                               f"migrate-set-capabilities {cap}=off"))
+            out.append(
+                Finding(
+                    f"cap-{cap}",
+                    "error",
+                    f"migration capability {cap} is on; cpr-reboot cannot use it",
+                    f"migrate-set-capabilities {cap}=off",
+                )
+            )
     if not _VERSIONED.fullmatch(facts.machine) and facts.machine not in ("none", "microvm", "isapc"):
-        out.append(Finding("machine-unpinned", "warning",
-                           f"machine type {facts.machine!r} is not versioned; a newer QEMU may not load the state",
-                           "start the VM with a versioned machine type (cprctl launch pins it)"))
+        out.append(
+            Finding(
+                "machine-unpinned",
+                "warning",
+                f"machine type {facts.machine!r} is not versioned; a newer QEMU may not load the state",
+                "start the VM with a versioned machine type (cprctl launch pins it)",
+            )
+        )
     if facts.status not in ("running", "paused", "suspended"):
-        out.append(Finding("runstate", "error", f"the VM is {facts.status!r}, not running",
-                           "resume it, or let the operation in progress finish"))
+        out.append(
+            Finding(
+                "runstate",
+                "error",
+                f"the VM is {facts.status!r}, not running",
+                "resume it, or let the operation in progress finish",
+            )
+        )
     return out
 
 
@@ -153,55 +188,115 @@ def _ram(facts: Facts, reboot: bool, strategy: Strategy) -> list[Finding]:
     for r in facts.ram:
         b = r.backend
         if b.kind == "file" and r.path_kind == "dir":
-            out.append(Finding(f"ram-dir-{b.id}", "warning",
-                               f"RAM backend {b.id!r}: mem-path {b.path} is a directory, so QEMU's RAM there is an "
-                               "unlinked file that dies with QEMU; it will be written to the state file",
-                               "give mem-path a file name to keep RAM in place"))
+            out.append(
+                Finding(
+                    f"ram-dir-{b.id}",
+                    "warning",
+                    f"RAM backend {b.id!r}: mem-path {b.path} is a directory, so QEMU's RAM there is an "
+                    "unlinked file that dies with QEMU; it will be written to the state file",
+                    "give mem-path a file name to keep RAM in place",
+                )
+            )
         elif b.kind == "file" and not b.share:
-            out.append(Finding(f"ram-private-{b.id}", "info",
-                               f"RAM backend {b.id!r} is share=off: it will be written to the state file",
-                               "use share=on to keep RAM in place"))
+            out.append(
+                Finding(
+                    f"ram-private-{b.id}",
+                    "info",
+                    f"RAM backend {b.id!r} is share=off: it will be written to the state file",
+                    "use share=on to keep RAM in place",
+                )
+            )
         elif b.kind in ("memfd", "ram", "default", "mem-path", "epc"):
-            out.append(Finding(f"ram-anon-{b.id}", "info",
-                               f"RAM backend {b.id!r} ({b.kind}) cannot stay in place: it will be written to the state file",
-                               "use memory-backend-file,share=on,mem-path=FILE to keep RAM in place"))
+            out.append(
+                Finding(
+                    f"ram-anon-{b.id}",
+                    "info",
+                    f"RAM backend {b.id!r} ({b.kind}) cannot stay in place: it will be written to the state file",
+                    "use memory-backend-file,share=on,mem-path=FILE to keep RAM in place",
+                )
+            )
         if reboot and r.in_place and not r.non_volatile and (strategy != "stream"):
-            out.append(Finding(f"ram-volatile-{b.id}", "error",
-                               f"RAM backend {b.id!r} stays in {b.path} on {r.fs_type or 'unknown fs'}, "
-                               "which a host reboot erases",
-                               "put mem-path on a disk filesystem or a DAX device, or save with --strategy stream"))
+            out.append(
+                Finding(
+                    f"ram-volatile-{b.id}",
+                    "error",
+                    f"RAM backend {b.id!r} stays in {b.path} on {r.fs_type or 'unknown fs'}, "
+                    "which a host reboot erases",
+                    "put mem-path on a disk filesystem or a DAX device, or save with --strategy stream",
+                )
+            )
     if strategy == "in-place" and not ram_in_place(facts):
-        out.append(Finding("strategy-in-place", "error", "--strategy in-place needs every RAM backend to be a "
-                           "named shared file", "use --strategy auto"))
+        out.append(
+            Finding(
+                "strategy-in-place",
+                "error",
+                "--strategy in-place needs every RAM backend to be a named shared file",
+                "use --strategy auto",
+            )
+        )
     if reboot and facts.state_fs in VOLATILE_FS:
-        out.append(Finding("state-volatile", "error",
-                           f"the state directory is on {facts.state_fs}, which a host reboot erases",
-                           "set CPRCTL_STATE_DIR to a folder on a disk filesystem"))
+        out.append(
+            Finding(
+                "state-volatile",
+                "error",
+                f"the state directory is on {facts.state_fs}, which a host reboot erases",
+                "set CPRCTL_STATE_DIR to a folder on a disk filesystem",
+            )
+        )
     return out
 
 
 def _suspend(facts: Facts, mode: SuspendMode) -> list[Finding]:
     out = []
     if facts.vfio and mode == "never":
-        out.append(Finding("vfio-no-suspend", "error",
-                           f"VFIO devices {', '.join(facts.vfio)} need the guest suspended, and --suspend never was given",
-                           "use --suspend auto"))
+        out.append(
+            Finding(
+                "vfio-no-suspend",
+                "error",
+                f"VFIO devices {', '.join(facts.vfio)} need the guest suspended, and --suspend never was given",
+                "use --suspend auto",
+            )
+        )
     if not wants_suspend(facts, mode) or facts.status != "running":
         return out
     why = "VFIO devices are present" if facts.vfio else "--suspend always"
     if not facts.agent_configured:
-        out.append(Finding("agent-missing", "error", f"{why}, but the VM has no guest agent channel",
-                           "launch the VM with --agent and run qemu-ga in the guest"))
+        out.append(
+            Finding(
+                "agent-missing",
+                "error",
+                f"{why}, but the VM has no guest agent channel",
+                "launch the VM with --agent and run qemu-ga in the guest",
+            )
+        )
     elif not facts.agent_answers:
-        out.append(Finding("agent-silent", "error", f"{why}, but the guest agent does not answer ({facts.agent_error})",
-                           "start qemu-ga in the guest"))
+        out.append(
+            Finding(
+                "agent-silent",
+                "error",
+                f"{why}, but the guest agent does not answer ({facts.agent_error})",
+                "start qemu-ga in the guest",
+            )
+        )
     elif not facts.agent_can_suspend:
-        out.append(Finding("agent-no-suspend", "error", f"{why}, but the guest agent does not offer guest-suspend-ram",
-                           "enable guest-suspend-ram in qemu-ga"))
+        out.append(
+            Finding(
+                "agent-no-suspend",
+                "error",
+                f"{why}, but the guest agent does not offer guest-suspend-ram",
+                "enable guest-suspend-ram in qemu-ga",
+            )
+        )
     if not facts.s3_enabled:
-        out.append(Finding("s3-disabled", "error", f"{why}, but the guest's S3 (suspend to RAM) is disabled",
-                           "add -global ICH9-LPC.disable_s3=0 (q35) or -global PIIX4_PM.disable_s3=0 (pc)",
-                           forceable=True))
+        out.append(
+            Finding(
+                "s3-disabled",
+                "error",
+                f"{why}, but the guest's S3 (suspend to RAM) is disabled",
+                "add -global ICH9-LPC.disable_s3=0 (q35) or -global PIIX4_PM.disable_s3=0 (pc)",
+                forceable=True,
+            )
+        )
     return out
 
 
@@ -209,6 +304,13 @@ def _space(facts: Facts, reboot: bool, suspend: SuspendMode, strategy: Strategy)
     plan = choose(facts, suspend, "stream" if strategy == "stream" else strategy)
     if facts.state_free and facts.state_free < plan.expected_bytes:
         need, have = plan.expected_bytes >> 20, facts.state_free >> 20
-        return [Finding("space", "error", f"the state directory has {have} MiB free; this save needs up to {need} MiB",
-                        "free space, or move CPRCTL_STATE_DIR to a larger filesystem", forceable=True)]
+        return [
+            Finding(
+                "space",
+                "error",
+                f"the state directory has {have} MiB free; this save needs up to {need} MiB",
+                "free space, or move CPRCTL_STATE_DIR to a larger filesystem",
+                forceable=True,
+            )
+        ]
     return []

@@ -53,13 +53,22 @@ def verify(vm: VM, force: bool = False) -> Checkpoint:
     for old in cp.disks:
         why = disks.changed(old, full=old.full)
         if why and not force:
-            raise CheckpointError(f"{vm.name}: disk {old.path} changed since the save: {why}; "
-                                  "restore --force accepts the risk of a corrupt guest filesystem")
+            raise CheckpointError(
+                f"{vm.name}: disk {old.path} changed since the save: {why}; "
+                "restore --force accepts the risk of a corrupt guest filesystem"
+            )
     return cp
 
 
-async def restore(sd: StateDir, name: str, *, qemu: str | None = None, force: bool = False,
-                  sync_time: bool = True, reporter: Reporter | None = None) -> RestoreResult:
+async def restore(
+    sd: StateDir,
+    name: str,
+    *,
+    qemu: str | None = None,
+    force: bool = False,
+    sync_time: bool = True,
+    reporter: Reporter | None = None,
+) -> RestoreResult:
     """Resume VM *name* from its checkpoint, optionally on another QEMU binary.
 
     :raise VMStateError: there is no checkpoint; `CheckpointError`: it failed
@@ -96,16 +105,19 @@ async def restore(sd: StateDir, name: str, *, qemu: str | None = None, force: bo
             vm.commit()
             if isinstance(exc, CprctlError):
                 tail = process.log_tail(vm.log_path)
-                raise type(exc)(f"{exc}; the checkpoint is kept, restore can be retried"
-                                f"{' (QEMU log: ' + tail + ')' if tail else ''}") from None
+                raise type(exc)(
+                    f"{exc}; the checkpoint is kept, restore can be retried"
+                    f"{' (QEMU log: ' + tail + ')' if tail else ''}"
+                ) from None
             raise
         if sync_time and vm.record.qga and result.status == "running":
             await _sync_time(vm, reporter)
         return result
 
 
-async def _load(vm: VM, cp: Checkpoint, pid: int, argv: list[str], timings: dict[str, float], t_start: float,
-                reporter: Reporter) -> RestoreResult:
+async def _load(
+    vm: VM, cp: Checkpoint, pid: int, argv: list[str], timings: dict[str, float], t_start: float, reporter: Reporter
+) -> RestoreResult:
     r, op = vm.record, vm.record.operation
     assert op is not None
     async with Monitor(r.qmp, vm.name, pid) as mon:

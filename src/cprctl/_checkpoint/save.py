@@ -41,9 +41,18 @@ class SaveResult:
     timings_ms: dict[str, float]
 
 
-async def save(sd: StateDir, name: str, *, suspend: SuspendMode = "auto", strategy: Strategy = "auto",
-               reboot: bool = False, force: bool = False, verify_disks: Literal["sampled", "full"] = "sampled",
-               reporter: Reporter | None = None, quit_qemu: bool = True) -> SaveResult:
+async def save(
+    sd: StateDir,
+    name: str,
+    *,
+    suspend: SuspendMode = "auto",
+    strategy: Strategy = "auto",
+    reboot: bool = False,
+    force: bool = False,
+    verify_disks: Literal["sampled", "full"] = "sampled",
+    reporter: Reporter | None = None,
+    quit_qemu: bool = True,
+) -> SaveResult:
     """Checkpoint VM *name* with cpr-reboot and stop its QEMU.
 
     :raise CheckFailed: the preflight check refused; nothing was touched.
@@ -72,13 +81,23 @@ async def save(sd: StateDir, name: str, *, suspend: SuspendMode = "auto", strate
             r.operation.mark("planned")
             vm.commit()
             try:
-                checkpoint = await _checkpoint(vm, mon, plan, facts.status, verify_disks == "full",
-                                               disks.image_paths(nodes), timings, reporter, reboot)
+                checkpoint = await _checkpoint(
+                    vm,
+                    mon,
+                    plan,
+                    facts.status,
+                    verify_disks == "full",
+                    disks.image_paths(nodes),
+                    timings,
+                    reporter,
+                    reboot,
+                )
             except BaseException as exc:
                 await _rollback(vm, mon, exc, reporter)
                 if isinstance(exc, CprctlError) and not vm.running():
-                    raise QemuError(f"{name}: QEMU died during the save ({exc}); the VM is stopped and its "
-                                    "running state is lost") from None
+                    raise QemuError(
+                        f"{name}: QEMU died during the save ({exc}); the VM is stopped and its running state is lost"
+                    ) from None
                 raise
             reporter.step(f"{name}: checkpoint recorded ({checkpoint.size / 1e6:.1f} MB); stopping QEMU")
             if quit_qemu:
@@ -91,12 +110,22 @@ async def save(sd: StateDir, name: str, *, suspend: SuspendMode = "auto", strate
             checkpoint.timings_ms["quit"] = (time.perf_counter() - t1) * 1000
         r.operation = None
         vm.commit()
-        return SaveResult(name, plan.strategy, checkpoint.state_file, checkpoint.size, checkpoint.suspended,
-                          checkpoint.timings_ms)
+        return SaveResult(
+            name, plan.strategy, checkpoint.state_file, checkpoint.size, checkpoint.suspended, checkpoint.timings_ms
+        )
 
 
-async def _checkpoint(vm: VM, mon: Monitor, plan: Plan, status: str, full_disks: bool, images: list[str],
-                      timings: dict[str, float], reporter: Reporter, reboot: bool) -> Checkpoint:
+async def _checkpoint(
+    vm: VM,
+    mon: Monitor,
+    plan: Plan,
+    status: str,
+    full_disks: bool,
+    images: list[str],
+    timings: dict[str, float],
+    reporter: Reporter,
+    reboot: bool,
+) -> Checkpoint:
     """Suspend if planned, migrate to the state file, verify it, and record the checkpoint."""
     r, op = vm.record, vm.record.operation
     assert op is not None
@@ -128,11 +157,19 @@ async def _checkpoint(vm: VM, mon: Monitor, plan: Plan, status: str, full_disks:
         _fsync_ram(r.argv)
     timings["digest"] = (time.perf_counter() - t) * 1000
     checkpoint = Checkpoint(
-        state_file=str(vm.state_path), size=size, digest=digest, capabilities=plan.capabilities,
-        parameters={"mode": "cpr-reboot"}, strategy=plan.strategy, suspended=op.suspended_by_us,
-        was_running=status in ("running", "suspended"), stopped_at=stopped_at, saved_at=time.time(),
+        state_file=str(vm.state_path),
+        size=size,
+        digest=digest,
+        capabilities=plan.capabilities,
+        parameters={"mode": "cpr-reboot"},
+        strategy=plan.strategy,
+        suspended=op.suspended_by_us,
+        was_running=status in ("running", "suspended"),
+        stopped_at=stopped_at,
+        saved_at=time.time(),
         qemu_version=".".join(map(str, await mon.version())),
-        disks=[DiskPrint(p, 0, 0, 0, "", full_disks) for p in images], timings_ms=timings,
+        disks=[DiskPrint(p, 0, 0, 0, "", full_disks) for p in images],
+        timings_ms=timings,
     )
     r.checkpoint = checkpoint
     op.mark("saved")

@@ -49,7 +49,9 @@ def verify(path: Path, size: int, expected: str) -> None:
     except FileNotFoundError:
         raise CheckpointError(f"state file {path} is missing") from None
     if st.st_size != size:
-        raise CheckpointError(f"state file {path} is {st.st_size} bytes, the checkpoint recorded {size}: truncated or replaced")
+        raise CheckpointError(
+            f"state file {path} is {st.st_size} bytes, the checkpoint recorded {size}: truncated or replaced"
+        )
     with open(path, "rb") as f:
         head = f.read(len(HEADER))
     if head != HEADER:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import secrets
 from typing import Any
@@ -57,16 +58,16 @@ class Agent:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        try:
+        with contextlib.suppress(EOFError, OSError, QMPError):
             await self._client.disconnect()
-        except (EOFError, OSError, QMPError):
-            pass
 
     async def execute(self, cmd: str, args: dict[str, Any] | None = None, timeout: float | None = None) -> Any:
         try:
             return await asyncio.wait_for(self._client.execute(cmd, args), timeout or self.timeout)
         except TimeoutError:
-            raise AgentError(f"{self.name}: guest agent did not answer {cmd} in {timeout or self.timeout:.0f} s") from None
+            raise AgentError(
+                f"{self.name}: guest agent did not answer {cmd} in {timeout or self.timeout:.0f} s"
+            ) from None
         except ExecuteError as exc:
             raise AgentError(f"{self.name}: guest agent refused {cmd}: {exc}") from None
         except (QMPError, EOFError, OSError) as exc:

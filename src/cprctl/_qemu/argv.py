@@ -14,7 +14,41 @@ from typing import Literal
 
 #: QEMU options that take no argument (qemu-options.hx, HAS_ARG = 0).
 FLAGS = frozenset(
-    ["h", "help", "version", "nodefaults", "S", "s", "snapshot", "nographic", "no-quit", "full-screen", "enable-kvm", "no-reboot", "no-shutdown", "daemonize", "no-user-config", "mem-prealloc", "win2k-hack", "no-hpet", "no-acpi", "usb", "enable-sync-profile", "preconfig", "only-migratable", "xen-attach", "xen-domid-restrict", "alt-grab", "ctrl-grab", "no-fd-bootchk", "singlestep", "semihosting", "perfmap", "jitdump", "enable-fips"]
+    [
+        "h",
+        "help",
+        "version",
+        "nodefaults",
+        "S",
+        "s",
+        "snapshot",
+        "nographic",
+        "no-quit",
+        "full-screen",
+        "enable-kvm",
+        "no-reboot",
+        "no-shutdown",
+        "daemonize",
+        "no-user-config",
+        "mem-prealloc",
+        "win2k-hack",
+        "no-hpet",
+        "no-acpi",
+        "usb",
+        "enable-sync-profile",
+        "preconfig",
+        "only-migratable",
+        "xen-attach",
+        "xen-domid-restrict",
+        "alt-grab",
+        "ctrl-grab",
+        "no-fd-bootchk",
+        "singlestep",
+        "semihosting",
+        "perfmap",
+        "jitdump",
+        "enable-fips",
+    ]
 )
 _TRUE = frozenset({"on", "yes", "true", "y"})
 
@@ -96,8 +130,16 @@ def options(argv: Sequence[str], *names: str) -> list[Opt]:
 
 # -- machine type ----------------------------------------------------------------------------
 
-_IMPLIED = {"machine": "type", "M": "type", "object": "qom-type", "device": "driver",
-            "chardev": "backend", "numa": "type", "mon": "chardev", "global": "global"}
+_IMPLIED = {
+    "machine": "type",
+    "M": "type",
+    "object": "qom-type",
+    "device": "driver",
+    "chardev": "backend",
+    "numa": "type",
+    "mon": "chardev",
+    "global": "global",
+}
 
 
 def machine_props(argv: Sequence[str]) -> dict[str, str]:
@@ -135,14 +177,15 @@ def _replace_type(value: str, machine: str) -> str:
         return f"type={machine}{comma}{rest}"
     if "=" not in head:
         return f"{machine}{comma}{rest}"
-    return ",".join(
-        f"type={machine}" if part.startswith("type=") else part for part in value.split(",")
-    )
+    return ",".join(f"type={machine}" if part.startswith("type=") else part for part in value.split(","))
 
 
 # -- guest RAM -------------------------------------------------------------------------------
 
 BackendKind = Literal["file", "memfd", "ram", "epc", "default", "mem-path"]
+
+
+_BACKEND_KINDS: dict[str, BackendKind] = {"file": "file", "memfd": "memfd", "ram": "ram", "epc": "epc"}
 
 
 @dataclass(frozen=True)
@@ -180,14 +223,10 @@ def ram_layout(argv: Sequence[str]) -> RamLayout:
         props = split_keyval(opt.value or "", "qom-type")
         qom = props.get("qom-type", "")
         if qom.startswith("memory-backend-"):
-            kind = qom.removeprefix("memory-backend-")
-            if kind not in ("file", "memfd", "ram", "epc"):
-                kind = "ram"
-            share_default = kind == "memfd"
-            share = props.get("share", "on" if share_default else "off") in _TRUE
-            objects[props.get("id", "")] = RamBackend(
-                props.get("id", ""), kind, share, props.get("mem-path"), props.get("size")  # type: ignore[arg-type]
-            )
+            kind = _BACKEND_KINDS.get(qom.removeprefix("memory-backend-"), "ram")
+            share = props.get("share", "on" if kind == "memfd" else "off") in _TRUE
+            ident = props.get("id", "")
+            objects[ident] = RamBackend(ident, kind, share, props.get("mem-path"), props.get("size"))
     size = next((split_keyval(o.value or "", "size").get("size") for o in reversed(options(argv, "m"))), None)
     main = machine_props(argv).get("memory-backend")
     numa = [split_keyval(o.value or "", "type") for o in options(argv, "numa")]
@@ -246,14 +285,18 @@ def s3_enabled(argv: Sequence[str]) -> bool:
 
 
 def qmp_args(path: str, ident: str = "cprctl-qmp") -> list[str]:
-    return ["-chardev", f"socket,id={ident},path={path},server=on,wait=off",
-            "-mon", f"chardev={ident},mode=control"]
+    return ["-chardev", f"socket,id={ident},path={path},server=on,wait=off", "-mon", f"chardev={ident},mode=control"]
 
 
 def agent_args(path: str, ident: str = "cprctl-qga") -> list[str]:
-    return ["-chardev", f"socket,id={ident},path={path},server=on,wait=off",
-            "-device", f"virtio-serial-pci,id={ident}-serial",
-            "-device", f"virtserialport,bus={ident}-serial.0,chardev={ident},name=org.qemu.guest_agent.0"]
+    return [
+        "-chardev",
+        f"socket,id={ident},path={path},server=on,wait=off",
+        "-device",
+        f"virtio-serial-pci,id={ident}-serial",
+        "-device",
+        f"virtserialport,bus={ident}-serial.0,chardev={ident},name=org.qemu.guest_agent.0",
+    ]
 
 
 def agent_socket(argv: Sequence[str]) -> str | None:

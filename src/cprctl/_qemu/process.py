@@ -26,9 +26,7 @@ class Binary:
 
     def _run(self, *args: str) -> str:
         try:
-            done = subprocess.run(
-                [self.path, *args], capture_output=True, text=True, timeout=30, check=False
-            )
+            done = subprocess.run([self.path, *args], capture_output=True, text=True, timeout=30, check=False)
         except FileNotFoundError:
             raise UsageError(f"QEMU binary not found: {self.path}") from None
         except PermissionError:
@@ -56,10 +54,7 @@ class Binary:
         """:raise QemuError: when this QEMU is older than `MIN_VERSION`."""
         if self.version[:2] < MIN_VERSION:
             have = ".".join(map(str, self.version))
-            raise QemuError(
-                f"{self.path} is QEMU {have}; cpr-reboot needs QEMU >= "
-                f"{MIN_VERSION[0]}.{MIN_VERSION[1]}"
-            )
+            raise QemuError(f"{self.path} is QEMU {have}; cpr-reboot needs QEMU >= {MIN_VERSION[0]}.{MIN_VERSION[1]}")
 
     def resolve_machine(self, requested: str | None) -> str:
         """The versioned machine type *requested* (an alias, or None for the default) stands for."""
@@ -91,8 +86,13 @@ def spawn(argv: Sequence[str], log: Path, cwd: str = "/") -> int:
         out.write(f"--- cprctl {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(argv)}\n".encode())
         try:
             proc = subprocess.Popen(
-                list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True, close_fds=True, cwd=cwd,
+                list(argv),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                close_fds=True,
+                cwd=cwd,
             )
         except OSError as exc:
             raise UsageError(f"cannot run {argv[0]}: {exc.strerror}") from None

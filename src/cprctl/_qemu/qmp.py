@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 
@@ -47,8 +48,9 @@ class Monitor:
                 await asyncio.wait_for(self._qmp.connect(self.path), max(0.1, deadline - time.monotonic()))
                 return
             except TimeoutError:
-                raise QemuError(f"{self.name}: QMP at {self.path} is not answering (no greeting in "
-                                f"{timeout:.0f} s)") from None
+                raise QemuError(
+                    f"{self.name}: QMP at {self.path} is not answering (no greeting in {timeout:.0f} s)"
+                ) from None
             except ConnectError as exc:
                 if self.pid is not None and not process.alive(self.pid):
                     raise QemuError(f"{self.name}: QEMU (pid {self.pid}) exited") from None
@@ -58,10 +60,8 @@ class Monitor:
 
     async def close(self) -> None:
         """Disconnect; a QEMU that already hung up (after ``quit``) is not an error."""
-        try:
+        with contextlib.suppress(EOFError, OSError, QMPError):
             await self._qmp.disconnect()
-        except (EOFError, OSError, QMPError):
-            pass
 
     async def execute(self, cmd: str, args: dict[str, Any] | None = None, timeout: float = 60.0) -> Any:
         """Run one QMP command; its return value.
@@ -140,8 +140,6 @@ class Monitor:
 
     async def quit(self) -> None:
         """Ask QEMU to exit; it hanging up on us is the expected answer."""
-        try:
+        with contextlib.suppress(QemuError):
             await self.execute("quit", timeout=10)
-        except QemuError:
-            pass
         await self.close()
