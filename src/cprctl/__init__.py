@@ -4,7 +4,8 @@ The public API is this module's ``__all__``; everything in ``_``-modules is
 private. Errors are in `cprctl.errors`.
 """
 
-from ._api import adopt, check, launch, remove, restore, save, status, stop, update
+from ._api import adopt, check, launch, remove, restore, restore_all, save, save_all, status, stop, update
+from ._checkpoint.fleet import VMOutcome
 from ._checkpoint.inspect import VMStatus
 from ._checkpoint.plan import Finding
 from ._checkpoint.record import Checkpoint, VMRecord
@@ -17,6 +18,7 @@ from .errors import (
     CheckFailed,
     CheckpointError,
     CprctlError,
+    FleetCheckFailed,
     MigrationError,
     QemuError,
     RecordError,
@@ -35,6 +37,8 @@ __all__ = (
     "save",
     "restore",
     "update",
+    "save_all",
+    "restore_all",
     "check",
     "status",
     "stop",
@@ -42,6 +46,7 @@ __all__ = (
     # Results and records
     "SaveResult",
     "RestoreResult",
+    "VMOutcome",
     "VMStatus",
     "Finding",
     "VMRecord",
@@ -54,6 +59,7 @@ __all__ = (
     "VMStateError",
     "BusyError",
     "CheckFailed",
+    "FleetCheckFailed",
     "RecordError",
     "StateDirError",
     "CheckpointError",

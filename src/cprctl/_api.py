@@ -12,9 +12,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-from ._checkpoint import inspect, lifecycle
+from ._checkpoint import fleet, inspect, lifecycle
 from ._checkpoint import restore as _restore
 from ._checkpoint import save as _save
+from ._checkpoint.fleet import VMOutcome
 from ._checkpoint.inspect import VMStatus
 from ._checkpoint.plan import Finding, Strategy, SuspendMode
 from ._checkpoint.record import VMRecord
@@ -134,3 +135,33 @@ def stop(name: str, *, state_dir: PathLike = None) -> None:
 def remove(name: str, *, force: bool = False, state_dir: PathLike = None) -> None:
     """Stop managing VM *name* (not running; saved only with *force*) and delete its folder."""
     lifecycle.remove(StateDir(state_dir), name, force)
+
+
+def save_all(
+    *,
+    reboot: bool = False,
+    parallel: int | None = None,
+    suspend: SuspendMode = "auto",
+    force: bool = False,
+    reporter: Reporter | None = None,
+    state_dir: PathLike = None,
+) -> list[VMOutcome]:
+    """Save every running VM, *parallel* at a time (default: one per core).
+
+    With *reboot*, every VM must pass ``check --reboot`` first, or none is
+    touched (`FleetCheckFailed`). Returns one `VMOutcome` per managed VM.
+    """
+    return asyncio.run(
+        fleet.save_all(
+            StateDir(state_dir), reboot=reboot, parallel=parallel, suspend=suspend, force=force, reporter=reporter
+        )
+    )
+
+
+def restore_all(
+    *, parallel: int | None = None, sync_time: bool = True, reporter: Reporter | None = None, state_dir: PathLike = None
+) -> list[VMOutcome]:
+    """Restore every saved VM, *parallel* at a time; one `VMOutcome` per managed VM."""
+    return asyncio.run(
+        fleet.restore_all(StateDir(state_dir), parallel=parallel, sync_time=sync_time, reporter=reporter)
+    )

@@ -14,6 +14,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColu
 from rich.table import Table
 
 from . import _api
+from ._checkpoint.fleet import VMOutcome
 from .errors import CheckFailed, CprctlError
 
 err = Console(stderr=True, highlight=False)
@@ -255,6 +256,61 @@ def check(state_dir: str | None, name: str, reboot: bool, suspend: Any, as_json:
         sys.exit(CheckFailed.exit_code)
 
 
+def _summary(outcomes: list[VMOutcome], as_json: bool) -> None:
+    if as_json:
+        out.print_json(json.dumps([o.__dict__ | {"ok": o.ok} for o in outcomes]))
+    else:
+        table = Table("VM", "outcome", "detail")
+        colour = {"saved": "green", "restored": "green", "skipped": "dim", "left running": "yellow", "failed": "red"}
+        for o in outcomes:
+            table.add_row(o.name, f"[{colour[o.outcome]}]{o.outcome}[/]", o.detail, end_section=False)
+        out.print(table)
+    if not all(o.ok for o in outcomes):
+        sys.exit(1)
+
+
+_parallel = click.option("--parallel", type=click.IntRange(1, 256), help="VMs at a time [default: one per core].")
+
+
+@main.command("save-all")
+@click.option("--reboot", is_flag=True, help="Every VM must pass 'check --reboot' first, or none is touched.")
+@_parallel
+@_suspend
+@_force
+@_json
+@click.pass_obj
+def save_all(
+    state_dir: str | None, reboot: bool, parallel: int | None, suspend: Any, force: bool, as_json: bool
+) -> None:
+    """Save every running VM (before a host reboot or a QEMU upgrade). Exit 1 unless all were saved."""
+    outcomes = run(
+        lambda: _api.save_all(
+            reboot=reboot,
+            parallel=parallel,
+            suspend=suspend,
+            force=force,
+            reporter=TermReporter(quiet=as_json),
+            state_dir=state_dir,
+        )
+    )
+    _summary(outcomes, as_json)
+
+
+@main.command("restore-all")
+@_parallel
+@click.option("--no-sync-time", is_flag=True, help="Do not set the guests' clocks from the host.")
+@_json
+@click.pass_obj
+def restore_all(state_dir: str | None, parallel: int | None, no_sync_time: bool, as_json: bool) -> None:
+    """Restore every saved VM (after a host reboot or a QEMU upgrade). Exit 1 unless all came back."""
+    outcomes = run(
+        lambda: _api.restore_all(
+            parallel=parallel, sync_time=not no_sync_time, reporter=TermReporter(quiet=as_json), state_dir=state_dir
+        )
+    )
+    _summary(outcomes, as_json)
+
+
 @main.command()
 @click.argument("name")
 @click.pass_obj
@@ -272,6 +328,21 @@ def remove(state_dir: str | None, name: str, force: bool) -> None:
     """Stop managing a VM that is not running, and delete its folder."""
     run(lambda: _api.remove(name, force=force, state_dir=state_dir))
     out.print(f"{name}: removed")
+
+
+@main.command("install-units")
+@click.option("--dest", type=click.Path(file_okay=False), default="/etc/systemd/system", show_default=True)
+@click.option("--no-enable", is_flag=True, help="Only write the unit; do not reload or enable it.")
+@click.pass_obj
+def install_units(state_dir: str | None, dest: str, no_enable: bool) -> None:
+    """Install cprctl-guests.service: save-all --reboot at shutdown, restore-all at boot."""
+    from pathlib import Path
+
+    from . import _units
+    from ._store import StateDir
+
+    path = run(lambda: _units.install(StateDir(state_dir), Path(dest), enable=not no_enable))
+    out.print(f"wrote {path}")
 
 
 @main.command()

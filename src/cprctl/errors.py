@@ -13,6 +13,7 @@ line an operator can act on. The subclasses say whose fault it was:
  |         +-- `VMStateError`      the VM is not in a state that allows the operation
  |         +-- `BusyError`         another cprctl holds the VM's lock
  |         +-- `CheckFailed`       the preflight check refused (``findings`` says why)
+ |         |    +-- `FleetCheckFailed`  save-all --reboot: some VM would not survive a reboot
  |         +-- `RecordError`       a record on disk is malformed or from a newer cprctl
  |         +-- `StateDirError`     the state directory is unsafe or unusable
  |         +-- `CheckpointError`   a checkpoint failed verification (state file, disks)
@@ -42,6 +43,7 @@ __all__ = (
     "VMStateError",
     "BusyError",
     "CheckFailed",
+    "FleetCheckFailed",
     "RecordError",
     "StateDirError",
     "CheckpointError",
@@ -92,6 +94,21 @@ class CheckFailed(CprctlError):
         text = f"{first.message}; fix: {first.fix}" if first else "check failed"
         super().__init__(f"{name}: refused, nothing touched: {text}{more}")
         self.findings = list(findings)
+
+
+class FleetCheckFailed(CheckFailed):
+    """``save-all --reboot`` refused because some VM would not survive the reboot; no VM was touched."""
+
+    def __init__(self, refused: dict[str, list[Finding]]) -> None:
+        name, findings = next(iter(refused.items()))
+        worst = next((f for f in findings if f.blocking), findings[0])
+        CprctlError.__init__(
+            self,
+            f"save-all --reboot refused, no VM touched: {', '.join(refused)} would not survive a reboot "
+            f"({name}: {worst.message}; fix: {worst.fix})",
+        )
+        self.findings = list(findings)
+        self.refused = refused
 
 
 class RecordError(CprctlError):

@@ -8,6 +8,7 @@ checkpoint would lose its new state, so cprctl only goes forward.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import time
@@ -80,7 +81,7 @@ async def restore(
     with VMLock(vm.folder, name, "restore"):
         await recover(vm, reporter)
         t0 = time.perf_counter()
-        cp = verify(vm, force)
+        cp = await asyncio.to_thread(verify, vm, force)
         argv = list(vm.record.argv)
         if qemu:
             binary = Binary(os.path.abspath(qemu) if os.sep in qemu else qemu)
@@ -100,7 +101,7 @@ async def restore(
         try:
             result = await _load(vm, cp, pid, argv, timings, t, reporter)
         except BaseException as exc:
-            process.kill(pid)
+            await asyncio.to_thread(process.kill, pid)
             vm.record.operation = None
             vm.commit()
             if isinstance(exc, CprctlError):

@@ -104,8 +104,8 @@ async def save(
                 t1 = time.perf_counter()
                 await mon.quit()
         if quit_qemu:
-            if r.pid and not process.wait_gone(r.pid, 30):
-                process.kill(r.pid)
+            if r.pid and not await asyncio.to_thread(process.wait_gone, r.pid, 30):
+                await asyncio.to_thread(process.kill, r.pid)
             await finish_quit(vm)
             checkpoint.timings_ms["quit"] = (time.perf_counter() - t1) * 1000
         r.operation = None
@@ -152,9 +152,9 @@ async def _checkpoint(
     timings["migrate"] = (time.perf_counter() - t) * 1000
     stopped_at = stopped_at or mon.event_time("STOP", before - 1) or before
     t = time.perf_counter()
-    size, digest = statefile.digest(vm.state_path, fsync=True)
+    size, digest = await asyncio.to_thread(statefile.digest, vm.state_path, True)
     if reboot:
-        _fsync_ram(r.argv)
+        await asyncio.to_thread(_fsync_ram, r.argv)
     timings["digest"] = (time.perf_counter() - t) * 1000
     checkpoint = Checkpoint(
         state_file=str(vm.state_path),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 from dataclasses import dataclass
@@ -150,9 +151,9 @@ async def finish_quit(vm: VM) -> None:
         with contextlib.suppress(QemuError):
             async with Monitor(r.qmp, r.name, r.pid) as mon:
                 await mon.quit()
-        if r.pid and not process.wait_gone(r.pid, 30):
-            process.kill(r.pid)
-    fingerprint_disks(vm)
+        if r.pid and not await asyncio.to_thread(process.wait_gone, r.pid, 30):
+            await asyncio.to_thread(process.kill, r.pid)
+    await asyncio.to_thread(fingerprint_disks, vm)
     r.pid = None
 
 

@@ -1,0 +1,102 @@
+"""Every VM of the host at once: ``save-all`` before a reboot or upgrade, ``restore-all`` after.
+
+Each VM goes through the same `save.save` / `restore.restore` as alone (checks,
+verification, rollback); a bounded number run at the same time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass
+from typing import Literal
+
+from .._store import StateDir
+from ..errors import CprctlError, FleetCheckFailed
+from . import inspect
+from .plan import SuspendMode
+from .report import Quiet, Reporter
+from .restore import restore
+from .save import save
+from .vm import open_vm
+
+Outcome = Literal["saved", "restored", "failed", "left running", "skipped"]
+
+
+@dataclass(frozen=True)
+class VMOutcome:
+    """What ``save-all``/``restore-all`` did to one VM."""
+
+    name: str
+    outcome: Outcome
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome in ("saved", "restored", "skipped")
+
+
+def default_parallel() -> int:
+    return max(1, os.cpu_count() or 1)
+
+
+async def save_all(
+    sd: StateDir,
+    *,
+    reboot: bool = False,
+    parallel: int | None = None,
+    suspend: SuspendMode = "auto",
+    force: bool = False,
+    reporter: Reporter | None = None,
+) -> list[VMOutcome]:
+    """Save every running VM; with *reboot*, only if every VM passes ``check --reboot``.
+
+    :raise FleetCheckFailed: with *reboot*, when any VM fails its check (nothing was touched).
+    """
+    reporter = reporter or Quiet()
+    states = {n: open_vm(sd, n).state() for n in sd.names()}
+    running = [n for n, s in states.items() if s == "running"]
+    if reboot:
+        refused = {}
+        for name in sd.names():
+            found = await inspect.check(sd, name, reboot=True, suspend=suspend)
+            if any(f.blocking and not (force and f.forceable) for f in found) and states[name] != "stopped":
+                refused[name] = found
+        if refused:
+            raise FleetCheckFailed(refused)
+    limit = asyncio.Semaphore(parallel or default_parallel())
+
+    async def one(name: str) -> VMOutcome:
+        async with limit:
+            try:
+                await save(sd, name, suspend=suspend, reboot=reboot, force=force, reporter=reporter)
+                return VMOutcome(name, "saved")
+            except CprctlError as exc:
+                left = open_vm(sd, name).state() == "running"
+                return VMOutcome(name, "left running" if left else "failed", str(exc))
+
+    done = await asyncio.gather(*(one(n) for n in running))
+    skipped = [VMOutcome(n, "skipped", s) for n, s in states.items() if n not in running]
+    return sorted([*done, *skipped], key=lambda o: o.name)
+
+
+async def restore_all(
+    sd: StateDir, *, parallel: int | None = None, sync_time: bool = True, reporter: Reporter | None = None
+) -> list[VMOutcome]:
+    """Restore every saved VM."""
+    reporter = reporter or Quiet()
+    states = {n: open_vm(sd, n).state() for n in sd.names()}
+    saved = [n for n, s in states.items() if s in ("saved", "broken")]
+    limit = asyncio.Semaphore(parallel or default_parallel())
+
+    async def one(name: str) -> VMOutcome:
+        async with limit:
+            try:
+                res = await restore(sd, name, sync_time=sync_time, reporter=reporter)
+                return VMOutcome(name, "restored", f"paused {res.pause_ms:.0f} ms")
+            except CprctlError as exc:
+                return VMOutcome(name, "failed", str(exc))
+
+    done = await asyncio.gather(*(one(n) for n in saved))
+    skipped = [VMOutcome(n, "skipped", s) for n, s in states.items() if n not in saved]
+    return sorted([*done, *skipped], key=lambda o: o.name)

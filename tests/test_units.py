@@ -1,0 +1,77 @@
+"""The systemd unit: written from the managed VMs, and accepted by systemd-analyze verify."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cprctl import _units
+from cprctl._checkpoint import record
+from cprctl._checkpoint.record import VMRecord
+from cprctl._store import StateDir
+
+from .guestvm import cli
+
+
+def _vm(sd: StateDir, name: str, argv: list[str]) -> None:
+    folder = sd.create_vm_dir(name)
+    record.save(
+        folder / "vm.json",
+        VMRecord(
+            name=name,
+            argv=argv,
+            qmp=str(folder / "qmp.sock"),
+            origin="launch",
+            machine="pc-q35-10.0",
+            log=str(folder / "qemu.log"),
+        ),
+    )
+
+
+def test_size_bytes() -> None:
+    assert _units.size_bytes("4G") == 4 << 30
+    assert _units.size_bytes("512") == 512 << 20
+    assert _units.size_bytes("size=2G,slots=4,maxmem=8G") == 2 << 30
+    assert _units.size_bytes(None) == 0
+
+
+def test_unit_sizes_mounts_and_timeout(tmp_path: Path) -> None:
+    sd = StateDir(tmp_path / "state")
+    _vm(
+        sd,
+        "inplace",
+        [
+            "/usr/bin/qemu-system-x86_64",
+            "-m",
+            "64G",
+            "-object",
+            "memory-backend-file,id=r,size=64G,mem-path=/srv/ram/vm.ram,share=on",
+            "-machine",
+            "memory-backend=r",
+        ],
+    )
+    _vm(sd, "anon", ["/usr/bin/qemu-system-x86_64", "-m", "64G"])
+    text = _units.unit_text(sd, exe="/usr/local/bin/cprctl")
+    mounts = text.split("RequiresMountsFor=")[1].split("\n")[0].split()
+    assert sorted(mounts) == sorted([str(tmp_path / "state"), "/srv/ram"])
+    assert "ExecStop=/usr/local/bin/cprctl save-all --reboot" in text
+    assert "ExecStart=/usr/local/bin/cprctl restore-all" in text
+    timeout = int(text.split("TimeoutStopSec=")[1].split()[0])
+    assert timeout >= (64 << 30) // _units.SLOW_DISK  # only the anonymous 64G is written
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+def test_installed_unit_verifies(tmp_path: Path) -> None:
+    sd = tmp_path / "state"
+    out = cli("install-units", "--dest", str(tmp_path / "units"), "--no-enable", state_dir=sd)
+    assert out.returncode == 0, out.stderr
+    unit = tmp_path / "units" / _units.UNIT
+    text = unit.read_text()
+    assert str(Path(sys.executable).parent / "cprctl") in text or "cprctl" in text
+    check = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
+    problems = [line for line in check.stderr.splitlines() if _units.UNIT in line]
+    assert check.returncode == 0 and not problems, check.stderr
