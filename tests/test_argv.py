@@ -172,3 +172,15 @@ def test_pinning_is_idempotent_and_found(words: list[str], machine: str) -> None
 def test_keyval_roundtrips_with_escaped_commas(props: dict[str, str]) -> None:
     text = ",".join(f"{k}={v.replace(',', ',,')}" for k, v in props.items())
     assert qa.split_keyval(text, "implied") == props if props else True
+
+
+def test_discard_data_backend_cannot_stay_in_place() -> None:
+    argv = [
+        Q,
+        "-object",
+        "memory-backend-file,id=r,size=1G,mem-path=/f,share=on,discard-data=on,prealloc=on",
+        "-machine",
+        "memory-backend=r",
+    ]
+    (b,) = qa.ram_layout(argv).backends
+    assert b.discard and b.prealloc and not b.named_shared_file

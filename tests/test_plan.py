@@ -41,17 +41,36 @@ def test_shared_file_stays_in_place() -> None:
     assert plan.expected_bytes < GIB
 
 
-def test_any_anonymous_backend_streams_everything_uncapped() -> None:
-    plan = choose(facts(SHARED, ANON))
-    assert plan.strategy == "stream" and plan.capabilities == {"x-ignore-shared": False}
+def test_anonymous_ram_is_written_as_mapped_ram_and_shared_stays() -> None:
+    plan = choose(facts(SHARED, ANON, ram_bytes=2 * GIB, cores=2, state_dio=True))
+    assert plan.strategy == "mapped-ram"
+    assert plan.capabilities == {"x-ignore-shared": True, "mapped-ram": True, "multifd": True}
     assert plan.parameters["max-bandwidth"] == UNCAPPED
+    assert plan.parameters["multifd-channels"] == 2 and plan.parameters["direct-io"] is True
+    assert GIB < plan.expected_bytes < 2 * GIB  # only the anonymous GiB is written
+
+
+def test_no_direct_io_where_the_filesystem_refuses_it() -> None:
+    plan = choose(facts(ANON, state_dio=False))
+    assert "direct-io" not in plan.parameters
+
+
+def test_explicit_stream_writes_all_ram_even_shared() -> None:
+    plan = choose(facts(SHARED, ram_bytes=GIB), strategy="stream")
+    assert plan.strategy == "stream" and plan.capabilities == {"x-ignore-shared": False}
     assert plan.expected_bytes > GIB
 
 
-def test_directory_mem_path_is_flagged_and_streamed() -> None:
+def test_stream_or_mapped_ram_carries_tmpfs_ram_across_a_reboot() -> None:
+    assert "ram-volatile-ram0" in codes(findings(facts(SHM), reboot=True))
+    assert codes(findings(facts(SHM), reboot=True, strategy="mapped-ram")) == set()
+
+
+def test_directory_mem_path_is_flagged_and_written() -> None:
     found = findings(facts(DIRPATH))
     assert any(f.code == "ram-dir-ram0" and "unlinked" in f.message for f in found)
-    assert choose(facts(DIRPATH)).strategy == "stream"
+    plan = choose(facts(DIRPATH))
+    assert plan.strategy == "mapped-ram" and plan.capabilities["x-ignore-shared"] is False
 
 
 def test_old_qemu_and_incompatible_caps_refused() -> None:

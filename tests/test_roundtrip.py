@@ -42,7 +42,7 @@ def test_shared_file_ram_stays_in_place(state_dir: Path) -> None:
 def test_anonymous_ram_goes_into_the_state_file(state_dir: Path) -> None:
     vm = GuestVM.launch("anon", state_dir, ram="anon", fill=96)
     saved = cprctl.save("anon", state_dir=state_dir)
-    assert saved.strategy == "stream"
+    assert saved.strategy == "mapped-ram"
     assert saved.size > 96 << 20, "the filled RAM must be in the state file"
     mark = vm.mark()
     cprctl.restore("anon", state_dir=state_dir)

@@ -8,29 +8,20 @@ filesystems it needs are unmounted) runs ``save-all --reboot``.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 from ._checkpoint.vm import open_vm
-from ._qemu.argv import ram_layout
+from ._qemu.argv import ram_layout, size_bytes
 from ._store import StateDir
 
 UNIT = "cprctl-guests.service"
+__all__ = ("UNIT", "install", "size_bytes", "unit_text")
+
 #: Assumed worst-case write speed for RAM that goes into state files (bytes/s) when sizing the stop timeout.
 SLOW_DISK = 100_000_000
-_SIZE = re.compile(r"(\d+)([KMGT]?)", re.I)
-
-
-def size_bytes(text: str | None) -> int:
-    """QEMU's size syntax (``512M``, ``4G``; a bare number is MiB for ``-m``) in bytes."""
-    m = _SIZE.fullmatch((text or "").strip().removeprefix("size=").split(",")[0])
-    if not m:
-        return 0
-    unit = (m.group(2) or "M").upper()
-    return int(m.group(1)) << {"K": 10, "M": 20, "G": 30, "T": 40}[unit]
 
 
 def _facts(sd: StateDir) -> tuple[list[str], int]:

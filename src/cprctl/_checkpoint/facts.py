@@ -70,6 +70,19 @@ async def agent_facts(record: VMRecord) -> tuple[bool, bool, str]:
         return False, False, str(exc).split(": ", 1)[-1]
 
 
+def supports_direct_io(folder: Path) -> bool:
+    """Whether files in *folder* can be opened with O_DIRECT (tmpfs, for one, refuses)."""
+    probe = folder / f".dio-probe-{os.getpid()}"
+    try:
+        fd = os.open(probe, os.O_CREAT | os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return False
+    finally:
+        probe.unlink(missing_ok=True)
+    os.close(fd)
+    return True
+
+
 async def gather(record: VMRecord, mon: Monitor, state_dir: Path, suspend: SuspendMode = "auto") -> Facts:
     """Everything the plan and the check need, read without changing the VM."""
     caps = await mon.execute("query-migrate-capabilities")
@@ -101,5 +114,7 @@ async def gather(record: VMRecord, mon: Monitor, state_dir: Path, suspend: Suspe
             "status": status,
             "state_fs": mount_of(str(state_dir))[1],
             "state_free": vfs.f_bavail * vfs.f_frsize,
+            "state_dio": supports_direct_io(state_dir),
+            "cores": os.cpu_count() or 1,
         }
     )

@@ -21,7 +21,7 @@ from ..errors import RecordError
 VERSION = 1
 
 Origin = Literal["launch", "adopt"]
-OpKind = Literal["save", "restore"]
+OpKind = Literal["save", "restore", "update"]
 
 
 class DiskPrint(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -50,6 +50,9 @@ class Checkpoint(msgspec.Struct, forbid_unknown_fields=True):
     saved_at: float
     qemu_version: str
     disks: list[DiskPrint] = []
+    #: The state file's inode and mtime when it was hashed.
+    inode: int = 0
+    mtime_ns: int = 0
     ram_files: list[str] = []
     timings_ms: dict[str, float] = {}
 

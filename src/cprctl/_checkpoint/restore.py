@@ -39,7 +39,7 @@ class RestoreResult:
     timings_ms: dict[str, float]
 
 
-def verify(vm: VM, force: bool = False) -> Checkpoint:
+def verify(vm: VM, force: bool = False, trust_identity: bool = False) -> Checkpoint:
     """The VM's checkpoint, after its state file and disks were verified.
 
     :raise VMStateError: nothing to restore; `CheckpointError` on any mismatch
@@ -50,7 +50,8 @@ def verify(vm: VM, force: bool = False) -> Checkpoint:
         raise VMStateError(f"{vm.name} has no checkpoint to restore (it is {vm.state()})")
     if vm.running():
         raise VMStateError(f"{vm.name}: QEMU (pid {vm.record.pid}) still runs; it is not saved")
-    statefile.verify(vm.folder / os.path.basename(cp.state_file), cp.size, cp.digest)
+    same_as = (cp.inode, cp.mtime_ns) if trust_identity and cp.inode else None
+    statefile.verify(vm.folder / os.path.basename(cp.state_file), cp.size, cp.digest, same_as)
     for old in cp.disks:
         why = disks.changed(old, full=old.full)
         if why and not force:
@@ -69,8 +70,12 @@ async def restore(
     force: bool = False,
     sync_time: bool = True,
     reporter: Reporter | None = None,
+    trust_identity: bool = False,
 ) -> RestoreResult:
     """Resume VM *name* from its checkpoint, optionally on another QEMU binary.
+
+    *trust_identity* (for ``update``, in the process that just saved): an
+    unchanged state file (inode, mtime) is not hashed a second time.
 
     :raise VMStateError: there is no checkpoint; `CheckpointError`: it failed
         verification (nothing started); `QemuError`: the new QEMU failed (the
@@ -81,7 +86,7 @@ async def restore(
     with VMLock(vm.folder, name, "restore"):
         await recover(vm, reporter)
         t0 = time.perf_counter()
-        cp = await asyncio.to_thread(verify, vm, force)
+        cp = await asyncio.to_thread(verify, vm, force, trust_identity)
         argv = list(vm.record.argv)
         if qemu:
             binary = Binary(os.path.abspath(qemu) if os.sep in qemu else qemu)

@@ -153,6 +153,7 @@ async def _checkpoint(
     stopped_at = stopped_at or mon.event_time("STOP", before - 1) or before
     t = time.perf_counter()
     size, digest = await asyncio.to_thread(statefile.digest, vm.state_path, True)
+    inode, mtime_ns = statefile.identity(vm.state_path)
     if reboot:
         await asyncio.to_thread(_fsync_ram, r.argv)
     timings["digest"] = (time.perf_counter() - t) * 1000
@@ -161,7 +162,7 @@ async def _checkpoint(
         size=size,
         digest=digest,
         capabilities=plan.capabilities,
-        parameters={"mode": "cpr-reboot"},
+        parameters={k: v for k, v in plan.parameters.items() if k != "max-bandwidth"},
         strategy=plan.strategy,
         suspended=op.suspended_by_us,
         was_running=status in ("running", "suspended"),
@@ -169,6 +170,8 @@ async def _checkpoint(
         saved_at=time.time(),
         qemu_version=".".join(map(str, await mon.version())),
         disks=[DiskPrint(p, 0, 0, 0, "", full_disks) for p in images],
+        inode=inode,
+        mtime_ns=mtime_ns,
         timings_ms=timings,
     )
     r.checkpoint = checkpoint

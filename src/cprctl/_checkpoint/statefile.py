@@ -1,46 +1,93 @@
 """State files: their digest and the QEMU migration stream header.
 
-Digest: xxh3-128. Measured here on a 3 GiB file in page cache, 8 MiB reads:
-xxh3-128 15 GB/s, sha1 2.0 GB/s, sha256 1.9 GB/s, blake2b 1.2 GB/s. A state
-file is guarded against corruption, not against an attacker (the folder is
-0700), so the fastest well-mixed hash wins.
+Digest: xxh3-128 over 4 MiB chunks. Measured here on a 3 GiB file in page
+cache, 8 MiB reads: xxh3-128 15 GB/s, sha1 2.0 GB/s, sha256 1.9 GB/s, blake2b
+1.2 GB/s. A state file is guarded against corruption, not against an attacker
+(the folder is 0700), so the fastest well-mixed hash wins; hashing then costs
+less than reading, so chunks are read by several threads at once and holes
+are not read at all.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import xxhash
 
 from ..errors import CheckpointError
 
-ALGORITHM = "xxh3_128"
+ALGORITHM = "xxh3_128c"
 #: QEMU_VM_FILE_MAGIC ('QEVM') and QEMU_VM_FILE_VERSION (3), big-endian.
 HEADER = b"QEVM\x00\x00\x00\x03"
-_CHUNK = 8 << 20
+#: The digest is the xxh3-128 of the xxh3-128 digests of the file's 4 MiB chunks, in order.
+CHUNK = 4 << 20
+#: Chunks read at once: a disk answers parallel reads faster (and xxhash releases the GIL).
+THREADS = 4
+
+
+def _data_chunks(fd: int, size: int) -> set[int]:
+    """Indexes of the chunks that hold data; chunks wholly inside holes are known to be zeros."""
+    chunks: set[int] = set()
+    offset = 0
+    try:
+        while offset < size:
+            start = os.lseek(fd, offset, os.SEEK_DATA)
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+            chunks.update(range(start // CHUNK, (end - 1) // CHUNK + 1))
+            offset = end
+    except OSError as exc:
+        if exc.errno != errno.ENXIO:  # ENXIO: no data past offset
+            return set(range((size + CHUNK - 1) // CHUNK))
+    return chunks
 
 
 def digest(path: Path, fsync: bool = False) -> tuple[int, str]:
-    """``(size, "xxh3_128:<hex>")`` of *path*; with *fsync*, flush it to disk first."""
-    h = xxhash.xxh3_128()
-    buf = bytearray(_CHUNK)
-    view = memoryview(buf)
-    size = 0
+    """``(size, "xxh3_128c:<hex>")`` of *path*; with *fsync*, flush it to disk first.
+
+    Holes are not read (mapped-ram state files are sparse); a file's digest
+    depends only on its bytes, not on how sparse it is.
+    """
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         if fsync:
             os.fsync(fd)
-        while n := os.readv(fd, [buf]):
-            h.update(view[:n])
-            size += n
+        size = os.fstat(fd).st_size
+        count = (size + CHUNK - 1) // CHUNK
+        wanted = sorted(_data_chunks(fd, size))
+
+        def one(i: int) -> bytes:
+            return bytes(xxhash.xxh3_128(os.pread(fd, CHUNK, i * CHUNK)).digest())
+
+        with ThreadPoolExecutor(THREADS) as pool:
+            found = dict(zip(wanted, pool.map(one, wanted), strict=True))
     finally:
         os.close(fd)
-    return size, f"{ALGORITHM}:{h.hexdigest()}"
+    zero = bytes(xxhash.xxh3_128(bytes(CHUNK)).digest())
+    total = xxhash.xxh3_128()
+    for i in range(count):
+        part = found.get(i)
+        if part is None:
+            length = min(CHUNK, size - i * CHUNK)
+            part = zero if length == CHUNK else bytes(xxhash.xxh3_128(bytes(length)).digest())
+        total.update(part)
+    return size, f"{ALGORITHM}:{total.hexdigest()}"
 
 
-def verify(path: Path, size: int, expected: str) -> None:
+def identity(path: Path) -> tuple[int, int]:
+    """``(inode, mtime_ns)`` of *path*: unchanged means nobody replaced or wrote the file."""
+    st = path.stat()
+    return st.st_ino, st.st_mtime_ns
+
+
+def verify(path: Path, size: int, expected: str, same_as: tuple[int, int] | None = None) -> None:
     """Refuse a state file that is missing, of the wrong size, not a QEMU stream, or altered.
+
+    With *same_as* (the ``identity`` taken when the digest was computed, in this
+    same process), an unchanged identity stands for the digest: ``update``
+    restores a file it hashed a moment ago without reading it twice.
 
     :raise CheckpointError: naming what is wrong; the file is left as it is.
     """
@@ -56,6 +103,8 @@ def verify(path: Path, size: int, expected: str) -> None:
         head = f.read(len(HEADER))
     if head != HEADER:
         raise CheckpointError(f"state file {path} does not start with a QEMU migration header (QEVM, version 3)")
+    if same_as is not None and identity(path) == same_as:
+        return
     actual = digest(path)[1]
     if actual != expected:
         raise CheckpointError(f"state file {path} is corrupt: digest {actual} != recorded {expected}")

@@ -18,6 +18,8 @@ from .record import VMRecord
 from .report import Reporter
 
 STATE_FILE = "state.cpr"
+#: Every capability a save may turn on; a rolled-back save turns them off again.
+PLAN_CAPABILITIES = ("x-ignore-shared", "mapped-ram", "multifd")
 LOG_FILE = "qemu.log"
 
 
@@ -141,7 +143,7 @@ async def resume_guest(mon: Monitor, wake: bool) -> None:
     if wake and status == "suspended":
         await mon.execute("system_wakeup")
     with contextlib.suppress(QemuError):
-        await mon.set_migration({"x-ignore-shared": False}, {"mode": "normal"})
+        await mon.set_migration(dict.fromkeys(PLAN_CAPABILITIES, False), {"mode": "normal"})
 
 
 async def finish_quit(vm: VM) -> None:

@@ -8,6 +8,7 @@ machine type, add sockets, add ``-incoming defer``).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -197,11 +198,15 @@ class RamBackend:
     share: bool = False
     path: str | None = None
     size: str | None = None
+    #: ``discard-data=on``: QEMU discards the file's contents when it exits.
+    discard: bool = False
+    #: ``prealloc=on``: QEMU touches every page when it starts.
+    prealloc: bool = False
 
     @property
     def named_shared_file(self) -> bool:
-        """A ``memory-backend-file`` with ``share=on``: candidate for staying in place."""
-        return self.kind == "file" and self.share and bool(self.path)
+        """A ``memory-backend-file`` with ``share=on`` that outlives QEMU: candidate for staying in place."""
+        return self.kind == "file" and self.share and bool(self.path) and not self.discard
 
 
 @dataclass(frozen=True)
@@ -226,7 +231,15 @@ def ram_layout(argv: Sequence[str]) -> RamLayout:
             kind = _BACKEND_KINDS.get(qom.removeprefix("memory-backend-"), "ram")
             share = props.get("share", "on" if kind == "memfd" else "off") in _TRUE
             ident = props.get("id", "")
-            objects[ident] = RamBackend(ident, kind, share, props.get("mem-path"), props.get("size"))
+            objects[ident] = RamBackend(
+                ident,
+                kind,
+                share,
+                props.get("mem-path"),
+                props.get("size"),
+                props.get("discard-data", "off") in _TRUE,
+                props.get("prealloc", "off") in _TRUE,
+            )
     size = next((split_keyval(o.value or "", "size").get("size") for o in reversed(options(argv, "m"))), None)
     main = machine_props(argv).get("memory-backend")
     numa = [split_keyval(o.value or "", "type") for o in options(argv, "numa")]
@@ -239,6 +252,17 @@ def ram_layout(argv: Sequence[str]) -> RamLayout:
         else:
             backends.insert(0, RamBackend("main", "default", False, None, size))
     return RamLayout(backends, size)
+
+
+def size_bytes(text: str | None) -> int:
+    """QEMU's size syntax (``512M``, ``4G``, ``size=2G,maxmem=8G``; a bare number is MiB) in bytes; 0 if unknown."""
+    m = _SIZE.fullmatch((text or "").strip().removeprefix("size=").split(",")[0])
+    if not m:
+        return 0
+    return int(m.group(1)) << {"K": 10, "M": 20, "G": 30, "T": 40}[(m.group(2) or "M").upper()]
+
+
+_SIZE = re.compile(r"(\d+)([KMGT]?)", re.I)
 
 
 # -- sockets, devices ------------------------------------------------------------------------
