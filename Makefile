@@ -28,7 +28,7 @@ demo: deps venv guest
 	$(VENV)/bin/cprctl demo --guest $(GUEST_DIR)
 
 lint: venv
-	$(VENV)/bin/ruff check src tests $(wildcard benchmarks)
+	$(VENV)/bin/ruff check src tests $(wildcard benchmarks ansible)
 	$(VENV)/bin/mypy
 
 unit: venv

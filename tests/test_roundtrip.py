@@ -65,15 +65,34 @@ def test_suspend_always_saves_suspended_and_wakes(state_dir: Path) -> None:
     vm.stop()
 
 
-def test_update_moves_the_vm_to_another_binary(state_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("warm", [True, False], ids=["warm", "cold"])
+def test_update_moves_the_vm_to_another_binary(state_dir: Path, tmp_path: Path, warm: bool) -> None:
     new = tmp_path / "qemu-new"
     shutil.copy2(QEMU, new)
-    vm = GuestVM.launch("upd", state_dir, ram="file", fill=32)
+    name = f"upd-{'warm' if warm else 'cold'}"
+    disk = tmp_path / "disk.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "64M"], check=True)
+    extra = ("-drive", f"file={disk},if=none,id=d0,format=qcow2", "-device", "virtio-blk-pci,drive=d0")
+    vm = GuestVM.launch(name, state_dir, ram="file", fill=32, extra=extra)
+    old_pid = vm.status().pid
     mark = vm.mark()
-    _saved, res = cprctl.update("upd", str(new), state_dir=state_dir)
-    assert os.readlink(f"/proc/{res.pid}/exe") == str(new)
-    assert vm.status().argv[0] == str(new)
+    res = cprctl.update(name, str(new), warm=warm, state_dir=state_dir)
+    assert res.warm is warm and (res.cold_reason is None) is warm
+    assert res.pid != old_pid and os.readlink(f"/proc/{res.pid}/exe") == str(new)
+    assert vm.status().argv[0] == str(new) and vm.status().pid == res.pid
+    assert not os.path.exists(f"/proc/{old_pid}/cmdline") or "Z" in Path(f"/proc/{old_pid}/stat").read_text()
     vm.assert_continued(mark, fill=32)
+    # the VM stays manageable on its new QEMU: QMP and the agent answer at their usual paths
+    assert cli("check", name, state_dir=state_dir).returncode == 0
+    vm.stop()
+
+
+def test_update_falls_back_to_cold_when_two_qemus_cannot_coexist(state_dir: Path, tmp_path: Path) -> None:
+    vm = GuestVM.launch("upd-pid", state_dir, fill=16, extra=("-pidfile", str(tmp_path / "q.pid")))
+    mark = vm.mark()
+    res = cprctl.update("upd-pid", QEMU, state_dir=state_dir)
+    assert not res.warm and res.cold_reason and "pidfile" in res.cold_reason
+    vm.assert_continued(mark, fill=16)
     vm.stop()
 
 

@@ -12,6 +12,7 @@ from ._checkpoint.record import Checkpoint, VMRecord
 from ._checkpoint.report import Reporter
 from ._checkpoint.restore import RestoreResult
 from ._checkpoint.save import SaveResult
+from ._checkpoint.update import UpdateResult
 from .errors import (
     AgentError,
     BusyError,
@@ -46,6 +47,7 @@ __all__ = (
     # Results and records
     "SaveResult",
     "RestoreResult",
+    "UpdateResult",
     "VMOutcome",
     "VMStatus",
     "Finding",

@@ -15,6 +15,7 @@ from typing import Literal
 from ._checkpoint import fleet, inspect, lifecycle
 from ._checkpoint import restore as _restore
 from ._checkpoint import save as _save
+from ._checkpoint import update as _update
 from ._checkpoint.fleet import VMOutcome
 from ._checkpoint.inspect import VMStatus
 from ._checkpoint.plan import Finding, Strategy, SuspendMode
@@ -22,6 +23,7 @@ from ._checkpoint.record import VMRecord
 from ._checkpoint.report import Reporter
 from ._checkpoint.restore import RestoreResult
 from ._checkpoint.save import SaveResult
+from ._checkpoint.update import UpdateResult
 from ._store import StateDir
 
 PathLike = Path | str | None
@@ -92,22 +94,30 @@ def update(
     *,
     suspend: SuspendMode = "auto",
     force: bool = False,
+    warm: bool = True,
     sync_time: bool = True,
     reporter: Reporter | None = None,
     state_dir: PathLike = None,
-) -> tuple[SaveResult, RestoreResult]:
-    """Move VM *name* onto QEMU binary *qemu*: save, then restore with the new binary."""
+) -> UpdateResult:
+    """Move running VM *name* onto QEMU binary *qemu*.
 
-    async def both() -> tuple[SaveResult, RestoreResult]:
-        sd = StateDir(state_dir)
-        from ._qemu.process import Binary
-
-        Binary(qemu).require_cpr()
-        saved = await _save.save(sd, name, suspend=suspend, force=force, reporter=reporter)
-        restored = await _restore.restore(sd, name, qemu=qemu, force=force, sync_time=sync_time, reporter=reporter)
-        return saved, restored
-
-    return asyncio.run(both())
+    Warm standby (the new QEMU started beside the old, the state handed over
+    directly: the guest pauses for milliseconds) when the VM's configuration
+    allows two QEMUs side by side; otherwise, or with ``warm=False``, save +
+    restore. ``UpdateResult.cold_reason`` says why the cold path ran.
+    """
+    return asyncio.run(
+        _update.update(
+            StateDir(state_dir),
+            name,
+            qemu,
+            suspend=suspend,
+            force=force,
+            warm=warm,
+            sync_time=sync_time,
+            reporter=reporter,
+        )
+    )
 
 
 def check(

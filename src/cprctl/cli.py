@@ -201,18 +201,40 @@ def restore(state_dir: str | None, name: str, qemu: str | None, no_sync_time: bo
 @click.argument("name")
 @click.option("--qemu", required=True, help="The new QEMU binary.")
 @_suspend
-@click.option("--no-sync-time", is_flag=True, help="Do not set the guest clock from the host.")
+@click.option("--cold", is_flag=True, help="Save to a file and restart, even where a warm standby could run.")
+@click.option("--no-sync-time", is_flag=True, help="Do not set the guest clock from the host (cold path).")
 @_force
+@_json
 @click.pass_obj
-def update(state_dir: str | None, name: str, qemu: str, suspend: Any, no_sync_time: bool, force: bool) -> None:
-    """Move a running VM onto another QEMU binary (save + restore)."""
-    rep = TermReporter()
-    _saved, res = run(
+def update(
+    state_dir: str | None,
+    name: str,
+    qemu: str,
+    suspend: Any,
+    cold: bool,
+    no_sync_time: bool,
+    force: bool,
+    as_json: bool,
+) -> None:
+    """Move a running VM onto another QEMU binary (warm standby when possible, else save + restore)."""
+    rep = TermReporter(quiet=as_json)
+    res = run(
         lambda: _api.update(
-            name, qemu, suspend=suspend, force=force, sync_time=not no_sync_time, reporter=rep, state_dir=state_dir
+            name,
+            qemu,
+            suspend=suspend,
+            force=force,
+            warm=not cold,
+            sync_time=not no_sync_time,
+            reporter=rep,
+            state_dir=state_dir,
         )
     )
-    out.print(f"{name}: {res.status} on {qemu}, pid {res.pid}; guest paused {res.pause_ms:.0f} ms")
+    if as_json:
+        out.print_json(json.dumps(res.__dict__))
+    else:
+        how = "warm standby" if res.warm else f"cold: {res.cold_reason}"
+        out.print(f"{name}: running on {qemu}, pid {res.pid}; guest paused {res.pause_ms:.1f} ms ({how})")
 
 
 @main.command()

@@ -67,6 +67,9 @@ class Operation(msgspec.Struct, forbid_unknown_fields=True):
     state_file: str | None = None
     suspended_by_us: bool = False
     new_pid: int | None = None
+    #: ``update``: the new QEMU binary, and the suffix of the socket paths it binds until it takes over.
+    binary: str | None = None
+    socket_suffix: str = "~"
 
     @property
     def step(self) -> str:

@@ -83,6 +83,8 @@ async def recover(vm: VM, reporter: Reporter) -> str | None:
         return None
     if op.kind == "save":
         done = await _recover_save(vm)
+    elif op.kind == "update":
+        done = await _recover_update(vm)
     else:
         done = await _recover_restore(vm)
     vm.record.operation = None
@@ -125,6 +127,34 @@ async def _recover_restore(vm: VM) -> str:
             return "finished it (the guest was already running); the checkpoint is retired"
         process.kill(op.new_pid)
     return "rolled it back; the checkpoint is kept, run restore again"
+
+
+async def _recover_update(vm: VM) -> str:
+    """A warm update: forward if the new QEMU runs the guest, else back to the old QEMU."""
+    from .update import drop_sockets, server_sockets, take_over_sockets
+
+    r, op = vm.record, vm.record.operation
+    assert op is not None and op.binary
+    argv = [op.binary, *r.argv[1:]]
+    status = "gone"
+    if op.new_pid and process.alive(op.new_pid):
+        with contextlib.suppress(QemuError):
+            async with Monitor(r.qmp + op.socket_suffix, r.name, op.new_pid, timeout=5) as new:
+                status = await new.status()
+    if status == "running":
+        if r.pid and process.alive(r.pid):
+            await asyncio.to_thread(process.kill, r.pid)
+        take_over_sockets(server_sockets(argv), op.socket_suffix)
+        r.argv, r.pid = argv, op.new_pid
+        return f"finished it (the guest already ran on {op.binary})"
+    if op.new_pid:
+        await asyncio.to_thread(process.kill, op.new_pid)
+    drop_sockets(server_sockets(argv), op.socket_suffix)
+    if not vm.running():
+        return "both QEMUs are gone; the VM is stopped and its state is lost"
+    async with Monitor(r.qmp, r.name, r.pid) as old:
+        await resume_guest(old, op.suspended_by_us)
+    return "rolled it back; the guest runs on the old QEMU as before"
 
 
 async def resume_guest(mon: Monitor, wake: bool) -> None:

@@ -51,7 +51,7 @@ FLAGS = frozenset(
         "enable-fips",
     ]
 )
-_TRUE = frozenset({"on", "yes", "true", "y"})
+TRUE = frozenset({"on", "yes", "true", "y"})
 
 
 @dataclass(frozen=True)
@@ -229,7 +229,7 @@ def ram_layout(argv: Sequence[str]) -> RamLayout:
         qom = props.get("qom-type", "")
         if qom.startswith("memory-backend-"):
             kind = _BACKEND_KINDS.get(qom.removeprefix("memory-backend-"), "ram")
-            share = props.get("share", "on" if kind == "memfd" else "off") in _TRUE
+            share = props.get("share", "on" if kind == "memfd" else "off") in TRUE
             ident = props.get("id", "")
             objects[ident] = RamBackend(
                 ident,
@@ -237,8 +237,8 @@ def ram_layout(argv: Sequence[str]) -> RamLayout:
                 share,
                 props.get("mem-path"),
                 props.get("size"),
-                props.get("discard-data", "off") in _TRUE,
-                props.get("prealloc", "off") in _TRUE,
+                props.get("discard-data", "off") in TRUE,
+                props.get("prealloc", "off") in TRUE,
             )
     size = next((split_keyval(o.value or "", "size").get("size") for o in reversed(options(argv, "m"))), None)
     main = machine_props(argv).get("memory-backend")
@@ -287,7 +287,7 @@ def qmp_socket(argv: Sequence[str]) -> str | None:
 
 
 def _is_server(props: dict[str, str]) -> bool:
-    return props.get("server", "off") in _TRUE
+    return props.get("server", "off") in TRUE
 
 
 def device_drivers(argv: Sequence[str]) -> list[str]:

@@ -1,0 +1,282 @@
+"""``update``: move a running VM onto another QEMU binary with the least guest pause.
+
+Warm standby: the new QEMU is started with ``-incoming defer`` *while the old
+one runs*, then the old one migrates (cpr-reboot, RAM kept in place through
+``x-ignore-shared``) straight into it over a unix socket. The guest pause is
+then only the device state's save and load: no QEMU exit or start-up, no file.
+The old QEMU stays alive until the new one runs the guest, so any failure
+before that resumes the guest on the old QEMU.
+
+What this needs, from QEMU's source and tried here:
+- both QEMUs map the same shared RAM file; QEMU skips ROM loading and RAM
+  writes while ``inmigrate``, and the old one is paused (``postmigrate``)
+  from the stop on, so only one writes at a time;
+- the new QEMU opens the disk images inactive (no write lock) until the
+  migration completes, after the old one has flushed and released them;
+- unix sockets the VM serves (QMP, guest agent, consoles) cannot be bound by
+  two QEMUs: the new one binds ``PATH~TOKEN`` and takes over ``PATH`` by
+  rename once the old one has exited (an exiting QEMU unlinks the path it
+  bound, so each update needs a name of its own).
+
+Configurations that cannot run two QEMUs side by side fall back to the cold
+path (save to a file, quit, restore), and ``check`` says why: see `warm_blockers`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .._qemu import argv as qargv
+from .._qemu import process
+from .._qemu.process import Binary
+from .._qemu.qmp import Monitor
+from .._store import StateDir, VMLock
+from ..errors import CheckFailed, CprctlError, QemuError, VMStateError
+from .facts import gather
+from .lifecycle import SOCKET_PATH_MAX
+from .plan import Facts, Plan, SuspendMode, choose, findings
+from .record import Operation
+from .report import Quiet, Reporter
+from .restore import restore
+from .save import save, suspend_guest
+from .vm import VM, open_vm, recover, resume_guest
+
+MIGRATION_SOCKET = "migrate.sock"
+
+
+@dataclass(frozen=True)
+class UpdateResult:
+    name: str
+    pid: int
+    pause_ms: float
+    warm: bool
+    #: Why the cold path was taken, when it was.
+    cold_reason: str | None
+    timings_ms: dict[str, float]
+
+
+def warm_blockers(argv: Sequence[str], facts: Facts | None = None) -> list[str]:
+    """Why two QEMUs of this VM cannot run side by side (empty: a warm update can run)."""
+    why = []
+    names = {o.name for o in qargv.parse(argv)}
+    if "pidfile" in names:
+        why.append("-pidfile is locked by the running QEMU")
+    if names & {"vnc", "spice"}:
+        why.append("a display server (-vnc/-spice) port is held by the running QEMU")
+    for opt in qargv.options(argv, "netdev", "nic", "net"):
+        props = qargv.split_keyval(opt.value or "", "type")
+        if props.get("type") in ("tap", "bridge", "vhost-user", "vhost-vdpa", "l2tpv3", "vde"):
+            why.append(f"network backend {props.get('type')} can be attached to one QEMU at a time")
+        elif props.get("hostfwd") or props.get("listen"):
+            why.append("a network backend listens on a host port held by the running QEMU")
+    for opt in qargv.options(argv, "chardev", "qmp", "monitor", "serial"):
+        if any(k in (opt.value or "") for k in ("tcp:", "port=", "telnet")) and "server" in (opt.value or ""):
+            why.append("a TCP server socket is held by the running QEMU")
+    for b in qargv.ram_layout(argv).backends:
+        if b.prealloc and b.share:
+            why.append(f"RAM backend {b.id!r} has prealloc=on: the new QEMU would touch RAM the guest is using")
+    if facts is not None and facts.vfio:
+        why.append("VFIO devices are held by the running QEMU")
+    return sorted(set(why))
+
+
+def take_over_sockets(paths: list[str], suffix: str) -> None:
+    """Point each served socket path at the new QEMU (which bound ``PATH + suffix``)."""
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(path + suffix, path)
+
+
+def drop_sockets(paths: list[str], suffix: str) -> None:
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path + suffix)
+
+
+def server_sockets(argv: Sequence[str]) -> list[str]:
+    """Paths of unix sockets the VM serves (QMP, agent, consoles)."""
+    paths = []
+    for opt in qargv.options(argv, "chardev"):
+        props = qargv.split_keyval(opt.value or "", "backend")
+        if props.get("backend") == "socket" and props.get("path") and props.get("server", "off") in qargv.TRUE:
+            paths.append(props["path"])
+    for opt in qargv.options(argv, "qmp", "monitor", "serial"):
+        value = opt.value or ""
+        if value.startswith("unix:"):
+            props = qargv.split_keyval(value[5:], "path")
+            if props.get("server", "off") in qargv.TRUE:
+                paths.append(props["path"])
+    return paths
+
+
+def _side_by_side(argv: Sequence[str], suffix: str) -> list[str]:
+    """*argv* with each served unix socket at ``PATH + suffix``, so it can start beside the running QEMU."""
+    out = list(argv)
+    for path in server_sockets(argv):
+        if len(path + suffix) > SOCKET_PATH_MAX:
+            raise _NoStandby(f"socket path {path} is too long to add a second QEMU's beside it")
+        new = path + suffix
+        out = [w.replace(f"path={path}", f"path={new}").replace(f"unix:{path}", f"unix:{new}") for w in out]
+    return out
+
+
+async def update(
+    sd: StateDir,
+    name: str,
+    qemu: str,
+    *,
+    suspend: SuspendMode = "auto",
+    force: bool = False,
+    sync_time: bool = True,
+    warm: bool = True,
+    reporter: Reporter | None = None,
+) -> UpdateResult:
+    """Move running VM *name* onto QEMU binary *qemu*: warm standby when possible, else save + restore.
+
+    :raise CheckFailed: the preflight check refused (nothing touched); `QemuError`:
+        the warm update failed and the guest runs on the old QEMU again, or the cold
+        path's restore failed and the checkpoint is kept.
+    """
+    reporter = reporter or Quiet()
+    binary = Binary(os.path.abspath(qemu) if os.sep in qemu else qemu)
+    binary.require_cpr()
+    reason = "--cold" if not warm else None
+    if reason is None:
+        vm = open_vm(sd, name)
+        blockers = warm_blockers(vm.record.argv)
+        if blockers:
+            reason = "; ".join(blockers)
+        else:
+            try:
+                return await _warm(sd, name, binary.path, suspend, force, reporter)
+            except _NoStandby as exc:
+                reason = str(exc)
+    reporter.step(f"{name}: cold update ({reason})")
+    t = time.perf_counter()
+    await save(sd, name, suspend=suspend, force=force, reporter=reporter)
+    res = await restore(
+        sd, name, qemu=binary.path, force=force, sync_time=sync_time, reporter=reporter, trust_identity=True
+    )
+    timings = {"total": (time.perf_counter() - t) * 1000, **res.timings_ms}
+    return UpdateResult(name, res.pid, res.pause_ms, False, reason, timings)
+
+
+class _NoStandby(Exception):
+    """The new QEMU could not start beside the old one; nothing was changed."""
+
+
+async def _warm(
+    sd: StateDir, name: str, binary: str, suspend: SuspendMode, force: bool, reporter: Reporter
+) -> UpdateResult:
+    vm = open_vm(sd, name)
+    with VMLock(vm.folder, name, "update"):
+        await recover(vm, reporter)
+        r = vm.record
+        if r.checkpoint is not None or not vm.running():
+            raise VMStateError(f"{name} is {vm.state()}, not running; use restore --qemu")
+        async with Monitor(r.qmp, name, r.pid) as old:
+            facts = await gather(r, old, vm.folder, suspend)
+            found = findings(facts, suspend=suspend)
+            if [f for f in found if f.blocking and not (force and f.forceable)]:
+                raise CheckFailed(name, found)
+            if blockers := warm_blockers(r.argv, facts):
+                raise _NoStandby("; ".join(blockers))
+            return await _switch(vm, old, over_socket(choose(facts, suspend)), binary, reporter)
+
+
+def over_socket(plan: Plan) -> Plan:
+    """*plan* for a migration straight into the new QEMU: RAM kept in place stays, the rest is streamed."""
+    caps = {"x-ignore-shared": plan.capabilities["x-ignore-shared"]}
+    params = {k: v for k, v in plan.parameters.items() if k in ("mode", "max-bandwidth")}
+    return Plan("in-place" if plan.strategy == "in-place" else "stream", plan.suspend, caps, params, 0)
+
+
+async def _switch(vm: VM, old: Monitor, plan: Plan, binary: str, reporter: Reporter) -> UpdateResult:
+    r = vm.record
+    argv = [binary, *r.argv[1:]]
+    timings: dict[str, float] = {}
+    sockets = server_sockets(argv)
+    suffix = f"~{secrets.token_hex(2)}"
+    standby_argv = qargv.incoming(_side_by_side(argv, suffix))
+    t = time.perf_counter()
+    new_pid = process.spawn(standby_argv, vm.log_path, cwd=r.cwd)
+    r.operation = op = Operation("update", os.getpid(), time.time(), new_pid=new_pid, binary=binary,
+                                 socket_suffix=suffix)
+    op.mark("standby")
+    vm.commit()
+    try:
+        async with Monitor(r.qmp + suffix, vm.name, new_pid, timeout=30) as new:
+            timings["standby"] = (time.perf_counter() - t) * 1000
+            reporter.step(f"{vm.name}: new QEMU {binary} waits beside the old one (pid {new_pid})")
+            return await _migrate(vm, old, new, plan, argv, sockets, suffix, timings, reporter)
+    except BaseException as exc:
+        await asyncio.to_thread(process.kill, new_pid)
+        drop_sockets(sockets, suffix)
+        started = op.step != "standby"
+        if started:
+            with contextlib.suppress(QemuError):
+                await resume_guest(old, op.suspended_by_us)
+        r.operation = None
+        vm.commit()
+        if not started and isinstance(exc, QemuError):
+            raise _NoStandby(f"the new QEMU did not start beside the old one: {exc}") from None
+        if isinstance(exc, CprctlError):
+            raise QemuError(
+                f"{vm.name}: warm update failed ({exc}); the guest runs on the old QEMU as before"
+            ) from None
+        raise
+
+
+async def _migrate(
+    vm: VM,
+    old: Monitor,
+    new: Monitor,
+    plan: Plan,
+    argv: list[str],
+    sockets: list[str],
+    suffix: str,
+    timings: dict[str, float],
+    reporter: Reporter,
+) -> UpdateResult:
+    r, op = vm.record, vm.record.operation
+    assert op is not None
+    uri = f"unix:{vm.folder / MIGRATION_SOCKET}"
+    params = {k: v for k, v in plan.parameters.items() if k != "max-bandwidth"}
+    await new.set_migration(plan.capabilities, params)
+    await new.execute("migrate-incoming", {"uri": uri})
+    await old.set_migration(plan.capabilities, plan.parameters)
+    op.mark("migrating")
+    stopped_at = None
+    if plan.suspend:
+        op.suspended_by_us = True
+        vm.commit()
+        stopped_at = await suspend_guest(vm, old)
+    t = time.perf_counter()
+    before = time.time()
+    await old.execute("migrate", {"uri": uri})
+    await old.wait_migration(timeout=3600)
+    status = await new.wait_status({"running", "paused", "suspended", "postmigrate"}, 60, poll=0.001)
+    timings["switch"] = (time.perf_counter() - t) * 1000
+    if status == "suspended" and op.suspended_by_us:
+        await new.execute("system_wakeup")
+        status = await new.wait_status({"running"}, 30)
+    resumed = new.event_time("WAKEUP" if op.suspended_by_us else "RESUME") or time.time()
+    stopped_at = stopped_at or old.event_time("STOP", before - 1) or before
+    pause_ms = (resumed - stopped_at) * 1000
+    # The guest runs on the new QEMU: from here on, only forward.
+    op.mark("switched")
+    old_pid = r.pid
+    await old.quit()
+    if old_pid and not await asyncio.to_thread(process.wait_gone, old_pid, 30):
+        await asyncio.to_thread(process.kill, old_pid)
+    take_over_sockets(sockets, suffix)  # only now: an exiting QEMU unlinks the path it bound
+    r.argv, r.pid, r.last_pause_ms, r.operation = argv, new.pid, pause_ms, None
+    vm.commit()
+    reporter.step(f"{vm.name}: {status} on {argv[0]} after a {pause_ms:.1f} ms pause (warm standby)")
+    return UpdateResult(vm.name, new.pid or 0, pause_ms, True, None, timings)
