@@ -19,7 +19,7 @@ import cprctl
 from cprctl import BusyError, CheckFailed, CheckpointError, MigrationError, QemuError
 from cprctl._qemu import process
 
-from .guestvm import GuestVM, cli, op_step, short_tmp, spawn_cli, wait_record
+from .guestvm import QEMU, GuestVM, cli, op_step, short_tmp, spawn_cli, wait_record
 
 pytestmark = pytest.mark.qemu
 
@@ -246,4 +246,36 @@ def test_busy_error_names_the_holder(state_dir: Path) -> None:
     lock = VMLock(StateDir(state_dir).vm_dir("locked"), "locked", "restore")
     with lock, pytest.raises(BusyError, match=f"'restore' by pid {os.getpid()}"):
         cprctl.save("locked", state_dir=state_dir)
+    vm.stop()
+
+
+def test_cprctl_killed_during_warm_update(state_dir: Path) -> None:
+    vm = GuestVM.launch("ckw", state_dir, fill=32)
+    mark = vm.mark()
+    proc = spawn_cli("update", "ckw", "--qemu", QEMU, state_dir=state_dir)
+    wait_record(state_dir, "ckw", lambda r: op_step(r) == ("update", "standby"))
+    proc.kill()
+    proc.wait()
+    out = cli("status", "ckw", state_dir=state_dir)
+    assert out.returncode == 0 and "interrupted" in out.stderr, out.stderr
+    assert restore_or_running(vm, mark, 32) == "running"
+    assert cli("check", "ckw", state_dir=state_dir).returncode == 0  # QMP answers at its usual path
+    leftovers = [p.name for p in (state_dir / "vms" / "ckw").iterdir() if "~" in p.name]
+    assert not leftovers, leftovers
+    vm.stop()
+
+
+def test_update_to_a_broken_binary_keeps_the_vm(state_dir: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "qemu-broken"
+    broken.write_text(f'#!/bin/sh\ncase "$1" in --version|-machine) exec {QEMU} "$@";; esac\n'
+                      'echo "qemu-broken: cannot start" >&2\nexit 1\n')
+    broken.chmod(0o755)
+    vm = GuestVM.launch("brk", state_dir, fill=32)
+    mark = vm.mark()
+    with pytest.raises(QemuError, match=r"restore can be retried.*cannot start"):
+        cprctl.update("brk", str(broken), state_dir=state_dir)
+    st = vm.status()
+    assert st.state == "saved" and st.argv[0] == QEMU, "the checkpoint and the old binary are kept"
+    cprctl.restore("brk", state_dir=state_dir)  # retry with the recorded binary
+    vm.assert_continued(mark, fill=32)
     vm.stop()

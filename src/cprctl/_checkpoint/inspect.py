@@ -17,6 +17,7 @@ from . import disks, statefile
 from .facts import gather, mount_of, ram_fact
 from .plan import VOLATILE_FS, Finding, Strategy, SuspendMode, findings
 from .report import Quiet, Reporter
+from .update import warm_blockers
 from .vm import VM, open_vm, recover
 
 
@@ -101,7 +102,14 @@ async def check(
                 facts = await gather(vm.record, mon, vm.folder, suspend)
         except QemuError as exc:
             return [Finding("qmp", "error", str(exc), "check that QEMU is healthy")]
-        return findings(facts, reboot=reboot, suspend=suspend, strategy=strategy)
+        found = findings(facts, reboot=reboot, suspend=suspend, strategy=strategy)
+        blockers = warm_blockers(vm.record.argv, facts)
+        if blockers:
+            found.append(Finding("update-cold", "info", f"'update' will restart cold: {'; '.join(blockers)}",
+                                 "remove what keeps two QEMUs from running side by side"))
+        else:
+            found.append(Finding("update-warm", "info", "'update' can run warm: the new QEMU starts beside this one"))
+        return found
     if vm.record.checkpoint is not None:
         return _check_saved(vm, reboot)
     return [
