@@ -75,6 +75,13 @@ def test_running_vm_cannot_be_restored_and_stopped_cannot_be_saved(state_dir: Pa
     assert cli("stop", "st", state_dir=state_dir).returncode == 0
     one_line_error(cli("save", "st", state_dir=state_dir), "not running")
     assert vm.status().state == "stopped"
+    assert cli("start", "st", state_dir=state_dir).returncode == 0  # a cold boot from the recorded argv
+    vm.wait_for(r"tick .* n=1 ", after=vm.text().rfind("tick") + 1)
+    assert vm.status().state == "running"
+    ping = cli("ping", "st", state_dir=state_dir)
+    assert ping.returncode == 0 and "answered" in ping.stdout, ping.stderr
+    one_line_error(cli("start", "st", state_dir=state_dir), "running, not stopped")
+    assert cli("stop", "st", state_dir=state_dir).returncode == 0
     assert cli("remove", "st", state_dir=state_dir).returncode == 0
     one_line_error(cli("status", "st", state_dir=state_dir), "no VM named")
 

@@ -4,7 +4,7 @@ The public API is this module's ``__all__``; everything in ``_``-modules is
 private. Errors are in `cprctl.errors`.
 """
 
-from ._api import adopt, check, launch, remove, restore, restore_all, save, save_all, status, stop, update
+from ._api import adopt, check, launch, ping, remove, restore, restore_all, save, save_all, start, status, stop, update
 from ._checkpoint.fleet import VMOutcome
 from ._checkpoint.inspect import VMStatus
 from ._checkpoint.plan import Finding
@@ -42,8 +42,10 @@ __all__ = (
     "restore_all",
     "check",
     "status",
+    "start",
     "stop",
     "remove",
+    "ping",
     # Results and records
     "SaveResult",
     "RestoreResult",

@@ -175,3 +175,13 @@ def restore_all(
     return asyncio.run(
         fleet.restore_all(StateDir(state_dir), parallel=parallel, sync_time=sync_time, reporter=reporter)
     )
+
+
+def start(name: str, *, state_dir: PathLike = None) -> VMRecord:
+    """Boot stopped VM *name* afresh from its recorded argv (a cold boot: its old running state is gone)."""
+    return asyncio.run(lifecycle.start(StateDir(state_dir), name))
+
+
+def ping(name: str, *, timeout: float = 10.0, state_dir: PathLike = None) -> float:
+    """Round-trip time (ms) of the guest agent's ``guest-ping``; raises `AgentError` if it does not answer."""
+    return asyncio.run(lifecycle.ping(StateDir(state_dir), name, timeout))

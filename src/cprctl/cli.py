@@ -336,6 +336,25 @@ def restore_all(state_dir: str | None, parallel: int | None, no_sync_time: bool,
 @main.command()
 @click.argument("name")
 @click.pass_obj
+def start(state_dir: str | None, name: str) -> None:
+    """Boot a stopped VM afresh from its recorded command line (a cold boot)."""
+    rec = run(lambda: _api.start(name, state_dir=state_dir))
+    out.print(f"{name}: running, pid {rec.pid} (booted afresh)")
+
+
+@main.command()
+@click.argument("name")
+@click.option("--timeout", type=float, default=10.0, show_default=True)
+@click.pass_obj
+def ping(state_dir: str | None, name: str, timeout: float) -> None:
+    """Check that the VM's guest agent answers (guest-ping)."""
+    ms = run(lambda: _api.ping(name, timeout=timeout, state_dir=state_dir))
+    out.print(f"{name}: guest agent answered in {ms:.1f} ms")
+
+
+@main.command()
+@click.argument("name")
+@click.pass_obj
 def stop(state_dir: str | None, name: str) -> None:
     """Power a running VM off (its state is not saved)."""
     run(lambda: _api.stop(name, state_dir=state_dir))

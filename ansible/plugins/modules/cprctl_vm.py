@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 import traceback
 from typing import Any
@@ -12,7 +11,6 @@ from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
 try:
     import cprctl
-    from cprctl._qemu.agent import Agent
 except ImportError:
     cprctl = None  # type: ignore[assignment]
     CPRCTL_IMPORT_ERROR: str | None = traceback.format_exc()
@@ -254,25 +252,24 @@ class Runner:
             elif not st.qga:
                 out.append({"name": st.name, "healthy": True, "detail": "running, no guest agent"})
             else:
-                ok, detail = asyncio.run(ping(st.name, st.qga, timeout))
+                ok, detail = ping(st.name, self.sd, timeout)
                 out.append({"name": st.name, "healthy": ok, "detail": detail})
         return out
 
 
-async def ping(name: str, qga: str, timeout: float) -> tuple[bool, str]:
-    """Whether the guest agent at *qga* answers guest-ping within *timeout* seconds (retrying)."""
+def ping(name: str, state_dir: str | None, timeout: float) -> tuple[bool, str]:
+    """Whether the VM's guest agent answers guest-ping within *timeout* seconds (retrying)."""
     deadline = time.monotonic() + timeout
     last = ""
     while True:
         try:
-            async with Agent(qga, name, timeout=min(5.0, max(1.0, timeout))) as agent:
-                await agent.execute("guest-ping")
-                return True, "guest agent answers"
+            ms = cprctl.ping(name, timeout=min(5.0, max(1.0, timeout)), state_dir=state_dir)
+            return True, f"guest agent answers ({ms:.0f} ms)"
         except cprctl.CprctlError as exc:
             last = str(exc)
         if time.monotonic() >= deadline:
             return False, last
-        await asyncio.sleep(1)
+        time.sleep(1)
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ from typing import Literal
 from .._store import StateDir
 from ..errors import CprctlError, FleetCheckFailed
 from . import inspect
-from .plan import SuspendMode
+from .plan import Finding, SuspendMode
 from .report import Quiet, Reporter
 from .restore import restore
 from .save import save
@@ -30,6 +30,10 @@ class VMOutcome:
     name: str
     outcome: Outcome
     detail: str = ""
+    #: The VM's state afterwards (``running``, ``saved``, ``stopped``, ``broken``).
+    state: str = ""
+    strategy: str | None = None
+    pause_ms: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -54,14 +58,24 @@ async def save_all(
     :raise FleetCheckFailed: with *reboot*, when any VM fails its check (nothing was touched).
     """
     reporter = reporter or Quiet()
-    states = {n: open_vm(sd, n).state() for n in sd.names()}
+    states = {st.name: st.state for st in await inspect.status(sd, reporter=reporter)}  # finishes interrupted ops
     running = [n for n, s in states.items() if s == "running"]
     if reboot:
         refused = {}
-        for name in sd.names():
-            found = await inspect.check(sd, name, reboot=True, suspend=suspend)
-            if any(f.blocking and not (force and f.forceable) for f in found) and states[name] != "stopped":
-                refused[name] = found
+        for name, state in states.items():
+            if state == "broken":
+                refused[name] = [
+                    Finding(
+                        "broken",
+                        "error",
+                        f"{name} is broken (an unfinished operation or a missing state file)",
+                        f"see 'cprctl status {name}'",
+                    )
+                ]
+            elif state != "stopped":
+                found = await inspect.check(sd, name, reboot=True, suspend=suspend)
+                if any(f.blocking and not (force and f.forceable) for f in found):
+                    refused[name] = found
         if refused:
             raise FleetCheckFailed(refused)
     limit = asyncio.Semaphore(parallel or default_parallel())
@@ -69,15 +83,22 @@ async def save_all(
     async def one(name: str) -> VMOutcome:
         async with limit:
             try:
-                await save(sd, name, suspend=suspend, reboot=reboot, force=force, reporter=reporter)
-                return VMOutcome(name, "saved")
+                res = await save(sd, name, suspend=suspend, reboot=reboot, force=force, reporter=reporter)
+                return VMOutcome(name, "saved", f"{res.strategy}, {res.size / 1e6:.1f} MB", "saved", res.strategy)
             except CprctlError as exc:
-                left = open_vm(sd, name).state() == "running"
-                return VMOutcome(name, "left running" if left else "failed", str(exc))
+                state = open_vm(sd, name).state()
+                return VMOutcome(name, "left running" if state == "running" else "failed", str(exc), state)
 
     done = await asyncio.gather(*(one(n) for n in running))
-    skipped = [VMOutcome(n, "skipped", s) for n, s in states.items() if n not in running]
-    return sorted([*done, *skipped], key=lambda o: o.name)
+    others = [_untouched(n, s) for n, s in states.items() if n not in running]
+    return sorted([*done, *others], key=lambda o: o.name)
+
+
+def _untouched(name: str, state: str) -> VMOutcome:
+    """A VM save-all/restore-all left alone: fine unless it is broken."""
+    if state == "broken":
+        return VMOutcome(name, "failed", f"{name} is broken; see 'cprctl status {name}'", state)
+    return VMOutcome(name, "skipped", f"already {state}", state)
 
 
 async def restore_all(
@@ -85,18 +106,18 @@ async def restore_all(
 ) -> list[VMOutcome]:
     """Restore every saved VM."""
     reporter = reporter or Quiet()
-    states = {n: open_vm(sd, n).state() for n in sd.names()}
-    saved = [n for n, s in states.items() if s in ("saved", "broken")]
+    states = {st.name: st.state for st in await inspect.status(sd, reporter=reporter)}  # finishes interrupted ops
+    saved = [n for n, s in states.items() if s == "saved"]
     limit = asyncio.Semaphore(parallel or default_parallel())
 
     async def one(name: str) -> VMOutcome:
         async with limit:
             try:
                 res = await restore(sd, name, sync_time=sync_time, reporter=reporter)
-                return VMOutcome(name, "restored", f"paused {res.pause_ms:.0f} ms")
+                return VMOutcome(name, "restored", f"paused {res.pause_ms:.0f} ms", res.status, None, res.pause_ms)
             except CprctlError as exc:
-                return VMOutcome(name, "failed", str(exc))
+                return VMOutcome(name, "failed", str(exc), open_vm(sd, name).state())
 
     done = await asyncio.gather(*(one(n) for n in saved))
-    skipped = [VMOutcome(n, "skipped", s) for n, s in states.items() if n not in saved]
-    return sorted([*done, *skipped], key=lambda o: o.name)
+    others = [_untouched(n, s) for n, s in states.items() if n not in saved]
+    return sorted([*done, *others], key=lambda o: o.name)

@@ -105,8 +105,14 @@ async def check(
         found = findings(facts, reboot=reboot, suspend=suspend, strategy=strategy)
         blockers = warm_blockers(vm.record.argv, facts)
         if blockers:
-            found.append(Finding("update-cold", "info", f"'update' will restart cold: {'; '.join(blockers)}",
-                                 "remove what keeps two QEMUs from running side by side"))
+            found.append(
+                Finding(
+                    "update-cold",
+                    "info",
+                    f"'update' will restart cold: {'; '.join(blockers)}",
+                    "remove what keeps two QEMUs from running side by side",
+                )
+            )
         else:
             found.append(Finding("update-warm", "info", "'update' can run warm: the new QEMU starts beside this one"))
         return found

@@ -208,3 +208,42 @@ def remove(sd: StateDir, name: str, force: bool = False) -> None:
         if vm.record.checkpoint is not None and not force:
             raise VMStateError(f"{name} is saved; removing it discards its checkpoint (use --force)")
         shutil.rmtree(vm.folder)
+
+
+async def start(sd: StateDir, name: str) -> VMRecord:
+    """Boot a stopped VM afresh from its recorded argv (its earlier running state is gone).
+
+    :raise VMStateError: it runs, or is saved (restore it instead).
+    """
+    vm = open_vm(sd, name)
+    with VMLock(vm.folder, name, "start"):
+        if vm.state() != "stopped":
+            hint = "; restore it instead" if vm.state() == "saved" else ""
+            raise VMStateError(f"{name} is {vm.state()}, not stopped{hint}")
+        for path in (vm.record.qmp, vm.record.qga):
+            if path:
+                Path(path).unlink(missing_ok=True)
+        vm.record.pid = process.spawn(qargv.for_relaunch(vm.record.argv), vm.log_path, cwd=vm.record.cwd)
+        vm.commit()
+        await wait_qmp(vm, vm.record.pid)
+        return vm.record
+
+
+async def ping(sd: StateDir, name: str, timeout: float = 10.0) -> float:
+    """Round-trip time (ms) of ``guest-ping`` to the VM's guest agent.
+
+    :raise AgentError: no agent channel, or it does not answer within *timeout*;
+        `VMStateError` when the VM is not running.
+    """
+    from .._qemu.agent import Agent
+    from ..errors import AgentError
+
+    vm = open_vm(sd, name)
+    if not vm.running():
+        raise VMStateError(f"{name} is {vm.state()}, not running")
+    if not vm.record.qga:
+        raise AgentError(f"{name} has no guest agent channel")
+    t = time.perf_counter()
+    async with Agent(vm.record.qga, name, timeout=timeout) as agent:
+        await agent.execute("guest-ping")
+    return (time.perf_counter() - t) * 1000

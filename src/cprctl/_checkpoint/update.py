@@ -206,8 +206,9 @@ async def _switch(vm: VM, old: Monitor, plan: Plan, binary: str, reporter: Repor
     standby_argv = qargv.incoming(_side_by_side(argv, suffix))
     t = time.perf_counter()
     new_pid = process.spawn(standby_argv, vm.log_path, cwd=r.cwd)
-    r.operation = op = Operation("update", os.getpid(), time.time(), new_pid=new_pid, binary=binary,
-                                 socket_suffix=suffix)
+    r.operation = op = Operation(
+        "update", os.getpid(), time.time(), new_pid=new_pid, binary=binary, socket_suffix=suffix
+    )
     op.mark("standby")
     vm.commit()
     try:
