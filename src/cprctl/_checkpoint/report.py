@@ -21,3 +21,10 @@ class Quiet:
 
     def progress(self, done: int, total: int) -> None:
         pass
+
+
+def migration_progress(reporter: Reporter, info: dict[str, object]) -> None:
+    """Pass ``query-migrate``'s RAM counters to *reporter*."""
+    ram = info.get("ram")
+    if isinstance(ram, dict):
+        reporter.progress(int(ram.get("transferred", 0)), int(ram.get("total", 0)))

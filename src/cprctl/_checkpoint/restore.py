@@ -23,7 +23,7 @@ from .._store import StateDir, VMLock
 from ..errors import AgentError, CheckpointError, CprctlError, VMStateError
 from . import disks, statefile
 from .record import Checkpoint, Operation
-from .report import Quiet, Reporter
+from .report import Quiet, Reporter, migration_progress
 from .vm import VM, open_vm, recover, retire_checkpoint
 
 LOAD_TIMEOUT = 3600.0
@@ -131,7 +131,7 @@ async def _load(
         t = time.perf_counter()
         await mon.set_migration(cp.capabilities, cp.parameters)
         await mon.execute("migrate-incoming", {"uri": f"file:{cp.state_file}"})
-        await mon.wait_migration(LOAD_TIMEOUT, on_progress=lambda i: None)
+        await mon.wait_migration(LOAD_TIMEOUT, on_progress=lambda i: migration_progress(reporter, i))
         status = await mon.wait_status({"running", "paused", "suspended", "postmigrate"}, 60)
         timings["load"] = (time.perf_counter() - t) * 1000
         woke = False

@@ -24,7 +24,7 @@ from . import disks, statefile
 from .facts import gather
 from .plan import Plan, Strategy, SuspendMode, choose, findings
 from .record import Checkpoint, DiskPrint, Operation
-from .report import Quiet, Reporter
+from .report import Quiet, Reporter, migration_progress
 from .vm import VM, finish_quit, open_vm, recover, resume_guest
 
 #: How long a guest may take to reach ``suspended`` after guest-suspend-ram.
@@ -148,7 +148,7 @@ async def _checkpoint(
     await mon.set_migration(plan.capabilities, plan.parameters)
     await mon.execute("migrate", {"uri": f"file:{vm.state_path}"})
     os.chmod(vm.state_path, 0o600)
-    await mon.wait_migration(timeout=3600, on_progress=lambda i: _progress(reporter, i))
+    await mon.wait_migration(timeout=3600, on_progress=lambda i: migration_progress(reporter, i))
     timings["migrate"] = (time.perf_counter() - t) * 1000
     stopped_at = stopped_at or mon.event_time("STOP", before - 1) or before
     t = time.perf_counter()
@@ -178,12 +178,6 @@ async def _checkpoint(
     op.mark("saved")
     vm.commit()
     return checkpoint
-
-
-def _progress(reporter: Reporter, info: dict[str, object]) -> None:
-    ram = info.get("ram")
-    if isinstance(ram, dict):
-        reporter.progress(int(ram.get("transferred", 0)), int(ram.get("total", 0)))
 
 
 def _fsync_ram(argv: list[str]) -> None:

@@ -136,7 +136,7 @@ def wait_gone(pid: int, timeout: float) -> bool:
     while alive(pid):
         if time.monotonic() > deadline:
             return False
-        time.sleep(0.005)
+        time.sleep(0.001)
     return True
 
 

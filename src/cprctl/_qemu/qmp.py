@@ -56,7 +56,7 @@ class Monitor:
                     raise QemuError(f"{self.name}: QEMU (pid {self.pid}) exited") from None
                 if time.monotonic() > deadline:
                     raise QemuError(f"{self.name}: QMP at {self.path} is not answering: {exc}") from None
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(0.002)
 
     async def close(self) -> None:
         """Disconnect; a QEMU that already hung up (after ``quit``) is not an error."""
@@ -122,7 +122,7 @@ class Monitor:
         :raise MigrationError: when it fails or is cancelled (with QEMU's reason), or times out.
         """
         deadline = time.monotonic() + timeout
-        poll = 0.002
+        poll = 0.001
         while True:
             info: dict[str, Any] = await self.execute("query-migrate")
             state = info.get("status", "none")
@@ -136,7 +136,7 @@ class Monitor:
             if time.monotonic() > deadline:
                 raise MigrationError(f"{self.name}: migration still {state!r} after {timeout:.0f} s")
             await asyncio.sleep(poll)
-            poll = min(poll * 2, 0.1)
+            poll = min(poll * 2, 0.05)
 
     async def quit(self) -> None:
         """Ask QEMU to exit; it hanging up on us is the expected answer."""
