@@ -184,3 +184,18 @@ def test_discard_data_backend_cannot_stay_in_place() -> None:
     ]
     (b,) = qa.ram_layout(argv).backends
     assert b.discard and b.prealloc and not b.named_shared_file
+
+
+def test_served_sockets_cover_qmp_monitor_agent_and_console() -> None:
+    argv = [
+        Q,
+        *qa.qmp_args("/s/qmp.sock"),
+        *qa.agent_args("/s/qga.sock"),
+        "-monitor",
+        "unix:/s/mon,server=on",
+        "-serial",
+        "unix:/s/con,server,nowait",
+        "-chardev",
+        "socket,id=c,path=/s/client",
+    ]
+    assert sorted(qa.served_sockets(argv)) == ["/s/con", "/s/mon", "/s/qga.sock", "/s/qmp.sock"]

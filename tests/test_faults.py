@@ -267,8 +267,10 @@ def test_cprctl_killed_during_warm_update(state_dir: Path) -> None:
 
 def test_update_to_a_broken_binary_keeps_the_vm(state_dir: Path, tmp_path: Path) -> None:
     broken = tmp_path / "qemu-broken"
-    broken.write_text(f'#!/bin/sh\ncase "$1" in --version|-machine) exec {QEMU} "$@";; esac\n'
-                      'echo "qemu-broken: cannot start" >&2\nexit 1\n')
+    broken.write_text(
+        f'#!/bin/sh\ncase "$1" in --version|-machine) exec {QEMU} "$@";; esac\n'
+        'echo "qemu-broken: cannot start" >&2\nexit 1\n'
+    )
     broken.chmod(0o755)
     vm = GuestVM.launch("brk", state_dir, fill=32)
     mark = vm.mark()

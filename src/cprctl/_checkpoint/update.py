@@ -99,26 +99,10 @@ def drop_sockets(paths: list[str], suffix: str) -> None:
             os.unlink(path + suffix)
 
 
-def server_sockets(argv: Sequence[str]) -> list[str]:
-    """Paths of unix sockets the VM serves (QMP, agent, consoles)."""
-    paths = []
-    for opt in qargv.options(argv, "chardev"):
-        props = qargv.split_keyval(opt.value or "", "backend")
-        if props.get("backend") == "socket" and props.get("path") and props.get("server", "off") in qargv.TRUE:
-            paths.append(props["path"])
-    for opt in qargv.options(argv, "qmp", "monitor", "serial"):
-        value = opt.value or ""
-        if value.startswith("unix:"):
-            props = qargv.split_keyval(value[5:], "path")
-            if props.get("server", "off") in qargv.TRUE:
-                paths.append(props["path"])
-    return paths
-
-
 def _side_by_side(argv: Sequence[str], suffix: str) -> list[str]:
     """*argv* with each served unix socket at ``PATH + suffix``, so it can start beside the running QEMU."""
     out = list(argv)
-    for path in server_sockets(argv):
+    for path in qargv.served_sockets(argv):
         if len(path + suffix) > SOCKET_PATH_MAX:
             raise _NoStandby(f"socket path {path} is too long to add a second QEMU's beside it")
         new = path + suffix
@@ -201,7 +185,7 @@ async def _switch(vm: VM, old: Monitor, plan: Plan, binary: str, reporter: Repor
     r = vm.record
     argv = [binary, *r.argv[1:]]
     timings: dict[str, float] = {}
-    sockets = server_sockets(argv)
+    sockets = qargv.served_sockets(argv)
     suffix = f"~{secrets.token_hex(2)}"
     standby_argv = qargv.incoming(_side_by_side(argv, suffix))
     t = time.perf_counter()

@@ -131,7 +131,8 @@ async def _recover_restore(vm: VM) -> str:
 
 async def _recover_update(vm: VM) -> str:
     """A warm update: forward if the new QEMU runs the guest, else back to the old QEMU."""
-    from .update import drop_sockets, server_sockets, take_over_sockets
+    from .._qemu.argv import served_sockets
+    from .update import drop_sockets, take_over_sockets
 
     r, op = vm.record, vm.record.operation
     assert op is not None and op.binary
@@ -144,12 +145,12 @@ async def _recover_update(vm: VM) -> str:
     if status == "running":
         if r.pid and process.alive(r.pid):
             await asyncio.to_thread(process.kill, r.pid)
-        take_over_sockets(server_sockets(argv), op.socket_suffix)
+        take_over_sockets(served_sockets(argv), op.socket_suffix)
         r.argv, r.pid = argv, op.new_pid
         return f"finished it (the guest already ran on {op.binary})"
     if op.new_pid:
         await asyncio.to_thread(process.kill, op.new_pid)
-    drop_sockets(server_sockets(argv), op.socket_suffix)
+    drop_sockets(served_sockets(argv), op.socket_suffix)
     if not vm.running():
         return "both QEMUs are gone; the VM is stopped and its state is lost"
     async with Monitor(r.qmp, r.name, r.pid) as old:

@@ -268,17 +268,36 @@ _SIZE = re.compile(r"(\d+)([KMGT]?)", re.I)
 # -- sockets, devices ------------------------------------------------------------------------
 
 
-def qmp_socket(argv: Sequence[str]) -> str | None:
-    """The path of a unix QMP server socket *argv* already has, if any."""
-    for opt in options(argv, "qmp"):
-        value = opt.value or ""
-        if value.startswith("unix:") and _is_server(split_keyval(value[5:], "path")):
-            return split_keyval(value[5:], "path")["path"]
-    chardevs = {}
+def unix_chardevs(argv: Sequence[str], servers_only: bool = False) -> dict[str, str]:
+    """``{id: path}`` of the unix socket ``-chardev``s of *argv* (only those QEMU serves, with *servers_only*)."""
+    found = {}
     for opt in options(argv, "chardev"):
         props = split_keyval(opt.value or "", "backend")
-        if props.get("backend") == "socket" and props.get("path") and _is_server(props):
-            chardevs[props.get("id", "")] = props["path"]
+        if props.get("backend") == "socket" and props.get("path") and (_is_server(props) or not servers_only):
+            found[props.get("id", "")] = props["path"]
+    return found
+
+
+def _unix_servers(argv: Sequence[str], *names: str) -> list[str]:
+    """Paths of ``-NAME unix:PATH,server=on`` options (``-qmp``, ``-monitor``, ``-serial``)."""
+    paths = []
+    for opt in options(argv, *names):
+        value = opt.value or ""
+        if value.startswith("unix:") and _is_server(props := split_keyval(value[5:], "path")):
+            paths.append(props["path"])
+    return paths
+
+
+def served_sockets(argv: Sequence[str]) -> list[str]:
+    """Every unix socket path QEMU serves for *argv* (QMP, monitors, consoles, the guest agent)."""
+    return [*unix_chardevs(argv, servers_only=True).values(), *_unix_servers(argv, "qmp", "monitor", "serial")]
+
+
+def qmp_socket(argv: Sequence[str]) -> str | None:
+    """The path of a unix QMP server socket *argv* already has, if any."""
+    if qmp := _unix_servers(argv, "qmp"):
+        return qmp[0]
+    chardevs = unix_chardevs(argv, servers_only=True)
     for opt in options(argv, "mon"):
         props = split_keyval(opt.value or "", "chardev")
         if props.get("mode") == "control" and props.get("chardev") in chardevs:
@@ -325,11 +344,7 @@ def agent_args(path: str, ident: str = "cprctl-qga") -> list[str]:
 
 def agent_socket(argv: Sequence[str]) -> str | None:
     """The host socket of a guest agent channel (``org.qemu.guest_agent.0``) in *argv*, if any."""
-    chardevs = {}
-    for opt in options(argv, "chardev"):
-        props = split_keyval(opt.value or "", "backend")
-        if props.get("backend") == "socket" and props.get("path"):
-            chardevs[props.get("id", "")] = props["path"]
+    chardevs = unix_chardevs(argv)
     for opt in options(argv, "device"):
         props = split_keyval(opt.value or "", "driver")
         if props.get("name") == "org.qemu.guest_agent.0" and props.get("chardev") in chardevs:

@@ -1,0 +1,889 @@
+#!/usr/bin/env python3
+"""The benchmark of issue "Fast": how long cprctl pauses a guest, against what QEMU and the disk allow.
+
+For each guest RAM size it measures, on the demo guest under TCG with most of its RAM dirtied
+(``fill=`` kernel argument, checked with the guest's ``mem ok`` before and after every restore):
+
+1. cprctl, RAM kept in place (``ram="file"``): cold ``save`` + ``restore``, ``update`` warm standby,
+   ``update(warm=False)``;
+2. cprctl, RAM written to the state file (``ram="anon"``): ``mapped-ram`` (the default) and ``stream``;
+3. baseline (a), a bare ``qemu.qmp`` script with QEMU's defaults: cpr-reboot to a file and back, in
+   place (``x-ignore-shared``) and RAM written under QEMU's default 128 MiB/s ``max-bandwidth``;
+4. baseline (b), what ``virsh save`` does: pause, normal-mode ``migrate file:`` uncapped, restore;
+5. the physical limit (c): the state directory's O_DIRECT write and read bandwidth (``dd``);
+6. a fleet of 4 VMs: ``save_all``/``restore_all``, in parallel and one at a time.
+
+Guest pause = STOP event to RESUME event (QMP host timestamps), minus the idle time the benchmark
+spends between a save and its restore (``sync`` and dropping the page cache, so every load reads the
+disk). Prints one table and writes ``benchmarks/RESULTS.md``. Run as root: ``make bench``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+
+from qemu.qmp import ConnectError, QMPClient, QMPError
+from rich.console import Console
+from rich.table import Table
+
+import cprctl
+from cprctl._demo import guest_argv
+
+#: Guest RAM (MiB) -> MiB the guest dirties: about 0.85 x RAM minus what the guest itself needs.
+FILL_MIB = {512: 380, 2048: 1700, 4096: 3400}
+#: The fleet: VMs of this size, filled this much.
+FLEET_RAM_MIB, FLEET_FILL_MIB = 512, 300
+#: QEMU's default max-bandwidth (bytes/s).
+QEMU_DEFAULT_CAP = 128 << 20
+#: "No cap" for the virsh-save-like baseline (libvirt lifts the cap too for a save to a file).
+UNCAPPED = 1 << 40
+#: The capped default run only for sizes up to this (MiB): above, it takes size/128 seconds.
+CAPPED_MAX_MIB = 1024
+#: dd test file size (MiB).
+DD_MIB = 2048
+MB = 1e6
+
+out = Console(highlight=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Results
+
+
+@dataclass
+class Row:
+    """One line of the table; lists hold one value per repetition (the table shows the median)."""
+
+    size: int | None
+    case: str
+    save_ms: list[float] = field(default_factory=list)
+    load_ms: list[float] = field(default_factory=list)
+    total_ms: list[float] = field(default_factory=list)
+    pause_ms: list[float] = field(default_factory=list)
+    disk_bytes: int | None = None
+    apparent_bytes: int | None = None
+    note: str = ""
+    #: The runs' cprctl timings_ms (save and restore steps), for the breakdown.
+    steps: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def runs(self) -> int:
+        return max(len(self.save_ms), len(self.load_ms), len(self.total_ms), len(self.pause_ms))
+
+    def median(self, what: str) -> float | None:
+        values: list[float] = getattr(self, what)
+        return statistics.median(values) if values else None
+
+    def step_medians(self) -> dict[str, float]:
+        keys = dict.fromkeys(k for s in self.steps for k in s)
+        return {k: statistics.median([s[k] for s in self.steps if k in s]) for k in keys}
+
+
+@dataclass
+class Ratio:
+    name: str
+    size: int | None
+    value: str
+    target: str = ""
+    ok: bool | None = None
+
+    @property
+    def verdict(self) -> str:
+        return "" if self.ok is None else ("PASS" if self.ok else "MISS")
+
+
+@dataclass
+class Results:
+    rows: dict[tuple[int | None, str], Row] = field(default_factory=dict)
+    dd_write: float = 0.0  # bytes/s
+    dd_read: float = 0.0
+    machine: dict[str, str] = field(default_factory=dict)
+
+    def row(self, size: int | None, key: str, case: str, note: str = "") -> Row:
+        if (size, key) not in self.rows:
+            self.rows[(size, key)] = Row(size, case, note=note)
+        return self.rows[(size, key)]
+
+    def get(self, size: int | None, key: str) -> Row | None:
+        return self.rows.get((size, key))
+
+
+# --------------------------------------------------------------------------------------------------
+# Host helpers
+
+
+def drop_caches() -> None:
+    """Write back and drop the page cache, so the next load reads the disk."""
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def file_sizes(path: str | Path) -> tuple[int, int]:
+    """(bytes on disk, apparent size) of *path*."""
+    st = os.stat(path)
+    return st.st_blocks * 512, st.st_size
+
+
+def kill_under(folder: Path) -> list[int]:
+    """SIGKILL every process whose command line mentions *folder* (never this one); their pids."""
+    needle = str(folder).encode()
+    killed = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if needle in cmdline:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(entry.name), signal.SIGKILL)
+                killed.append(int(entry.name))
+    return killed
+
+
+def dd_bandwidth(folder: Path) -> tuple[float, float]:
+    """O_DIRECT write and read bandwidth (bytes/s) of *folder*'s filesystem, 1 MiB blocks."""
+    path = folder / "dd.test"
+    try:
+        wr = _dd(["dd", "if=/dev/zero", f"of={path}", "bs=1M", f"count={DD_MIB}", "oflag=direct", "conv=fsync"])
+        drop_caches()
+        rd = _dd(["dd", f"if={path}", "of=/dev/null", "bs=1M", "iflag=direct"])
+    finally:
+        path.unlink(missing_ok=True)
+    return wr, rd
+
+
+def _dd(argv: list[str]) -> float:
+    done = subprocess.run(argv, capture_output=True, text=True, check=True)
+    m = re.search(r"^(\d+) bytes .* copied, ([\d.]+) s", done.stderr, re.MULTILINE)
+    if not m:
+        raise RuntimeError(f"cannot parse dd output: {done.stderr.strip()}")
+    return int(m[1]) / float(m[2])
+
+
+def machine_info(qemu: str, folder: Path) -> dict[str, str]:
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if "model name" in line
+        ),
+        platform.processor() or "?",
+    )
+    mem_kib = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text())[1])  # type: ignore[index]
+    version = subprocess.run([qemu, "--version"], capture_output=True, text=True, check=True).stdout.splitlines()[0]
+    fs = subprocess.run(
+        ["findmnt", "-n", "-o", "FSTYPE,SOURCE", "--target", str(folder)], capture_output=True, text=True, check=False
+    ).stdout.split()
+    return {
+        "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+        "CPU": cpu,
+        "cores": str(os.cpu_count()),
+        "RAM": f"{mem_kib / 1024**2:.0f} GiB",
+        "kernel": platform.release(),
+        "QEMU": version,
+        "state dir": f"{folder} ({' on '.join(fs) if fs else '?'})",
+        "Python": platform.python_version(),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# The guest
+
+
+def fill_for(size: int) -> int:
+    return FILL_MIB.get(size, max(16, int(0.85 * size - 60) // 20 * 20))
+
+
+class Guest:
+    """The console of one demo guest: ``mem ok`` lines prove its dirtied RAM is intact."""
+
+    def __init__(self, folder: Path) -> None:
+        self.console = folder / "console.log"
+
+    def _text(self) -> str:
+        try:
+            return self.console.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def mem_ok(self) -> int:
+        """How many ``mem ok`` lines the guest printed so far; raises on a memory error."""
+        text = self._text()
+        bad = re.search(r"^(mem BAD.*|mem alloc failed.*|memfill exited.*)$", text, re.MULTILINE)
+        if bad:
+            raise RuntimeError(f"guest {self.console.parent.name}: {bad[1].strip()}")
+        return len(re.findall(r"^mem ok ", text, re.MULTILINE))
+
+    def wait_mem_ok(self, seen: int, timeout: float) -> int:
+        """Wait for a ``mem ok`` after the *seen* first ones (a full verification pass); the new count."""
+        deadline = time.monotonic() + timeout
+        while (n := self.mem_ok()) <= seen:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"guest {self.console.parent.name}: no 'mem ok' within {timeout:.0f} s")
+            time.sleep(0.1)
+        return n
+
+
+# --------------------------------------------------------------------------------------------------
+# Baselines: a bare qemu.qmp script, no cprctl
+
+
+class BareVM:
+    """A QEMU started by hand, as an operator would: the guest's argv plus a QMP socket."""
+
+    def __init__(self, argv: list[str], folder: Path) -> None:
+        self.folder = folder
+        self.sock = folder / "qmp.sock"
+        self.argv = [*argv, "-qmp", f"unix:{self.sock},server=on,wait=off"]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, incoming: bool = False) -> None:
+        self.sock.unlink(missing_ok=True)
+        with open(self.folder / "qemu.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                [*self.argv, *(["-incoming", "defer"] if incoming else [])],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    async def connect(self, timeout: float = 60.0) -> QMPClient:
+        assert self.proc is not None
+        qmp = QMPClient("bench")
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                await qmp.connect(str(self.sock))
+                return qmp
+            except ConnectError:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(
+                        f"bare QEMU exited (rc {self.proc.returncode}); see {self.folder}/qemu.log"
+                    ) from None
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.01)
+
+
+def _event_time(qmp: QMPClient, name: str) -> float:
+    for event in qmp.events.history:
+        if event["event"] == name:
+            stamp: dict[str, int] = event["timestamp"]  # type: ignore[assignment]
+            return stamp["seconds"] + stamp["microseconds"] / 1e6
+    raise RuntimeError(f"no {name} event seen")
+
+
+async def _query(qmp: QMPClient, cmd: str) -> dict[str, Any]:
+    answer: dict[str, Any] = await qmp.execute(cmd)  # type: ignore[assignment]
+    return answer
+
+
+async def _setup(qmp: QMPClient, caps: dict[str, bool], params: dict[str, Any]) -> None:
+    if caps:
+        await qmp.execute(
+            "migrate-set-capabilities", {"capabilities": [{"capability": k, "state": v} for k, v in caps.items()]}
+        )
+    if params:
+        await qmp.execute("migrate-set-parameters", params)
+
+
+async def bare_save(
+    vm: BareVM, path: Path, caps: dict[str, bool], params: dict[str, Any], pause_first: bool
+) -> tuple[float, float]:
+    """Migrate the running VM to ``file:path``, quit QEMU; (ms until QEMU is gone, STOP time)."""
+    assert vm.proc is not None
+    t0 = time.perf_counter()
+    qmp = await vm.connect()
+    try:
+        await _setup(qmp, caps, params)
+        if pause_first:
+            await qmp.execute("stop")
+        await qmp.execute("migrate", {"uri": f"file:{path}"})
+        while (info := await _query(qmp, "query-migrate"))["status"] != "completed":
+            if info["status"] in ("failed", "cancelled"):
+                raise RuntimeError(f"bare migrate {info['status']}: {info.get('error-desc')}")
+            await asyncio.sleep(0.005)
+        stopped = _event_time(qmp, "STOP")
+        with contextlib.suppress(QMPError, EOFError, OSError):
+            await qmp.execute("quit")
+    finally:
+        with contextlib.suppress(QMPError, EOFError, OSError):
+            await qmp.disconnect()
+    await asyncio.to_thread(vm.proc.wait, 60)
+    return (time.perf_counter() - t0) * 1000, stopped
+
+
+async def bare_load(
+    vm: BareVM, path: Path, caps: dict[str, bool], params: dict[str, Any], timeout: float = 600
+) -> tuple[float, float]:
+    """Start QEMU with ``-incoming defer``, load ``file:path``, run the guest; (ms until running, RESUME time)."""
+    t0 = time.perf_counter()
+    vm.start(incoming=True)
+    assert vm.proc is not None
+    qmp = await vm.connect()
+    try:
+        await _setup(qmp, caps, {k: v for k, v in params.items() if k != "max-bandwidth"})
+        await qmp.execute("migrate-incoming", {"uri": f"file:{path}"})
+        deadline = time.monotonic() + timeout
+        while (status := (await _query(qmp, "query-status"))["status"]) != "running":
+            if status in ("paused", "postmigrate"):
+                mig = await _query(qmp, "query-migrate")
+                if mig.get("status") == "failed":
+                    raise RuntimeError(f"bare load failed: {mig.get('error-desc')}")
+                await qmp.execute("cont")
+            elif vm.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"bare load: QEMU {status}; see {vm.folder}/qemu.log")
+            await asyncio.sleep(0.005)
+        resumed = _event_time(qmp, "RESUME")
+    finally:
+        with contextlib.suppress(QMPError, EOFError, OSError):
+            await qmp.disconnect()
+    return (time.perf_counter() - t0) * 1000, resumed
+
+
+# --------------------------------------------------------------------------------------------------
+# The benchmark
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, work: Path) -> None:
+        self.qemu: str = shutil.which(args.qemu) or args.qemu
+        self.guest = Path(args.guest).expanduser()
+        self.repeat: int = args.repeat
+        self.work = work
+        self.sd = work / "state"
+        self.res = Results()
+
+    def folder(self, name: str) -> Path:
+        path = self.work / "vms" / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def argv(self, folder: Path, size: int, fill: int, ram: str) -> list[str]:
+        return guest_argv(self.qemu, self.guest, folder, ram_mib=size, fill_mib=fill, ram=ram)
+
+    @staticmethod
+    def boot_timeout(size: int) -> float:
+        return 120 + size / 20
+
+    def step(self, size: int | None, text: str) -> None:
+        out.print(f"[dim]{time.strftime('%H:%M:%S')}[/dim] {f'[{size} MiB] ' if size else ''}{text}")
+
+    # cprctl, RAM in place -------------------------------------------------------------------------
+
+    def cprctl_in_place(self, size: int) -> None:
+        name, fill = f"file{size}", fill_for(size)
+        folder = self.folder(name)
+        guest = Guest(folder)
+        self.step(size, f"cprctl, RAM in place: launch, fill {fill} MiB")
+        cprctl.launch(name, self.argv(folder, size, fill, "file"), state_dir=self.sd)
+        seen = guest.wait_mem_ok(0, self.boot_timeout(size))
+        cold = self.res.row(size, "cp-cold", "cprctl in place: save + restore")
+        for i in range(self.repeat):
+            self.step(size, f"cprctl in place: save + restore {i + 1}/{self.repeat}")
+            t = time.perf_counter()
+            saved = cprctl.save(name, state_dir=self.sd)
+            cold.save_ms.append((time.perf_counter() - t) * 1000)
+            saved_at = time.time()
+            cold.disk_bytes, cold.apparent_bytes = file_sizes(saved.state_file)
+            drop_caches()
+            gap = time.time() - saved_at
+            t = time.perf_counter()
+            restored = cprctl.restore(name, state_dir=self.sd)
+            cold.load_ms.append((time.perf_counter() - t) * 1000)
+            cold.total_ms.append(cold.save_ms[-1] + cold.load_ms[-1])
+            cold.pause_ms.append(restored.pause_ms - gap * 1000)
+            cold.steps.append(_steps(saved.timings_ms, restored.timings_ms))
+            seen = guest.wait_mem_ok(seen, 120)
+        for warm, key, case in ((True, "cp-warm", "warm standby"), (False, "cp-ucold", "cold")):
+            row = self.res.row(size, key, f"cprctl in place: update, {case}")
+            for i in range(self.repeat):
+                self.step(size, f"cprctl in place: update ({case}) {i + 1}/{self.repeat}")
+                t = time.perf_counter()
+                upd = cprctl.update(name, self.qemu, warm=warm, state_dir=self.sd)
+                row.total_ms.append((time.perf_counter() - t) * 1000)
+                row.pause_ms.append(upd.pause_ms)
+                row.steps.append(dict(upd.timings_ms))
+                if upd.warm != warm:
+                    row.note = f"ran {'warm' if upd.warm else 'cold'}: {upd.cold_reason}"
+                seen = guest.wait_mem_ok(seen, 120)
+            row.note = row.note or ("no state file: RAM stays, device state over a unix socket" if warm else "")
+        cprctl.stop(name, state_dir=self.sd)
+        cprctl.remove(name, state_dir=self.sd)
+        shutil.rmtree(folder, ignore_errors=True)
+
+    # cprctl, RAM written --------------------------------------------------------------------------
+
+    def cprctl_written(self, size: int) -> None:
+        name, fill = f"anon{size}", fill_for(size)
+        folder = self.folder(name)
+        guest = Guest(folder)
+        self.step(size, f"cprctl, RAM written: launch, fill {fill} MiB")
+        cprctl.launch(name, self.argv(folder, size, fill, "anon"), state_dir=self.sd)
+        seen = guest.wait_mem_ok(0, self.boot_timeout(size))
+        for strategy, key in (("auto", "cp-mapped"), ("stream", "cp-stream")):
+            self.step(size, f"cprctl RAM written: save ({strategy}) + restore")
+            t = time.perf_counter()
+            saved = cprctl.save(name, strategy=strategy, state_dir=self.sd)  # type: ignore[arg-type]
+            save_ms = (time.perf_counter() - t) * 1000
+            saved_at = time.time()
+            label = "mapped-ram (default)" if strategy == "auto" else strategy
+            row = self.res.row(size, key, f"cprctl RAM written: {label}")
+            if saved.strategy != ("mapped-ram" if strategy == "auto" else strategy):
+                row.note = f"strategy ran: {saved.strategy}"
+            row.disk_bytes, row.apparent_bytes = file_sizes(saved.state_file)
+            drop_caches()
+            gap = time.time() - saved_at
+            t = time.perf_counter()
+            restored = cprctl.restore(name, state_dir=self.sd)
+            row.save_ms.append(save_ms)
+            row.load_ms.append((time.perf_counter() - t) * 1000)
+            row.total_ms.append(save_ms + row.load_ms[-1])
+            row.pause_ms.append(restored.pause_ms - gap * 1000)
+            row.steps.append(_steps(saved.timings_ms, restored.timings_ms))
+            seen = guest.wait_mem_ok(seen, 300)
+        cprctl.stop(name, state_dir=self.sd)
+        cprctl.remove(name, state_dir=self.sd)
+        shutil.rmtree(folder, ignore_errors=True)
+
+    # baselines ------------------------------------------------------------------------------------
+
+    def bare_round(
+        self, vm: BareVM, guest: Guest, seen: int, row: Row, caps: dict[str, bool], params: dict[str, Any], pause: bool
+    ) -> int:
+        """One bare save + load of *vm* into *row*; the guest's new ``mem ok`` count."""
+        path = vm.folder / "state.mig"
+        path.unlink(missing_ok=True)
+        save_ms, stopped = asyncio.run(bare_save(vm, path, caps, params, pause))
+        saved_at = time.time()
+        row.disk_bytes, row.apparent_bytes = file_sizes(path)
+        drop_caches()
+        gap = time.time() - saved_at
+        load_ms, resumed = asyncio.run(bare_load(vm, path, caps, params))
+        row.save_ms.append(save_ms)
+        row.load_ms.append(load_ms)
+        row.total_ms.append(save_ms + load_ms)
+        row.pause_ms.append((resumed - stopped - gap) * 1000)
+        path.unlink()
+        return guest.wait_mem_ok(seen, 300)
+
+    def bare_in_place(self, size: int) -> None:
+        fill = fill_for(size)
+        folder = self.folder(f"bare-file{size}")
+        guest, vm = Guest(folder), BareVM(self.argv(folder, size, fill, "file"), folder)
+        self.step(size, f"bare QMP, RAM in place: start, fill {fill} MiB")
+        try:
+            vm.start()
+            seen = guest.wait_mem_ok(0, self.boot_timeout(size))
+            row = self.res.row(size, "bare-inplace", "bare QMP in place: cpr-reboot, x-ignore-shared")
+            for i in range(self.repeat):
+                self.step(size, f"bare QMP in place: save + load {i + 1}/{self.repeat}")
+                seen = self.bare_round(vm, guest, seen, row, {"x-ignore-shared": True}, {"mode": "cpr-reboot"}, False)
+        finally:
+            vm.kill()
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def bare_written(self, size: int) -> None:
+        fill = fill_for(size)
+        folder = self.folder(f"bare-anon{size}")
+        guest, vm = Guest(folder), BareVM(self.argv(folder, size, fill, "anon"), folder)
+        self.step(size, f"bare QMP, RAM written: start, fill {fill} MiB")
+        try:
+            vm.start()
+            seen = guest.wait_mem_ok(0, self.boot_timeout(size))
+            capped = self.res.row(size, "bare-cap", "bare QMP RAM written: cpr-reboot, QEMU's default cap")
+            if size <= CAPPED_MAX_MIB:
+                self.step(size, "bare QMP RAM written, default 128 MiB/s cap: save + load")
+                seen = self.bare_round(vm, guest, seen, capped, {}, {"mode": "cpr-reboot"}, False)
+            else:
+                capped.note = f"skipped (cap: ~{size / 128:.0f} s)"
+            self.step(size, "virsh-save-like: stop, normal migrate to file uncapped, load, cont")
+            virsh = self.res.row(
+                size, "virsh", "virsh-save-like: stop + normal migrate file:, uncapped", "max-bandwidth lifted"
+            )
+            self.bare_round(vm, guest, seen, virsh, {}, {"mode": "normal", "max-bandwidth": UNCAPPED}, True)
+        finally:
+            vm.kill()
+            shutil.rmtree(folder, ignore_errors=True)
+
+    # fleet ----------------------------------------------------------------------------------------
+
+    def fleet(self) -> None:
+        sd = self.work / "fleet"
+        names = ["fleet-f1", "fleet-f2", "fleet-a1", "fleet-a2"]
+        guests = {}
+        self.step(None, f"fleet: launch 4 x {FLEET_RAM_MIB} MiB (2 RAM in place, 2 RAM written), fill {FLEET_FILL_MIB}")
+        for name in names:
+            folder = self.folder(name)
+            ram = "file" if "-f" in name else "anon"
+            cprctl.launch(name, self.argv(folder, FLEET_RAM_MIB, FLEET_FILL_MIB, ram), state_dir=sd)
+            guests[name] = Guest(folder)
+        seen = {n: g.wait_mem_ok(0, self.boot_timeout(FLEET_RAM_MIB) * 2) for n, g in guests.items()}
+        cores = os.cpu_count() or 1
+        for parallel, key in ((None, "fleet-par"), (1, "fleet-seq")):
+            label = f"parallel={parallel or cores}{' (default)' if parallel is None else ''}"
+            self.step(None, f"fleet: save_all + restore_all, {label}")
+            row = self.res.row(None, key, f"fleet 4 x {FLEET_RAM_MIB} MiB: save_all + restore_all, {label}")
+            t = time.perf_counter()
+            saved = cprctl.save_all(parallel=parallel, state_dir=sd)
+            row.save_ms.append((time.perf_counter() - t) * 1000)
+            saved_at = time.time()
+            _require_all(saved, "saved")
+            files = [s.state_file for s in cprctl.status(state_dir=sd) if s.state_file]
+            sizes = [file_sizes(f) for f in files]
+            row.disk_bytes, row.apparent_bytes = sum(s[0] for s in sizes), sum(s[1] for s in sizes)
+            drop_caches()
+            gap = time.time() - saved_at
+            t = time.perf_counter()
+            restored = cprctl.restore_all(parallel=parallel, state_dir=sd)
+            row.load_ms.append((time.perf_counter() - t) * 1000)
+            _require_all(restored, "restored")
+            row.total_ms.append(row.save_ms[-1] + row.load_ms[-1])
+            pauses = [s.last_pause_ms for s in cprctl.status(state_dir=sd) if s.last_pause_ms is not None]
+            row.pause_ms.append(max(pauses) - gap * 1000)
+            row.note = f"pause = longest of the 4; {len(files)} state files"
+            seen = {n: g.wait_mem_ok(seen[n], 300) for n, g in guests.items()}
+        for name in names:
+            cprctl.stop(name, state_dir=sd)
+
+    # the physical limit ---------------------------------------------------------------------------
+
+    def dd(self) -> None:
+        self.step(None, f"dd: O_DIRECT write and read of {DD_MIB} MiB in the state dir")
+        self.res.dd_write, self.res.dd_read = dd_bandwidth(self.work)
+        row = self.res.row(None, "dd", f"dd O_DIRECT {DD_MIB} MiB, bs=1M (physical limit)")
+        row.save_ms.append(DD_MIB * 2**20 / self.res.dd_write * 1000)
+        row.load_ms.append(DD_MIB * 2**20 / self.res.dd_read * 1000)
+        row.note = f"write {self.res.dd_write / MB:.0f} MB/s, read {self.res.dd_read / MB:.0f} MB/s"
+
+    def run(self, sizes: list[int], fleet: bool) -> None:
+        self.res.machine = machine_info(self.qemu, self.work)
+        self.dd()
+        for size in sizes:
+            self.cprctl_in_place(size)
+            self.bare_in_place(size)
+            self.cprctl_written(size)
+            self.bare_written(size)
+            for key in ("cp-mapped", "cp-stream", "bare-cap", "virsh"):
+                row = self.res.get(size, key)
+                if row is not None and row.save_ms:
+                    row.note = _join(row.note, _bandwidths(row, fill_for(size)))
+        if fleet:
+            self.fleet()
+
+
+def _join(*parts: str) -> str:
+    seen: list[str] = []
+    for part in parts:
+        for piece in part.split("; "):
+            if piece and piece not in seen:
+                seen.append(piece)
+    return "; ".join(seen)
+
+
+def _steps(save: dict[str, float], restore: dict[str, float]) -> dict[str, float]:
+    return {**{f"save.{k}": v for k, v in save.items()}, **{f"restore.{k}": v for k, v in restore.items()}}
+
+
+def _require_all(outcomes: list[cprctl.VMOutcome], what: str) -> None:
+    bad = [o for o in outcomes if o.outcome != what]
+    if bad:
+        raise RuntimeError("; ".join(f"{o.name}: {o.outcome} {o.detail}" for o in bad))
+
+
+def _bandwidths(row: Row, fill: int) -> str:
+    dirty = fill * 2**20
+    save, load = row.median("save_ms"), row.median("load_ms")
+    assert save and load
+    return f"save {dirty / save / 1e3:.0f} MB/s, load {dirty / load / 1e3:.0f} MB/s"
+
+
+# --------------------------------------------------------------------------------------------------
+# Ratios and report
+
+
+def ratios(res: Results, sizes: list[int]) -> list[Ratio]:
+    out_: list[Ratio] = []
+    for size in sizes:
+        dirty = fill_for(size) * 2**20
+        cold, bare = res.get(size, "cp-cold"), res.get(size, "bare-inplace")
+        warm = res.get(size, "cp-warm")
+        if cold and bare and cold.pause_ms and bare.pause_ms:
+            c, b = cold.median("pause_ms"), bare.median("pause_ms")
+            assert c is not None and b is not None
+            out_.append(Ratio("cold in-place pause: cprctl / bare QMP", size, f"{c / b:.2f}", "<= 1.05", c / b <= 1.05))
+            over = c - b
+            limit = max(0.05 * c, 10.0)
+            out_.append(
+                Ratio(
+                    "cprctl overhead, cold save + restore in place (pause - bare pause)",
+                    size,
+                    f"{over:+.0f} ms ({over / c * 100:+.1f} % of {c:.0f} ms)",
+                    f"<= {limit:.0f} ms (max(5 %, 10 ms))",
+                    over <= limit,
+                )
+            )
+        if warm and warm.pause_ms:
+            w = warm.median("pause_ms")
+            assert w is not None
+            out_.append(Ratio("warm update pause, median", size, f"{w:.1f} ms", "<= 20 ms", w <= 20))
+            if cold and cold.pause_ms:
+                c = cold.median("pause_ms")
+                assert c is not None
+                out_.append(Ratio("warm / cold pause (in place)", size, f"{w / c:.3f}"))
+        capped = res.get(size, "bare-cap")
+        cap_bw, cap_src = float(QEMU_DEFAULT_CAP), "nominal 128 MiB/s"
+        if capped and capped.save_ms:
+            cap_bw, cap_src = dirty / (capped.median("save_ms") or 1) * 1000, "measured"
+        for key, name in (("cp-mapped", "mapped-ram"), ("cp-stream", "stream")):
+            row = res.get(size, key)
+            if not row or not row.save_ms:
+                continue
+            judged = key == "cp-mapped"  # the targets are for the default strategy; stream is for comparison
+            save_bw = dirty / (row.median("save_ms") or 1) * 1000
+            load_bw = dirty / (row.median("load_ms") or 1) * 1000
+            migrate = row.step_medians().get("save.migrate")
+            extra = f" (migrate step alone: {dirty / migrate / 1e3 / (res.dd_write / MB):.2f})" if migrate else ""
+            out_.append(
+                Ratio(
+                    f"{name}: save bandwidth / dd write",
+                    size,
+                    f"{save_bw / res.dd_write:.2f}{extra}",
+                    ">= 0.90" if judged else "",
+                    save_bw / res.dd_write >= 0.9 if judged else None,
+                )
+            )
+            out_.append(
+                Ratio(
+                    f"{name}: load bandwidth / dd read",
+                    size,
+                    f"{load_bw / res.dd_read:.2f}",
+                    ">= 0.90" if judged else "",
+                    load_bw / res.dd_read >= 0.9 if judged else None,
+                )
+            )
+            out_.append(
+                Ratio(
+                    f"{name}: save speedup vs QEMU's default cap ({cap_src})",
+                    size,
+                    f"{save_bw / cap_bw:.1f}x",
+                    ">= 5x" if judged else "",
+                    save_bw / cap_bw >= 5 if judged else None,
+                )
+            )
+    par, seq = res.get(None, "fleet-par"), res.get(None, "fleet-seq")
+    if par and seq and par.save_ms and seq.save_ms:
+        out_.append(
+            Ratio(
+                "fleet: save_all / restore_all speedup, parallel vs parallel=1",
+                None,
+                f"{seq.save_ms[0] / par.save_ms[0]:.2f}x / {seq.load_ms[0] / par.load_ms[0]:.2f}x",
+            )
+        )
+    return out_
+
+
+def _ms(v: float | None) -> str:
+    return "—" if v is None else f"{v:,.0f}" if v >= 100 else f"{v:.1f}"
+
+
+def _bytes(n: int | None) -> str:
+    if n is None:
+        return "—"
+    return f"{n / MB:,.1f} MB" if n >= 1e5 else f"{n / 1e3:.0f} kB"
+
+
+HEAD = ["RAM", "case", "save ms", "load ms", "total ms", "pause ms", "state on disk", "apparent", "runs", "notes"]
+
+
+def table_rows(res: Results) -> Iterator[list[str]]:
+    for row in res.rows.values():
+        yield [
+            f"{row.size} MiB" if row.size else "—",
+            row.case,
+            _ms(row.median("save_ms")),
+            _ms(row.median("load_ms")),
+            _ms(row.median("total_ms")),
+            _ms(row.median("pause_ms")),
+            _bytes(row.disk_bytes),
+            _bytes(row.apparent_bytes),
+            str(row.runs) if row.runs else "0",
+            row.note,
+        ]
+
+
+def breakdown(res: Results) -> Iterator[str]:
+    """Where cprctl's time goes: median timings_ms of each cprctl case."""
+    for row in res.rows.values():
+        if row.steps and row.size:
+            steps = ", ".join(f"{k} {v:.0f}" for k, v in row.step_medians().items())
+            yield f"{row.size} MiB, {row.case}: {steps}"
+
+
+def show(res: Results, rats: list[Ratio]) -> None:
+    table = Table(title="cprctl benchmark (medians; ms; pause = STOP→RESUME minus the save/restore gap)")
+    for h in HEAD:
+        table.add_column(h, justify="right" if h.endswith(("ms", "disk", "apparent", "runs")) else "left")
+    for cells in table_rows(res):
+        table.add_row(*cells)
+    out.print(table)
+    rt = Table(title="ratios and the issue's targets")
+    for h in ("RAM", "ratio", "value", "target", "verdict"):
+        rt.add_column(h)
+    for r in rats:
+        color = {"PASS": "green", "MISS": "red"}.get(r.verdict, "")
+        verdict = f"[{color}]{r.verdict}[/{color}]" if color else ""
+        rt.add_row(f"{r.size} MiB" if r.size else "—", r.name, r.value, r.target, verdict)
+    out.print(rt)
+    out.print("[bold]where cprctl's time goes (median timings_ms):[/bold]")
+    for line in breakdown(res):
+        out.print(f"  {line}")
+
+
+def markdown(res: Results, rats: list[Ratio], argv: list[str], runtime_s: float, sizes: list[int]) -> str:
+    def md_table(head: list[str], rows: list[list[str]]) -> list[str]:
+        return [
+            "| " + " | ".join(head) + " |",
+            "|" + "|".join("---" for _ in head) + "|",
+            *("| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows),
+        ]
+
+    fills = ", ".join(f"{s} MiB → fill {fill_for(s)} MiB" for s in sizes)
+    lines = [
+        '# cprctl benchmark (issue "Fast")',
+        "",
+        f"Command: `{' '.join(argv)}` — total runtime {runtime_s / 60:.1f} min.",
+        "",
+        "## Machine",
+        "",
+        *(f"- {k}: {v}" for k, v in res.machine.items()),
+        "",
+        "## Method",
+        "",
+        "- Demo guest under TCG (`-accel tcg -cpu max`, 1 vCPU), q35; the guest dirties `fill` MiB of its RAM "
+        f"with an incompressible pattern ({fills}) and re-verifies it every 3 s; every measurement waits for "
+        "`mem ok` before it starts and after each restore.",
+        "- *save ms*: the whole operation on the running VM until its QEMU is gone (for cprctl: the `save()` "
+        "call: check, migrate, digest, quit). *load ms*: until the guest runs again (`restore()`: verify, "
+        "start QEMU, load, resume). For `update`, only *total ms* (the `update()` call).",
+        "- *pause ms*: the QMP STOP event of the old QEMU to the RESUME event of the new one (QEMU's host "
+        "timestamps, as cprctl measures it), minus the idle time the benchmark spends between save and "
+        "restore (`sync` and dropping the page cache). Between every save and its load the page cache is "
+        "dropped (`sync; echo 3 > /proc/sys/vm/drop_caches`): loads read the disk, like after a host reboot. "
+        "`update` runs without that (no reboot).",
+        "- Bandwidths are the dirtied bytes (`fill` MiB) divided by save or load time, in MB/s (10^6 B/s); "
+        "the state file also holds the guest's own pages, so this understates the bytes actually written.",
+        "- *state on disk* = `st_blocks * 512`; *apparent* = `st_size` (mapped-ram files are sparse).",
+        "- Baseline (a): a bare `qemu.qmp` script (in `bench.py`), QEMU's defaults: `mode=cpr-reboot` "
+        "(+ `x-ignore-shared` for RAM in a file), `migrate file:`, poll `query-migrate` every 5 ms, `quit`; "
+        "start the same argv + `-incoming defer`, same settings, `migrate-incoming`, wait for `running`. "
+        "RAM written under QEMU's default `max-bandwidth` (128 MiB/s) only up to "
+        f"{CAPPED_MAX_MIB} MiB.",
+        "- Baseline (b), what `virsh save` does: `stop`, normal mode, `max-bandwidth` lifted (libvirt lifts "
+        "it too for a save to a file), `migrate file:`, `quit`; load with `-incoming defer` and `cont`.",
+        f"- Physical limit (c): `dd` of {DD_MIB} MiB with O_DIRECT, bs=1M, in the state directory.",
+        f"- Repetitions: in-place cases {sorted({r.runs for r in res.rows.values() if r.size and r.runs})} "
+        "(median shown); RAM-written cases once.",
+        "",
+        "## Results",
+        "",
+        *md_table(HEAD, list(table_rows(res))),
+        "",
+        "## Ratios and targets",
+        "",
+        *md_table(
+            ["RAM", "ratio", "value", "target", "verdict"],
+            [[f"{r.size} MiB" if r.size else "—", r.name, r.value, r.target, r.verdict] for r in rats],
+        ),
+        "",
+        "## Where cprctl's time goes (median `timings_ms`)",
+        "",
+        *(f"- {line}" for line in breakdown(res)),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def _on_sigterm(signum: int, frame: object) -> NoReturn:
+    raise KeyboardInterrupt
+
+
+def main() -> int:
+    here = Path(__file__).resolve().parent
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    ap.add_argument("--guest", default="~/.cache/cprctl-guest", help="folder with vmlinuz and initrd.img")
+    ap.add_argument("--qemu", default="qemu-system-x86_64")
+    ap.add_argument("--sizes", default="512,2048,4096", help="guest RAM sizes, MiB (default: %(default)s)")
+    ap.add_argument("--quick", action="store_true", help="512 MiB only")
+    ap.add_argument("--repeat", type=int, default=3, help="runs of each in-place case (default: %(default)s)")
+    ap.add_argument("--no-fleet", action="store_true", help="skip the 4-VM save_all/restore_all")
+    ap.add_argument("--workdir", default="/var/tmp", help="where the temp folder goes (default: %(default)s)")
+    ap.add_argument("--out", default=str(here / "RESULTS.md"), help="markdown results (default: %(default)s)")
+    args = ap.parse_args()
+    sizes = [512] if args.quick else [int(s) for s in args.sizes.split(",") if s.strip()]
+    if os.geteuid() != 0:
+        out.print("[red]run as root: the benchmark drops the page cache before every load[/red]")
+        return 2
+    guest = Path(args.guest).expanduser()
+    if not (guest / "vmlinuz").is_file() or not (guest / "initrd.img").is_file():
+        out.print(f"[red]no demo guest in {guest}: run `make guest`[/red]")
+        return 2
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    work = Path(tempfile.mkdtemp(prefix="cprctl-bench-", dir=args.workdir))
+    bench = Bench(args, work)
+    started = time.monotonic()
+    ok = False
+    try:
+        bench.run(sizes, fleet=not args.no_fleet)
+        ok = True
+    except KeyboardInterrupt:
+        out.print("[red]interrupted[/red]")
+    except Exception:
+        out.print_exception()
+        out.print("[red]benchmark failed; partial results below[/red]")
+    finally:
+        killed = kill_under(work)
+        if killed:
+            out.print(f"[dim]killed leftover processes {killed}[/dim]")
+        shutil.rmtree(work, ignore_errors=True)
+    runtime = time.monotonic() - started
+    rats = ratios(bench.res, sizes)
+    show(bench.res, rats)
+    out.print(f"total runtime {runtime / 60:.1f} min")
+    if ok:
+        argv = ["benchmarks/bench.py", *sys.argv[1:]]
+        Path(args.out).write_text(markdown(bench.res, rats, argv, runtime, sizes))
+        out.print(f"wrote {args.out}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
