@@ -20,7 +20,7 @@ from .._qemu.agent import Agent
 from .._qemu.process import Binary
 from .._qemu.qmp import Monitor
 from .._store import StateDir, VMLock
-from ..errors import AgentError, CheckpointError, CprctlError, VMStateError
+from ..errors import AgentError, CheckpointError, CprctlError, QemuError, VMStateError
 from . import disks, statefile
 from .record import Checkpoint, Operation
 from .report import Quiet, Reporter, migration_progress
@@ -106,6 +106,15 @@ async def restore(
         try:
             result = await _load(vm, cp, pid, argv, timings, t, reporter)
         except BaseException as exc:
+            if op.step in ("resuming", "resumed") and process.alive(pid):
+                # The guest may have run on the new QEMU: its RAM and disks have moved on from the
+                # checkpoint, so going back would corrupt it. Keep the new QEMU.
+                vm.record.argv = qargv.for_relaunch(argv)
+                retire_checkpoint(vm, pid, None)
+                vm.record.operation = None
+                vm.commit()
+                raise QemuError(f"{name}: the guest was resumed on the new QEMU (pid {pid}), but then: {exc}; "
+                                "it is kept running, see 'cprctl status'") from None
             await asyncio.to_thread(process.kill, pid)
             vm.record.operation = None
             vm.commit()
@@ -135,11 +144,17 @@ async def _load(
         status = await mon.wait_status({"running", "paused", "suspended", "postmigrate"}, 60)
         timings["load"] = (time.perf_counter() - t) * 1000
         woke = False
-        if status == "suspended" and cp.suspended:
+        if status == "running":
+            op.mark("resumed")  # QEMU resumed the guest by itself
+        elif status == "suspended" and cp.suspended:
+            op.mark("resuming")
+            vm.commit()
             await mon.execute("system_wakeup")
             status = await mon.wait_status({"running"}, 30)
             woke = True
         elif status in ("paused", "postmigrate") and cp.was_running:
+            op.mark("resuming")
+            vm.commit()
             await mon.execute("cont")
             status = await mon.wait_status({"running"}, 30)
         resumed = mon.event_time("WAKEUP") if woke else mon.event_time("RESUME")

@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
-from .._qemu import process
 from .._qemu.agent import Agent
 from .._qemu.qmp import Monitor
 from .._store import StateDir, VMLock
@@ -51,7 +50,6 @@ async def save(
     force: bool = False,
     verify_disks: Literal["sampled", "full"] = "sampled",
     reporter: Reporter | None = None,
-    quit_qemu: bool = True,
 ) -> SaveResult:
     """Checkpoint VM *name* with cpr-reboot and stop its QEMU.
 
@@ -100,13 +98,8 @@ async def save(
                     ) from None
                 raise
             reporter.step(f"{name}: checkpoint recorded ({checkpoint.size / 1e6:.1f} MB); stopping QEMU")
-            if quit_qemu:
-                t1 = time.perf_counter()
-                await mon.quit()
-        if quit_qemu:
-            if r.pid and not await asyncio.to_thread(process.wait_gone, r.pid, 30):
-                await asyncio.to_thread(process.kill, r.pid)
-            await finish_quit(vm)
+            t1 = time.perf_counter()
+            await finish_quit(vm, mon)
             checkpoint.timings_ms["quit"] = (time.perf_counter() - t1) * 1000
         r.operation = None
         vm.commit()

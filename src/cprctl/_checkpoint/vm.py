@@ -122,10 +122,13 @@ async def _recover_restore(vm: VM) -> str:
         with contextlib.suppress(QemuError):
             async with Monitor(r.qmp, r.name, op.new_pid) as mon:
                 status = await mon.status()
-        if status == "running":
+                if op.step == "resuming" and r.checkpoint is not None:
+                    await resume_guest(mon, r.checkpoint.suspended)  # it was being woken: go on
+                    status = await mon.status()
+        if status == "running" or op.step in ("resuming", "resumed"):
             retire_checkpoint(vm, op.new_pid, None)
-            return "finished it (the guest was already running); the checkpoint is retired"
-        process.kill(op.new_pid)
+            return f"finished it (the guest was already resumed, now {status}); the checkpoint is retired"
+        await asyncio.to_thread(process.kill, op.new_pid)
     return "rolled it back; the checkpoint is kept, run restore again"
 
 
@@ -177,12 +180,15 @@ async def resume_guest(mon: Monitor, wake: bool) -> None:
         await mon.set_migration(dict.fromkeys(PLAN_CAPABILITIES, False), {"mode": "normal"})
 
 
-async def finish_quit(vm: VM) -> None:
-    """Stop the QEMU of a VM whose checkpoint is recorded, then fingerprint its disks."""
+async def finish_quit(vm: VM, mon: Monitor | None = None) -> None:
+    """Stop the QEMU of a VM whose checkpoint is recorded (through *mon* if open), then fingerprint its disks."""
     r = vm.record
     if vm.running():
         with contextlib.suppress(QemuError):
-            async with Monitor(r.qmp, r.name, r.pid) as mon:
+            if mon is None:
+                async with Monitor(r.qmp, r.name, r.pid) as mon:
+                    await mon.quit()
+            else:
                 await mon.quit()
         if r.pid and not await asyncio.to_thread(process.wait_gone, r.pid, 30):
             await asyncio.to_thread(process.kill, r.pid)
