@@ -65,6 +65,7 @@ def test_qmp_not_answering(tmp_path: Path) -> None:
 def test_qemu_that_dies_at_start_shows_its_log(tmp_path: Path) -> None:
     out = cli("launch", "bad", "--", QEMU, "-machine", "q35", "-no-such-option", state_dir=tmp_path / "state")
     one_line_error(out, "exited", "no-such-option")
+    assert not (tmp_path / "state" / "vms" / "bad").exists(), "a VM that never ran leaves nothing behind"
 
 
 @pytest.mark.qemu

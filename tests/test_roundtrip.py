@@ -27,6 +27,7 @@ def test_shared_file_ram_stays_in_place(state_dir: Path) -> None:
     assert saved.strategy == "in-place"
     assert saved.size < 5_000_000
     assert Path(saved.state_file).read_bytes()[:8] == b"QEVM\x00\x00\x00\x03"
+    assert Path(saved.state_file).stat().st_mode & 0o777 == 0o600, "state files hold guest memory"
     assert not os.path.exists(f"/proc/{st.pid}/cmdline") or "Z" in Path(f"/proc/{st.pid}/stat").read_text()
     assert vm.status().state == "saved" and vm.status().pid is None
     mark = vm.mark()

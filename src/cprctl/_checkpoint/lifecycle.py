@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from .._qemu import argv as qargv
@@ -30,6 +31,18 @@ def _fresh_folder(sd: StateDir, name: str) -> Path:
         if vm.state() != "stopped":
             raise VMStateError(f"{name} already exists and is {vm.state()}; pick another name")
     return sd.create_vm_dir(name)
+
+
+@contextlib.contextmanager
+def _claim(sd: StateDir, name: str, operation: str) -> Iterator[Path]:
+    """A new VM's folder, locked; removed again if *operation* fails (nothing ran under cprctl yet)."""
+    folder = _fresh_folder(sd, name)
+    with VMLock(folder, name, operation):
+        try:
+            yield folder
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
 
 
 def _socket_path(path: Path) -> str:
@@ -76,31 +89,27 @@ async def launch(sd: StateDir, name: str, argv: Sequence[str], agent: bool = Fal
     :raise UsageError: bad name or argv; `QemuError` when QEMU is too old or does not come up
         (its log tail in the message); `VMStateError` when *name* is taken.
     """
-    folder = _fresh_folder(sd, name)
-    with VMLock(folder, name, "launch"):
-        rec: VMRecord | None = None
+    with _claim(sd, name, "launch") as folder:
+        full, qmp, qga, machine = prepare_argv(argv, folder, agent)
+        log = folder / LOG_FILE
+        rec = VMRecord(
+            name=name,
+            argv=full,
+            qmp=qmp,
+            origin="launch",
+            machine=machine,
+            log=str(log),
+            qga=qga,
+            cwd=os.getcwd(),
+            created=time.time(),
+        )
+        rec.pid = process.spawn(full, log, cwd=rec.cwd)
+        vm = VM(name, folder, rec)
         try:
-            full, qmp, qga, machine = prepare_argv(argv, folder, agent)
-            log = folder / LOG_FILE
-            rec = VMRecord(
-                name=name,
-                argv=full,
-                qmp=qmp,
-                origin="launch",
-                machine=machine,
-                log=str(log),
-                qga=qga,
-                cwd=os.getcwd(),
-                created=time.time(),
-            )
-            rec.pid = process.spawn(full, log, cwd=rec.cwd)
-            vm = VM(name, folder, rec)
             vm.commit()
             await wait_qmp(vm, rec.pid)
         except BaseException:
-            if rec is not None and rec.pid:
-                process.kill(rec.pid)
-            shutil.rmtree(folder, ignore_errors=True)  # it never ran: nothing to keep
+            process.kill(rec.pid)
             raise
         return rec
 
@@ -137,8 +146,7 @@ async def adopt(sd: StateDir, name: str, qmp: str, qga: str | None = None) -> VM
     """
     qmp = os.path.abspath(qmp)
     pid = socket_peer_pid(qmp)
-    folder = _fresh_folder(sd, name)
-    with VMLock(folder, name, "adopt"):
+    with _claim(sd, name, "adopt") as folder:
         argv = process.cmdline(pid)
         async with Monitor(qmp, name, pid, timeout=5.0) as mon:
             version = await mon.version()

@@ -113,8 +113,10 @@ async def restore(
                 retire_checkpoint(vm, pid, None)
                 vm.record.operation = None
                 vm.commit()
-                raise QemuError(f"{name}: the guest was resumed on the new QEMU (pid {pid}), but then: {exc}; "
-                                "it is kept running, see 'cprctl status'") from None
+                raise QemuError(
+                    f"{name}: the guest was resumed on the new QEMU (pid {pid}), but then: {exc}; "
+                    "it is kept running, see 'cprctl status'"
+                ) from None
             await asyncio.to_thread(process.kill, pid)
             vm.record.operation = None
             vm.commit()
