@@ -7,10 +7,12 @@ verification, rollback); a bounded number run at the same time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Literal
 
+from .._qemu.argv import ram_layout
 from .._store import StateDir
 from ..errors import CprctlError, FleetCheckFailed
 from . import inspect
@@ -53,7 +55,8 @@ async def save_all(
     force: bool = False,
     reporter: Reporter | None = None,
 ) -> list[VMOutcome]:
-    """Save every running VM; with *reboot*, only if every VM passes ``check --reboot``.
+    """Save every running VM, *parallel* at a time (default: one per core; VMs whose RAM must be
+    written, one at a time); with *reboot*, only if every VM passes ``check --reboot``.
 
     :raise FleetCheckFailed: with *reboot*, when any VM fails its check (nothing was touched).
     """
@@ -79,9 +82,13 @@ async def save_all(
         if refused:
             raise FleetCheckFailed(refused)
     limit = asyncio.Semaphore(parallel or default_parallel())
+    # Saves that write RAM share the disk, and mapped-ram's multifd channels already use every core:
+    # by default they go one at a time, beside any number of in-place saves.
+    writers = asyncio.Semaphore(parallel or 1)
 
     async def one(name: str) -> VMOutcome:
-        async with limit:
+        in_place = all(b.named_shared_file for b in ram_layout(open_vm(sd, name).record.argv).backends)
+        async with limit, (contextlib.nullcontext() if in_place else writers):
             try:
                 res = await save(sd, name, suspend=suspend, reboot=reboot, force=force, reporter=reporter)
                 return VMOutcome(name, "saved", f"{res.strategy}, {res.size / 1e6:.1f} MB", "saved", res.strategy)
