@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from cprctl._checkpoint import plan as plan_module
 from cprctl._checkpoint.plan import UNCAPPED, Facts, RamFact, choose, findings
 from cprctl._qemu.argv import RamBackend
 
@@ -36,7 +37,8 @@ def codes(found: list) -> set[str]:  # type: ignore[type-arg]
 
 def test_shared_file_stays_in_place() -> None:
     plan = choose(facts(SHARED))
-    assert plan.strategy == "in-place" and plan.capabilities == {"x-ignore-shared": True}
+    assert plan.strategy == "in-place"
+    assert plan.capabilities == {"x-ignore-shared": True, "mapped-ram": False, "multifd": False}
     assert plan.parameters["mode"] == "cpr-reboot"
     assert plan.expected_bytes < GIB
 
@@ -46,18 +48,28 @@ def test_anonymous_ram_is_written_as_mapped_ram_and_shared_stays() -> None:
     assert plan.strategy == "mapped-ram"
     assert plan.capabilities == {"x-ignore-shared": True, "mapped-ram": True, "multifd": True}
     assert plan.parameters["max-bandwidth"] == UNCAPPED
-    assert plan.parameters["multifd-channels"] == 2 and plan.parameters["direct-io"] is True
+    assert plan.parameters["multifd-channels"] == 2
+    assert plan.parameters["direct-io"] is False, "O_DIRECT off: see plan.DIRECT_IO"
     assert GIB < plan.expected_bytes < 2 * GIB  # only the anonymous GiB is written
 
 
-def test_no_direct_io_where_the_filesystem_refuses_it() -> None:
-    plan = choose(facts(ANON, state_dio=False))
-    assert "direct-io" not in plan.parameters
+def test_direct_io_only_where_wanted_the_filesystem_takes_it_and_qemu_has_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(plan_module, "DIRECT_IO", True)
+    assert choose(facts(ANON, state_dio=True)).parameters["direct-io"] is True
+    assert choose(facts(ANON, state_dio=False)).parameters["direct-io"] is False
+    assert choose(facts(SHARED, state_dio=True)).parameters["direct-io"] is False
+    assert "direct-io" not in choose(facts(ANON, state_dio=True, qemu_version=(9, 0, 0))).parameters
+
+
+def test_every_capability_is_set_so_a_previous_save_leaves_nothing_on() -> None:
+    for strategy in ("auto", "in-place", "stream", "mapped-ram"):
+        caps = choose(facts(SHARED), strategy=strategy).capabilities  # type: ignore[arg-type]
+        assert set(caps) == {"x-ignore-shared", "mapped-ram", "multifd"}
 
 
 def test_explicit_stream_writes_all_ram_even_shared() -> None:
     plan = choose(facts(SHARED, ram_bytes=GIB), strategy="stream")
-    assert plan.strategy == "stream" and plan.capabilities == {"x-ignore-shared": False}
+    assert plan.strategy == "stream" and not any(plan.capabilities.values())
     assert plan.expected_bytes > GIB
 
 

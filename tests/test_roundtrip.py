@@ -51,6 +51,20 @@ def test_anonymous_ram_goes_into_the_state_file(state_dir: Path) -> None:
     vm.stop()
 
 
+def test_strategies_one_after_another_on_the_same_vm(state_dir: Path) -> None:
+    """Each save sets every capability it could use: nothing a previous save or restore turned on leaks."""
+    vm = GuestVM.launch("mixed", state_dir, ram="anon", fill=32)
+    mark = vm.mark()
+    for strategy in ("mapped-ram", "stream", "mapped-ram"):
+        saved = cprctl.save("mixed", strategy=strategy, state_dir=state_dir)  # type: ignore[arg-type]
+        assert saved.strategy == strategy
+        cprctl.restore("mixed", state_dir=state_dir)
+    res = cprctl.update("mixed", QEMU, state_dir=state_dir)  # warm, over a socket, after a mapped-ram restore
+    assert res.warm
+    vm.assert_continued(mark, fill=32)
+    vm.stop()
+
+
 def test_suspend_always_saves_suspended_and_wakes(state_dir: Path) -> None:
     vm = GuestVM.launch("susp", state_dir, ram="file", fill=32)
     saved = cprctl.save("susp", suspend="always", state_dir=state_dir)

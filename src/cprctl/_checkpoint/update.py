@@ -176,8 +176,10 @@ async def _warm(
 
 def over_socket(plan: Plan) -> Plan:
     """*plan* for a migration straight into the new QEMU: RAM kept in place stays, the rest is streamed."""
-    caps = {"x-ignore-shared": plan.capabilities["x-ignore-shared"]}
-    params = {k: v for k, v in plan.parameters.items() if k in ("mode", "max-bandwidth")}
+    caps = {**plan.capabilities, "mapped-ram": False, "multifd": False}  # a socket is not seekable
+    params = {k: v for k, v in plan.parameters.items() if k in ("mode", "max-bandwidth", "direct-io")}
+    if "direct-io" in params:
+        params["direct-io"] = False
     return Plan("in-place" if plan.strategy == "in-place" else "stream", plan.suspend, caps, params, 0)
 
 
