@@ -819,9 +819,8 @@ def markdown(res: Results, rats: list[Ratio], argv: list[str], runtime_s: float,
         f"- Physical limit (c): `dd` of {DD_MIB} MiB with O_DIRECT, bs=1M, in the state directory, best of {DD_RUNS} "
         "(this is a virtual disk: its bandwidth varies from run to run).",
         f"- Repetitions: {repeat} runs of each in-place case (median shown); RAM-written cases and the fleet once.",
-        "- The stream save runs before the mapped-ram one on the same VM: the other order fails (a QEMU restored "
-        "from a mapped-ram save keeps `mapped-ram`/`multifd` on, cprctl's stream plan does not turn them off, "
-        "and the restore then refuses the file).",
+        "- The stream save runs before the mapped-ram one on the same VM (either order works: every save sets "
+        "all the capabilities it could use).",
         "",
         "## Results",
         "",
