@@ -47,11 +47,16 @@ async def save(
     suspend: SuspendMode = "auto",
     strategy: Strategy = "auto",
     reboot: bool = False,
+    durable: bool = True,
     force: bool = False,
     verify_disks: Literal["sampled", "full"] = "sampled",
     reporter: Reporter | None = None,
 ) -> SaveResult:
     """Checkpoint VM *name* with cpr-reboot and stop its QEMU.
+
+    With *durable* (the default), RAM kept in place in a file is flushed to disk
+    with the state file, so a host crash after the save loses nothing; ``update``,
+    which restores at once, skips that.
 
     :raise CheckFailed: the preflight check refused; nothing was touched.
     :raise VMStateError: the VM is not running, or is saved already.
@@ -88,7 +93,7 @@ async def save(
                     disks.image_paths(nodes),
                     timings,
                     reporter,
-                    reboot,
+                    durable,
                 )
             except BaseException as exc:
                 await _rollback(vm, mon, exc, reporter)
@@ -117,7 +122,7 @@ async def _checkpoint(
     images: list[str],
     timings: dict[str, float],
     reporter: Reporter,
-    reboot: bool,
+    durable: bool,
 ) -> Checkpoint:
     """Suspend if planned, migrate to the state file, verify it, and record the checkpoint."""
     r, op = vm.record, vm.record.operation
@@ -147,9 +152,11 @@ async def _checkpoint(
     t = time.perf_counter()
     size, digest = await asyncio.to_thread(statefile.digest, vm.state_path, True)
     inode, mtime_ns = statefile.identity(vm.state_path)
-    if reboot:
-        await asyncio.to_thread(_fsync_ram, r.argv)
     timings["digest"] = (time.perf_counter() - t) * 1000
+    if durable:
+        t = time.perf_counter()
+        await asyncio.to_thread(_fsync_ram, r.argv)
+        timings["flush"] = (time.perf_counter() - t) * 1000
     checkpoint = Checkpoint(
         state_file=str(vm.state_path),
         size=size,

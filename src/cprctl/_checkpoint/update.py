@@ -143,7 +143,7 @@ async def update(
                 reason = str(exc)
     reporter.step(f"{name}: cold update ({reason})")
     t = time.perf_counter()
-    await save(sd, name, suspend=suspend, force=force, reporter=reporter)
+    await save(sd, name, suspend=suspend, force=force, durable=False, reporter=reporter)
     res = await restore(
         sd, name, qemu=binary.path, force=force, sync_time=sync_time, reporter=reporter, trust_identity=True
     )
