@@ -86,6 +86,8 @@ async def restore(
     with VMLock(vm.folder, name, "restore"):
         await recover(vm, reporter)
         t0 = time.perf_counter()
+        if vm.record.checkpoint is not None:
+            reporter.step(f"{name}: verifying the state file ({vm.record.checkpoint.size / 1e6:.1f} MB) and the disks")
         cp = await asyncio.to_thread(verify, vm, force, trust_identity)
         argv = list(vm.record.argv)
         if qemu:
