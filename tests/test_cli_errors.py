@@ -70,7 +70,8 @@ def test_qemu_that_dies_at_start_shows_its_log(tmp_path: Path) -> None:
 
 @pytest.mark.qemu
 def test_running_vm_cannot_be_restored_and_stopped_cannot_be_saved(state_dir: Path) -> None:
-    vm = GuestVM.launch("st", state_dir, fill=0)
+    vm = GuestVM.launch("st", state_dir, fill=0, extra=("-daemonize",))
+    assert "-daemonize" not in vm.status().argv, "cprctl detaches QEMU itself and must keep its pid"
     one_line_error(cli("restore", "st", state_dir=state_dir), "no checkpoint", "running")
     one_line_error(cli("launch", "st", "--", QEMU, state_dir=state_dir), "already exists")
     assert cli("stop", "st", state_dir=state_dir).returncode == 0

@@ -64,7 +64,8 @@ def prepare_argv(argv: Sequence[str], folder: Path, agent: bool) -> tuple[list[s
     binary = Binary(_absolute(argv[0]))
     binary.require_cpr()
     machine = binary.resolve_machine(qargv.machine_type(argv))
-    out = qargv.with_machine_type([binary.path, *argv[1:]], machine)
+    # cprctl detaches QEMU itself: -daemonize would hide its pid (and -incoming is restore's business)
+    out = qargv.with_machine_type(qargv.for_relaunch([binary.path, *argv[1:]]), machine)
     qmp = qargv.qmp_socket(out)
     if qmp is None:
         qmp = _socket_path(folder / "qmp.sock")
