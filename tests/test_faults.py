@@ -281,3 +281,50 @@ def test_update_to_a_broken_binary_keeps_the_vm(state_dir: Path, tmp_path: Path)
     cprctl.restore("brk", state_dir=state_dir)  # retry with the recorded binary
     vm.assert_continued(mark, fill=32)
     vm.stop()
+
+
+def test_hotplugged_device_is_refused_before_anything_is_touched(state_dir: Path) -> None:
+    import asyncio
+
+    from cprctl._qemu.qmp import Monitor
+
+    vm = GuestVM.launch("hot", state_dir, fill=0)
+    st = vm.status()
+
+    async def plug(cmd: str, args: dict[str, object]) -> None:
+        async with Monitor(st.qmp, "hot", st.pid) as mon:
+            await mon.execute(cmd, args)
+
+    asyncio.run(plug("object-add", {"qom-type": "memory-backend-ram", "id": "m1", "size": 64 << 20}))
+    with pytest.raises(CheckFailed, match="memory backend 'm1' was plugged in at run time"):
+        cprctl.save("hot", state_dir=state_dir)
+    assert vm.status().state == "running" and vm.status().state_file is None
+    assert cli("check", "hot", state_dir=state_dir).returncode != 0
+    asyncio.run(plug("object-del", {"id": "m1"}))
+    assert cli("check", "hot", state_dir=state_dir).returncode == 0
+    mark = vm.mark()
+    cprctl.save("hot", state_dir=state_dir)
+    cprctl.restore("hot", state_dir=state_dir)
+    vm.assert_continued(mark, fill=0)
+    vm.stop()
+
+
+def test_hotplugged_pci_device_is_refused(state_dir: Path) -> None:
+    import asyncio
+
+    from cprctl._qemu.qmp import Monitor
+
+    vm = GuestVM.launch("hotdev", state_dir, fill=0, extra=("-device", "pcie-root-port,id=rp1,bus=pcie.0,chassis=1"))
+    st = vm.status()
+
+    async def plug() -> None:
+        async with Monitor(st.qmp, "hotdev", st.pid) as mon:
+            await mon.execute("device_add", {"driver": "virtio-rng-pci", "id": "rng0", "bus": "rp1"})
+
+    asyncio.run(plug())
+    out = cli("check", "hotdev", state_dir=state_dir)
+    assert out.returncode != 0 and "device 'rng0'" in out.stdout and "rp1" not in out.stdout, out.stdout
+    with pytest.raises(CheckFailed, match="device 'rng0'"):
+        cprctl.save("hotdev", state_dir=state_dir)
+    assert vm.status().state == "running"
+    vm.stop()

@@ -140,3 +140,9 @@ def test_findings_sorted_worst_first() -> None:
     found = findings(facts(ANON, DIRPATH, qemu_version=(8, 0, 0)))
     order = [f.severity for f in found]
     assert order == sorted(order, key=["error", "warning", "info"].index)
+
+
+def test_hotplugged_hardware_blocks_the_save() -> None:
+    found = findings(facts(SHARED, hotplugged=["device 'rng0'"]))
+    assert "hotplugged" in codes(found)
+    assert any("rng0" in f.message for f in found if f.code == "hotplugged")

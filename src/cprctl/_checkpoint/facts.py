@@ -59,6 +59,28 @@ async def vfio_devices(mon: Monitor) -> list[str]:
     return found
 
 
+#: Ids QEMU gives the main RAM it makes itself when no backend is named (x86's pc and q35).
+DEFAULT_RAM_IDS = frozenset({"pc.ram"})
+
+
+async def hotplugged(mon: Monitor, argv: list[str]) -> list[str]:
+    """What was plugged in after QEMU started: a restart from the recorded argv would lack it."""
+    known = qargv.device_ids(argv)
+    try:
+        children = await mon.execute("qom-list", {"path": "/machine/peripheral"})
+    except QemuError:
+        children = []
+    found = [
+        f"device {c['name']!r}"
+        for c in children
+        if str(c.get("type", "")).startswith("child<") and c["name"] not in known
+    ]
+    backends = {b.id for b in qargv.ram_layout(argv).backends} | DEFAULT_RAM_IDS
+    memdevs = await mon.execute("query-memdev")
+    found += [f"memory backend {m['id']!r}" for m in memdevs if m.get("id") and m["id"] not in backends]
+    return found
+
+
 async def agent_facts(record: VMRecord) -> tuple[bool, bool, str]:
     """``(answers, offers guest-suspend-ram, error)`` for the VM's guest agent."""
     if not record.qga:
@@ -116,5 +138,6 @@ async def gather(record: VMRecord, mon: Monitor, state_dir: Path, suspend: Suspe
             "state_free": vfs.f_bavail * vfs.f_frsize,
             "state_dio": supports_direct_io(state_dir),
             "cores": os.cpu_count() or 1,
+            "hotplugged": await hotplugged(mon, record.argv),
         }
     )

@@ -88,7 +88,7 @@ async def save_all(
 
     async def one(name: str) -> VMOutcome:
         in_place = all(b.named_shared_file for b in ram_layout(open_vm(sd, name).record.argv).backends)
-        async with limit, (contextlib.nullcontext() if in_place else writers):
+        async with limit, contextlib.nullcontext() if in_place else writers:
             try:
                 res = await save(sd, name, suspend=suspend, reboot=reboot, force=force, reporter=reporter)
                 return VMOutcome(name, "saved", f"{res.strategy}, {res.size / 1e6:.1f} MB", "saved", res.strategy)

@@ -96,6 +96,8 @@ class Facts:
     #: The state directory's filesystem takes O_DIRECT.
     state_dio: bool = False
     cores: int = 1
+    #: Devices and RAM plugged in at run time, which the recorded argv lacks.
+    hotplugged: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -196,6 +198,17 @@ def _qemu(facts: Facts) -> list[Finding]:
                 "warning",
                 f"machine type {facts.machine!r} is not versioned; a newer QEMU may not load the state",
                 "start the VM with a versioned machine type (cprctl launch pins it)",
+            )
+        )
+    if facts.hotplugged:
+        what = ", ".join(facts.hotplugged)
+        out.append(
+            Finding(
+                "hotplugged",
+                "error",
+                f"{what} was plugged in at run time and is not in the recorded "
+                "command line, so the restarted QEMU would not have it and could not load the state",
+                "unplug it, or stop and launch the VM again with it on the command line",
             )
         )
     if facts.status not in ("running", "paused", "suspended"):

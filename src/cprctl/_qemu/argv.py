@@ -314,6 +314,12 @@ def device_drivers(argv: Sequence[str]) -> list[str]:
     return [split_keyval(o.value or "", "driver").get("driver", "") for o in options(argv, "device")]
 
 
+def device_ids(argv: Sequence[str]) -> set[str]:
+    """The ``id`` of every ``-device`` that has one."""
+    ids = (split_keyval(o.value or "", "driver").get("id") for o in options(argv, "device"))
+    return {i for i in ids if i}
+
+
 def has_vfio(argv: Sequence[str]) -> bool:
     return any(d.startswith("vfio") for d in device_drivers(argv))
 
