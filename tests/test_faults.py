@@ -328,3 +328,25 @@ def test_hotplugged_pci_device_is_refused(state_dir: Path) -> None:
         cprctl.save("hotdev", state_dir=state_dir)
     assert vm.status().state == "running"
     vm.stop()
+
+
+def test_new_qemu_dying_during_a_warm_update_resumes_the_guest_on_the_old_one(state_dir: Path) -> None:
+    vm = GuestVM.launch("wdie", state_dir, fill=32)
+    old_pid = vm.status().pid
+    mark = vm.mark()
+
+    class KillNew(KillQemuAt):
+        def step(self, message: str) -> None:
+            if "handing the guest over to pid" in message:
+                self.pid = int(message.rsplit(" ", 1)[1])
+                super().step(message)
+
+    killer = KillNew(0, "handing the guest over")
+    with pytest.raises(QemuError, match=r"warm update failed.*guest runs on the old QEMU"):
+        cprctl.update("wdie", QEMU, reporter=killer, state_dir=state_dir)
+    assert killer.fired
+    st = vm.status()
+    assert st.state == "running" and st.pid == old_pid and st.operation is None
+    vm.assert_continued(mark, fill=32)
+    assert cli("check", "wdie", state_dir=state_dir).returncode == 0  # QMP still at its usual path
+    vm.stop()

@@ -45,7 +45,7 @@ from .record import Operation
 from .report import Quiet, Reporter
 from .restore import restore
 from .save import save, suspend_guest
-from .vm import VM, open_vm, recover, resume_guest
+from .vm import VM, open_vm, recover, settle_update
 
 MIGRATION_SOCKET = "migrate.sock"
 
@@ -203,20 +203,21 @@ async def _switch(vm: VM, old: Monitor, plan: Plan, binary: str, reporter: Repor
             reporter.step(f"{vm.name}: new QEMU {binary} waits beside the old one (pid {new_pid})")
             return await _migrate(vm, old, new, plan, argv, sockets, suffix, timings, reporter)
     except BaseException as exc:
-        await asyncio.to_thread(process.kill, new_pid)
-        drop_sockets(sockets, suffix)
-        started = op.step != "standby"
-        if started:
-            with contextlib.suppress(QemuError):
-                await resume_guest(old, op.suspended_by_us)
+        if op.step == "standby":  # the new QEMU never got the guest: just stop it
+            await asyncio.to_thread(process.kill, new_pid)
+            drop_sockets(sockets, suffix)
+            r.operation = None
+            vm.commit()
+            if isinstance(exc, QemuError):
+                raise _NoStandby(f"the new QEMU did not start beside the old one: {exc}") from None
+            raise
+        done = "its outcome is unknown, see 'cprctl status'"
+        with contextlib.suppress(QemuError):
+            done = await settle_update(vm, old)  # the `new` connection is closed here, so it can ask
         r.operation = None
         vm.commit()
-        if not started and isinstance(exc, QemuError):
-            raise _NoStandby(f"the new QEMU did not start beside the old one: {exc}") from None
         if isinstance(exc, CprctlError):
-            raise QemuError(
-                f"{vm.name}: warm update failed ({exc}); the guest runs on the old QEMU as before"
-            ) from None
+            raise QemuError(f"{vm.name}: warm update failed ({exc}); {done}") from None
         raise
 
 
@@ -239,11 +240,10 @@ async def _migrate(
     await new.execute("migrate-incoming", {"uri": uri})
     await old.set_migration(plan.capabilities, plan.parameters)
     op.mark("migrating")
-    stopped_at = None
-    if plan.suspend:
-        op.suspended_by_us = True
-        vm.commit()
-        stopped_at = await suspend_guest(vm, old)
+    op.suspended_by_us = plan.suspend
+    vm.commit()
+    stopped_at = await suspend_guest(vm, old) if plan.suspend else None
+    reporter.step(f"{vm.name}: handing the guest over to pid {new.pid}")
     t = time.perf_counter()
     before = time.time()
     await old.execute("migrate", {"uri": uri})

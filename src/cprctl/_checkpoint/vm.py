@@ -133,7 +133,16 @@ async def _recover_restore(vm: VM) -> str:
 
 
 async def _recover_update(vm: VM) -> str:
-    """A warm update: forward if the new QEMU runs the guest, else back to the old QEMU."""
+    return await settle_update(vm)
+
+
+async def settle_update(vm: VM, old: Monitor | None = None) -> str:
+    """End a warm update that did not finish: forward if the new QEMU runs the guest, else back.
+
+    Going back is safe only while the new QEMU never ran the guest (their RAM is
+    the same shared file), so the new QEMU's real runstate decides. *old* is an
+    open connection to the old QEMU, if the caller has one.
+    """
     from .._qemu.argv import served_sockets
     from .update import drop_sockets, take_over_sockets
 
@@ -145,8 +154,10 @@ async def _recover_update(vm: VM) -> str:
         with contextlib.suppress(QemuError):
             async with Monitor(r.qmp + op.socket_suffix, r.name, op.new_pid, timeout=5) as new:
                 status = await new.status()
-    if status == "running":
-        if r.pid and process.alive(r.pid):
+    if status == "running" or (status not in ("inmigrate", "suspended", "gone") and op.step == "switched"):
+        if old is not None:
+            await old.quit()
+        if r.pid and not await asyncio.to_thread(process.wait_gone, r.pid, 10):
             await asyncio.to_thread(process.kill, r.pid)
         take_over_sockets(served_sockets(argv), op.socket_suffix)
         r.argv, r.pid = argv, op.new_pid
@@ -156,8 +167,11 @@ async def _recover_update(vm: VM) -> str:
     drop_sockets(served_sockets(argv), op.socket_suffix)
     if not vm.running():
         return "both QEMUs are gone; the VM is stopped and its state is lost"
-    async with Monitor(r.qmp, r.name, r.pid) as old:
+    if old is not None:
         await resume_guest(old, op.suspended_by_us)
+    else:
+        async with Monitor(r.qmp, r.name, r.pid) as mon:
+            await resume_guest(mon, op.suspended_by_us)
     return "rolled it back; the guest runs on the old QEMU as before"
 
 
