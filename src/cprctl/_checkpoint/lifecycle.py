@@ -61,7 +61,7 @@ def prepare_argv(argv: Sequence[str], folder: Path, agent: bool) -> tuple[list[s
     """
     if not argv:
         raise UsageError("no QEMU command line given (cprctl launch NAME -- QEMU ARGS...)")
-    binary = Binary(_absolute(argv[0]))
+    binary = Binary.find(argv[0])
     binary.require_cpr()
     machine = binary.resolve_machine(qargv.machine_type(argv))
     # cprctl detaches QEMU itself: -daemonize would hide its pid (and -incoming is restore's business)
@@ -75,13 +75,6 @@ def prepare_argv(argv: Sequence[str], folder: Path, agent: bool) -> tuple[list[s
         qga = _socket_path(folder / "qga.sock")
         out += qargv.agent_args(qga)
     return out, qmp, qga, machine
-
-
-def _absolute(binary: str) -> str:
-    found = shutil.which(binary) if os.sep not in binary else binary
-    if not found:
-        raise UsageError(f"QEMU binary not found: {binary}")
-    return os.path.abspath(found)
 
 
 async def launch(sd: StateDir, name: str, argv: Sequence[str], agent: bool = False) -> VMRecord:

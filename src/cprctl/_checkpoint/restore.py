@@ -91,7 +91,7 @@ async def restore(
         cp = await asyncio.to_thread(verify, vm, force, trust_identity)
         argv = list(vm.record.argv)
         if qemu:
-            binary = Binary(os.path.abspath(qemu) if os.sep in qemu else qemu)
+            binary = Binary.find(qemu)
             binary.require_cpr()
             argv[0] = binary.path
         timings = {"verify": (time.perf_counter() - t0) * 1000}

@@ -128,7 +128,7 @@ async def update(
         path's restore failed and the checkpoint is kept.
     """
     reporter = reporter or Quiet()
-    binary = Binary(os.path.abspath(qemu) if os.sep in qemu else qemu)
+    binary = Binary.find(qemu)
     binary.require_cpr()
     reason = "--cold" if not warm else None
     if reason is None:

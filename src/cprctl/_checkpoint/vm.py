@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -181,9 +182,11 @@ async def resume_guest(mon: Monitor, wake: bool) -> None:
     if info.get("status") in ("active", "setup", "device", "pre-switchover", "wait-unplug"):
         with contextlib.suppress(QemuError):
             await mon.execute("migrate_cancel")
-        for _ in range(1000):
-            if (await mon.execute("query-migrate")).get("status") not in ("active", "cancelling", "setup", "device"):
+        deadline = time.monotonic() + 10
+        while (await mon.execute("query-migrate")).get("status") in ("active", "cancelling", "setup", "device"):
+            if time.monotonic() > deadline:
                 break
+            await asyncio.sleep(0.01)
     status = await mon.status()
     if status in ("postmigrate", "paused", "finish-migrate"):
         await mon.execute("cont")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -23,6 +24,17 @@ class Binary:
     """A QEMU system emulator binary on this host."""
 
     path: str
+
+    @classmethod
+    def find(cls, name: str) -> Binary:
+        """The binary *name* names: a path (made absolute) or a command looked up on ``$PATH``.
+
+        :raise UsageError: when there is no such binary.
+        """
+        found = shutil.which(name) if os.sep not in name else name
+        if not found:
+            raise UsageError(f"QEMU binary not found: {name}")
+        return cls(os.path.abspath(found))
 
     def _run(self, *args: str) -> str:
         try:
