@@ -45,6 +45,8 @@ def test_anonymous_ram_goes_into_the_state_file(state_dir: Path) -> None:
     saved = cprctl.save("anon", state_dir=state_dir)
     assert saved.strategy == "mapped-ram"
     assert saved.size > 96 << 20, "the filled RAM must be in the state file"
+    record = json.loads((state_dir / "vms" / "anon" / "vm.json").read_text())
+    assert record["checkpoint"]["parameters"]["direct-io"] is True, "ext4 takes O_DIRECT: the fast path"
     mark = vm.mark()
     cprctl.restore("anon", state_dir=state_dir)
     vm.assert_continued(mark, fill=96)

@@ -25,10 +25,11 @@ INCOMPATIBLE_CAPS = ("postcopy-ram", "background-snapshot", "x-colo")
 DEVICE_STATE_BYTES = 64 << 20
 #: Uncapped migration bandwidth (bytes/s): QEMU's 128 MiB/s default would cap a save to a file.
 UNCAPPED = 1 << 40
-#: O_DIRECT for mapped-ram saves. Off: with it the save's own write is faster, but the digest then
-#: reads the whole file back from the disk, and restore reads it twice (verify, then QEMU's O_DIRECT
-#: load); through the page cache each byte crosses the disk once per direction.
-DIRECT_IO = False
+#: O_DIRECT for mapped-ram saves. Measured here (2 GiB guest, 1.9 GB written, ext4): QEMU's write
+#: takes 0.83-0.97 s with it against 2.8-3.5 s through the page cache, and reading the file back
+#: for the digest (O_DIRECT too, 4 threads) 1.1-1.3 s against 1.6-2.0 s. Restore still reads
+#: through the page cache: the digest's read leaves the file there for QEMU's load.
+DIRECT_IO = True
 #: At most this many multifd channels (measured here: 2 and 4 channels write at the same speed on 2 cores).
 MAX_CHANNELS = 8
 
@@ -146,6 +147,19 @@ def choose(facts: Facts, suspend: SuspendMode = "auto", strategy: Strategy = "au
     expected = DEVICE_STATE_BYTES + max(0, facts.ram_bytes - kept)
     suspend_now = wants_suspend(facts, suspend) and facts.status == "running"
     return Plan(chosen, suspend_now, caps, params, expected)
+
+
+def load_parameters(saved: dict[str, str | int | bool], cached: bool) -> dict[str, str | int | bool]:
+    """The migration parameters to load a checkpoint saved with *saved*.
+
+    *cached*: the state file was just read whole (its digest verified), so it
+    sits in the page cache and QEMU loads it from there, not with O_DIRECT from
+    the disk a second time.
+    """
+    params = {k: v for k, v in saved.items() if k != "max-bandwidth"}
+    if cached and params.get("direct-io"):
+        params["direct-io"] = False
+    return params
 
 
 _VERSIONED = re.compile(r".*-\d+\.\d+$")

@@ -22,6 +22,7 @@ from .._qemu.qmp import Monitor
 from .._store import StateDir, VMLock
 from ..errors import AgentError, CheckpointError, CprctlError, QemuError, VMStateError
 from . import disks, statefile
+from .plan import load_parameters
 from .record import Checkpoint, Operation
 from .report import Quiet, Reporter, migration_progress
 from .vm import VM, open_vm, recover, retire_checkpoint
@@ -106,7 +107,7 @@ async def restore(
         op.mark("started")
         vm.commit()
         try:
-            result = await _load(vm, cp, pid, argv, timings, t, reporter)
+            result = await _load(vm, cp, pid, argv, timings, t, reporter, trust_identity)
         except BaseException as exc:
             if op.step in ("resuming", "resumed") and process.alive(pid):
                 # The guest may have run on the new QEMU: its RAM and disks have moved on from the
@@ -135,14 +136,21 @@ async def restore(
 
 
 async def _load(
-    vm: VM, cp: Checkpoint, pid: int, argv: list[str], timings: dict[str, float], t_start: float, reporter: Reporter
+    vm: VM,
+    cp: Checkpoint,
+    pid: int,
+    argv: list[str],
+    timings: dict[str, float],
+    t_start: float,
+    reporter: Reporter,
+    trusted: bool,
 ) -> RestoreResult:
     r, op = vm.record, vm.record.operation
     assert op is not None
     async with Monitor(r.qmp, vm.name, pid) as mon:
         timings["start"] = (time.perf_counter() - t_start) * 1000
         t = time.perf_counter()
-        await mon.set_migration(cp.capabilities, cp.parameters)
+        await mon.set_migration(cp.capabilities, load_parameters(cp.parameters, cached=not trusted))
         await mon.execute("migrate-incoming", {"uri": f"file:{cp.state_file}"})
         await mon.wait_migration(LOAD_TIMEOUT, on_progress=lambda i: migration_progress(reporter, i))
         status = await mon.wait_status({"running", "paused", "suspended", "postmigrate"}, 60)

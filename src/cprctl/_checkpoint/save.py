@@ -150,7 +150,9 @@ async def _checkpoint(
     timings["migrate"] = (time.perf_counter() - t) * 1000
     stopped_at = stopped_at or mon.event_time("STOP", before - 1) or before
     t = time.perf_counter()
-    size, digest = await asyncio.to_thread(statefile.digest, vm.state_path, True)
+    # Written with O_DIRECT, the file is not in the page cache: read it back the same way.
+    direct = plan.parameters.get("direct-io") is True
+    size, digest = await asyncio.to_thread(statefile.digest, vm.state_path, True, direct)
     inode, mtime_ns = statefile.identity(vm.state_path)
     timings["digest"] = (time.perf_counter() - t) * 1000
     if durable:

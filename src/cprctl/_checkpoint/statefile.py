@@ -11,7 +11,9 @@ are not read at all.
 from __future__ import annotations
 
 import errno
+import mmap
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -44,13 +46,28 @@ def _data_chunks(fd: int, size: int) -> set[int]:
     return chunks
 
 
-def digest(path: Path, fsync: bool = False) -> tuple[int, str]:
+def _open(path: Path, direct: bool) -> tuple[int, bool]:
+    """A read-only fd on *path*, with O_DIRECT if asked and the filesystem takes it; and whether it has."""
+    if direct:
+        try:
+            return os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT), True
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+    return os.open(path, os.O_RDONLY | os.O_CLOEXEC), False
+
+
+def digest(path: Path, fsync: bool = False, direct: bool = False) -> tuple[int, str]:
     """``(size, "xxh3_128c:<hex>")`` of *path*; with *fsync*, flush it to disk first.
 
     Holes are not read (mapped-ram state files are sparse); a file's digest
-    depends only on its bytes, not on how sparse it is.
+    depends only on its bytes, not on how sparse it is. With *direct*, the file
+    is read with O_DIRECT (where the filesystem allows): straight from the disk,
+    through no page cache, which matters when the file was just written with
+    O_DIRECT and is not cached anyway.
     """
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd, direct = _open(path, direct)
+    buffers = threading.local()
     try:
         if fsync:
             os.fsync(fd)
@@ -59,7 +76,12 @@ def digest(path: Path, fsync: bool = False) -> tuple[int, str]:
         wanted = sorted(_data_chunks(fd, size))
 
         def one(i: int) -> bytes:
-            return bytes(xxhash.xxh3_128(os.pread(fd, CHUNK, i * CHUNK)).digest())
+            if not direct:
+                return bytes(xxhash.xxh3_128(os.pread(fd, CHUNK, i * CHUNK)).digest())
+            if (buf := getattr(buffers, "buf", None)) is None:
+                buf = buffers.buf = mmap.mmap(-1, CHUNK)  # page-aligned, as O_DIRECT needs
+            got = os.preadv(fd, [buf], i * CHUNK)
+            return bytes(xxhash.xxh3_128(memoryview(buf)[:got]).digest())
 
         with ThreadPoolExecutor(THREADS) as pool:
             found = dict(zip(wanted, pool.map(one, wanted), strict=True))
