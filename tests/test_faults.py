@@ -46,7 +46,7 @@ class KillQemuAt:
             os.kill(self.pid, signal.SIGKILL)
             assert process.wait_gone(self.pid, 10)
 
-    def progress(self, done: int, total: int) -> None:
+    def progress(self, done: int, total: int, what: str = "saving") -> None:
         pass
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cprctl._checkpoint import plan as plan_module
-from cprctl._checkpoint.plan import UNCAPPED, Facts, RamFact, choose, findings, load_parameters
+from cprctl._checkpoint.plan import UNCAPPED, Facts, RamFact, choose, findings
 from cprctl._qemu.argv import RamBackend
 
 SHARED = RamFact(RamBackend("ram0", "file", True, "/var/lib/vm/ram", "1G"), "file", "ext4")
@@ -61,12 +61,14 @@ def test_direct_io_only_where_wanted_the_filesystem_takes_it_and_qemu_has_it(mon
     assert "direct-io" not in choose(facts(ANON, state_dio=True, qemu_version=(9, 0, 0))).parameters
 
 
-def test_a_load_after_a_verifying_read_comes_from_the_page_cache() -> None:
-    saved = choose(facts(ANON, state_dio=True)).parameters
-    assert "max-bandwidth" not in load_parameters(saved, cached=True)
-    assert load_parameters(saved, cached=True)["direct-io"] is False
-    assert load_parameters(saved, cached=False)["direct-io"] is True  # nothing read it: O_DIRECT from the disk
-    assert load_parameters({"mode": "cpr-reboot"}, cached=True) == {"mode": "cpr-reboot"}
+def test_check_says_how_the_save_would_run() -> None:
+    def how(f: Facts, **kw: object) -> str:
+        return next(x.message for x in findings(f, **kw) if x.code == "save-plan")  # type: ignore[arg-type]
+
+    assert "stays in place" in how(facts(SHARED))
+    assert "mapped-ram with 2 multifd channel(s) and O_DIRECT" in how(facts(ANON, cores=2, state_dio=True))
+    assert "tmpfs refuses it" in how(facts(ANON, state_dio=False, state_fs="tmpfs"))
+    assert "one migration stream" in how(facts(ANON), strategy="stream")
 
 
 def test_every_capability_is_set_so_a_previous_save_leaves_nothing_on() -> None:

@@ -40,16 +40,42 @@ def test_shared_file_ram_stays_in_place(state_dir: Path) -> None:
     vm.stop()
 
 
+class Recorder:
+    """A reporter that keeps every progress report: (what, done, total)."""
+
+    def __init__(self) -> None:
+        self.reports: list[tuple[str, int, int]] = []
+
+    def step(self, message: str) -> None:
+        pass
+
+    def progress(self, done: int, total: int, what: str = "saving") -> None:
+        self.reports.append((what, done, total))
+
+    def last(self, what: str) -> tuple[int, int]:
+        done, total = [(d, t) for w, d, t in self.reports if w == what][-1]
+        return done, total
+
+
 def test_anonymous_ram_goes_into_the_state_file(state_dir: Path) -> None:
     vm = GuestVM.launch("anon", state_dir, ram="anon", fill=96)
-    saved = cprctl.save("anon", state_dir=state_dir)
+    saving = Recorder()
+    saved = cprctl.save("anon", state_dir=state_dir, reporter=saving)
     assert saved.strategy == "mapped-ram"
     assert saved.size > 96 << 20, "the filled RAM must be in the state file"
     record = json.loads((state_dir / "vms" / "anon" / "vm.json").read_text())
     assert record["checkpoint"]["parameters"]["direct-io"] is True, "ext4 takes O_DIRECT: the fast path"
+    done, total = saving.last("hashing")
+    assert done == total > 96 << 20, "the digest read back every data chunk"
+    on_disk = os.stat(saved.state_file).st_blocks * 512
     mark = vm.mark()
-    cprctl.restore("anon", state_dir=state_dir)
+    loading = Recorder()
+    cprctl.restore("anon", state_dir=state_dir, reporter=loading)
     vm.assert_continued(mark, fill=96)
+    assert loading.last("verifying")[0] == loading.last("verifying")[1]
+    loads = [(d, t) for w, d, t in loading.reports if w == "loading"]
+    assert loads and all(t == on_disk for _, t in loads), "load progress counts the bytes on disk"
+    assert max(d for d, _ in loads) > 0, "QEMU's reads of the state file show as load progress"
     vm.stop()
 
 

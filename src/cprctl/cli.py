@@ -23,18 +23,18 @@ T = TypeVar("T")
 
 
 class TermReporter:
-    """Steps as lines on stderr; a progress bar for long migrations on a terminal."""
+    """Steps as lines on stderr; progress bars for long saves, verifications and loads on a terminal."""
 
     def __init__(self, quiet: bool = False) -> None:
         self.quiet = quiet
         self._bar: Progress | None = None
-        self._task: Any = None
+        self._tasks: dict[str, Any] = {}
 
     def step(self, message: str) -> None:
         if not self.quiet:
             err.print(f"[dim]•[/] {message}")
 
-    def progress(self, done: int, total: int) -> None:
+    def progress(self, done: int, total: int, what: str = "saving") -> None:
         if self.quiet or not err.is_terminal or total < (256 << 20):
             return
         if self._bar is None:
@@ -48,8 +48,9 @@ class TermReporter:
                 transient=True,
             )
             self._bar.start()
-            self._task = self._bar.add_task("RAM", total=total)
-        self._bar.update(self._task, completed=done, total=total)
+        if what not in self._tasks:
+            self._tasks[what] = self._bar.add_task(what, total=total)
+        self._bar.update(self._tasks[what], completed=done, total=total)
 
     def close(self) -> None:
         if self._bar is not None:

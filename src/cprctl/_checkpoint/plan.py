@@ -25,10 +25,11 @@ INCOMPATIBLE_CAPS = ("postcopy-ram", "background-snapshot", "x-colo")
 DEVICE_STATE_BYTES = 64 << 20
 #: Uncapped migration bandwidth (bytes/s): QEMU's 128 MiB/s default would cap a save to a file.
 UNCAPPED = 1 << 40
-#: O_DIRECT for mapped-ram saves. Measured here (2 GiB guest, 1.9 GB written, ext4): QEMU's write
-#: takes 0.83-0.97 s with it against 2.8-3.5 s through the page cache, and reading the file back
-#: for the digest (O_DIRECT too, 4 threads) 1.1-1.3 s against 1.6-2.0 s. Restore still reads
-#: through the page cache: the digest's read leaves the file there for QEMU's load.
+#: O_DIRECT for mapped-ram saves and their restores. Measured here (2 GiB guest, 1.9 GB written,
+#: ext4; see benchmarks/RESULTS.md): QEMU writes it in 0.83-0.99 s with O_DIRECT against 2.8-3.5 s
+#: through the page cache, and loads it in 0.83 s against 2.5 s from the page cache the digest's
+#: read filled. Through the page cache every byte also takes a page of host memory (a fleet restored
+#: after a reboot would fill the cache with state files): cprctl reads them back with O_DIRECT too.
 DIRECT_IO = True
 #: At most this many multifd channels (measured here: 2 and 4 channels write at the same speed on 2 cores).
 MAX_CHANNELS = 8
@@ -149,19 +150,6 @@ def choose(facts: Facts, suspend: SuspendMode = "auto", strategy: Strategy = "au
     return Plan(chosen, suspend_now, caps, params, expected)
 
 
-def load_parameters(saved: dict[str, str | int | bool], cached: bool) -> dict[str, str | int | bool]:
-    """The migration parameters to load a checkpoint saved with *saved*.
-
-    *cached*: the state file was just read whole (its digest verified), so it
-    sits in the page cache and QEMU loads it from there, not with O_DIRECT from
-    the disk a second time.
-    """
-    params = {k: v for k, v in saved.items() if k != "max-bandwidth"}
-    if cached and params.get("direct-io"):
-        params["direct-io"] = False
-    return params
-
-
 _VERSIONED = re.compile(r".*-\d+\.\d+$")
 
 
@@ -174,9 +162,30 @@ def findings(
         *_ram(facts, reboot, strategy),
         *_suspend(facts, suspend),
         *_space(facts, reboot, suspend, strategy),
+        _how(facts, strategy),
     ]
     order = {"error": 0, "warning": 1, "info": 2}
     return sorted(found, key=lambda f: order[f.severity])
+
+
+def _how(facts: Facts, strategy: Strategy) -> Finding:
+    """How `save` would run: what it writes, and how fast a way it found."""
+    plan = choose(facts, "never", strategy)
+    params = plan.parameters
+    if plan.strategy == "in-place":
+        how = "RAM stays in place (x-ignore-shared): only device state is written"
+    elif plan.strategy == "stream":
+        how = "RAM is written as one migration stream"
+    else:
+        how = f"RAM is written as mapped-ram with {params['multifd-channels']} multifd channel(s)"
+        if params.get("direct-io"):
+            how += " and O_DIRECT"
+        elif "direct-io" not in params:
+            how += " (QEMU < 9.1: no O_DIRECT)"
+        elif not facts.state_dio:
+            how += f" (no O_DIRECT: the state directory's {facts.state_fs or 'filesystem'} refuses it)"
+    mib = plan.expected_bytes >> 20
+    return Finding("save-plan", "info", f"save: {how}, bandwidth cap lifted; up to {mib} MiB")
 
 
 def _qemu(facts: Facts) -> list[Finding]:

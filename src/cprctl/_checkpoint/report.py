@@ -9,8 +9,13 @@ class Reporter(Protocol):
     def step(self, message: str) -> None:
         """A step began or something worth saying happened."""
 
-    def progress(self, done: int, total: int) -> None:
-        """Bytes of a migration written or read so far, of *total* (0 when unknown)."""
+    def progress(self, done: int, total: int, what: str = "saving") -> None:
+        """Bytes done so far of *total* (0 when unknown) in the long step *what*.
+
+        *what* is ``saving`` (QEMU writing the state file), ``hashing`` (cprctl
+        reading it back for its digest), ``verifying`` (checking that digest
+        before a restore) or ``loading`` (QEMU reading the file).
+        """
 
 
 class Quiet:
@@ -19,12 +24,12 @@ class Quiet:
     def step(self, message: str) -> None:
         pass
 
-    def progress(self, done: int, total: int) -> None:
+    def progress(self, done: int, total: int, what: str = "saving") -> None:
         pass
 
 
 def migration_progress(reporter: Reporter, info: dict[str, object]) -> None:
-    """Pass ``query-migrate``'s RAM counters to *reporter*."""
+    """Pass ``query-migrate``'s RAM counters (of a save: a load has none) to *reporter*."""
     ram = info.get("ram")
     if isinstance(ram, dict):
-        reporter.progress(int(ram.get("transferred", 0)), int(ram.get("total", 0)))
+        reporter.progress(int(ram.get("transferred", 0)), int(ram.get("total", 0)), "saving")

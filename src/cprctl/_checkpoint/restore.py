@@ -22,9 +22,8 @@ from .._qemu.qmp import Monitor
 from .._store import StateDir, VMLock
 from ..errors import AgentError, CheckpointError, CprctlError, QemuError, VMStateError
 from . import disks, statefile
-from .plan import load_parameters
 from .record import Checkpoint, Operation
-from .report import Quiet, Reporter, migration_progress
+from .report import Quiet, Reporter
 from .vm import VM, open_vm, recover, retire_checkpoint
 
 LOAD_TIMEOUT = 3600.0
@@ -40,7 +39,9 @@ class RestoreResult:
     timings_ms: dict[str, float]
 
 
-def verify(vm: VM, force: bool = False, trust_identity: bool = False) -> Checkpoint:
+def verify(
+    vm: VM, force: bool = False, trust_identity: bool = False, progress: statefile.Progress = statefile.no_progress
+) -> Checkpoint:
     """The VM's checkpoint, after its state file and disks were verified.
 
     :raise VMStateError: nothing to restore; `CheckpointError` on any mismatch
@@ -52,7 +53,9 @@ def verify(vm: VM, force: bool = False, trust_identity: bool = False) -> Checkpo
     if vm.running():
         raise VMStateError(f"{vm.name}: QEMU (pid {vm.record.pid}) still runs; it is not saved")
     same_as = (cp.inode, cp.mtime_ns) if trust_identity and cp.inode else None
-    statefile.verify(vm.folder / os.path.basename(cp.state_file), cp.size, cp.digest, same_as)
+    path = vm.folder / os.path.basename(cp.state_file)
+    direct = cp.parameters.get("direct-io") is True  # QEMU will load it with O_DIRECT: no use caching it
+    statefile.verify(path, cp.size, cp.digest, same_as, direct, progress)
     for old in cp.disks:
         why = disks.changed(old, full=old.full)
         if why and not force:
@@ -89,7 +92,9 @@ async def restore(
         t0 = time.perf_counter()
         if vm.record.checkpoint is not None:
             reporter.step(f"{name}: verifying the state file ({vm.record.checkpoint.size / 1e6:.1f} MB) and the disks")
-        cp = await asyncio.to_thread(verify, vm, force, trust_identity)
+        cp = await asyncio.to_thread(
+            verify, vm, force, trust_identity, lambda done, total: reporter.progress(done, total, "verifying")
+        )
         argv = list(vm.record.argv)
         if qemu:
             binary = Binary.find(qemu)
@@ -107,7 +112,7 @@ async def restore(
         op.mark("started")
         vm.commit()
         try:
-            result = await _load(vm, cp, pid, argv, timings, t, reporter, trust_identity)
+            result = await _load(vm, cp, pid, argv, timings, t, reporter)
         except BaseException as exc:
             if op.step in ("resuming", "resumed") and process.alive(pid):
                 # The guest may have run on the new QEMU: its RAM and disks have moved on from the
@@ -143,16 +148,23 @@ async def _load(
     timings: dict[str, float],
     t_start: float,
     reporter: Reporter,
-    trusted: bool,
 ) -> RestoreResult:
     r, op = vm.record, vm.record.operation
     assert op is not None
     async with Monitor(r.qmp, vm.name, pid) as mon:
         timings["start"] = (time.perf_counter() - t_start) * 1000
         t = time.perf_counter()
-        await mon.set_migration(cp.capabilities, load_parameters(cp.parameters, cached=not trusted))
+        await mon.set_migration(cp.capabilities, cp.parameters)
         await mon.execute("migrate-incoming", {"uri": f"file:{cp.state_file}"})
-        await mon.wait_migration(LOAD_TIMEOUT, on_progress=lambda i: migration_progress(reporter, i))
+        # An incoming query-migrate has no RAM counters: QEMU's own read count tells how far the load is.
+        path, start = vm.folder / os.path.basename(cp.state_file), process.bytes_read(pid) or 0
+        total = min(cp.size, statefile.stored_bytes(path))
+
+        def loading(_info: object) -> None:
+            if (done := process.bytes_read(pid)) is not None:
+                reporter.progress(min(done - start, total), total, "loading")
+
+        await mon.wait_migration(LOAD_TIMEOUT, on_progress=loading)
         status = await mon.wait_status({"running", "paused", "suspended", "postmigrate"}, 60)
         timings["load"] = (time.perf_counter() - t) * 1000
         woke = False

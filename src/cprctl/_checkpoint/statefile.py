@@ -14,6 +14,7 @@ import errno
 import mmap
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -57,14 +58,22 @@ def _open(path: Path, direct: bool) -> tuple[int, bool]:
     return os.open(path, os.O_RDONLY | os.O_CLOEXEC), False
 
 
-def digest(path: Path, fsync: bool = False, direct: bool = False) -> tuple[int, str]:
+#: Called with (bytes read so far, bytes to read), from any thread.
+Progress = Callable[[int, int], None]
+
+
+def no_progress(done: int, total: int) -> None:
+    pass
+
+
+def digest(path: Path, fsync: bool = False, direct: bool = False, progress: Progress = no_progress) -> tuple[int, str]:
     """``(size, "xxh3_128c:<hex>")`` of *path*; with *fsync*, flush it to disk first.
 
     Holes are not read (mapped-ram state files are sparse); a file's digest
     depends only on its bytes, not on how sparse it is. With *direct*, the file
     is read with O_DIRECT (where the filesystem allows): straight from the disk,
     through no page cache, which matters when the file was just written with
-    O_DIRECT and is not cached anyway.
+    O_DIRECT and is not cached anyway. *progress* hears of every chunk read.
     """
     fd, direct = _open(path, direct)
     buffers = threading.local()
@@ -74,14 +83,22 @@ def digest(path: Path, fsync: bool = False, direct: bool = False) -> tuple[int, 
         size = os.fstat(fd).st_size
         count = (size + CHUNK - 1) // CHUNK
         wanted = sorted(_data_chunks(fd, size))
+        to_read, done, lock = len(wanted) * CHUNK, 0, threading.Lock()
 
-        def one(i: int) -> bytes:
+        def read(i: int) -> memoryview | bytes:
             if not direct:
-                return bytes(xxhash.xxh3_128(os.pread(fd, CHUNK, i * CHUNK)).digest())
+                return os.pread(fd, CHUNK, i * CHUNK)
             if (buf := getattr(buffers, "buf", None)) is None:
                 buf = buffers.buf = mmap.mmap(-1, CHUNK)  # page-aligned, as O_DIRECT needs
-            got = os.preadv(fd, [buf], i * CHUNK)
-            return bytes(xxhash.xxh3_128(memoryview(buf)[:got]).digest())
+            return memoryview(buf)[: os.preadv(fd, [buf], i * CHUNK)]
+
+        def one(i: int) -> bytes:
+            nonlocal done
+            hashed = bytes(xxhash.xxh3_128(read(i)).digest())
+            with lock:
+                done += CHUNK
+                progress(done, to_read)
+            return hashed
 
         with ThreadPoolExecutor(THREADS) as pool:
             found = dict(zip(wanted, pool.map(one, wanted), strict=True))
@@ -98,18 +115,31 @@ def digest(path: Path, fsync: bool = False, direct: bool = False) -> tuple[int, 
     return size, f"{ALGORITHM}:{total.hexdigest()}"
 
 
+def stored_bytes(path: Path) -> int:
+    """Bytes *path* takes on disk: what reading its data (not its holes) costs."""
+    return path.stat().st_blocks * 512
+
+
 def identity(path: Path) -> tuple[int, int]:
     """``(inode, mtime_ns)`` of *path*: unchanged means nobody replaced or wrote the file."""
     st = path.stat()
     return st.st_ino, st.st_mtime_ns
 
 
-def verify(path: Path, size: int, expected: str, same_as: tuple[int, int] | None = None) -> None:
+def verify(
+    path: Path,
+    size: int,
+    expected: str,
+    same_as: tuple[int, int] | None = None,
+    direct: bool = False,
+    progress: Progress = no_progress,
+) -> None:
     """Refuse a state file that is missing, of the wrong size, not a QEMU stream, or altered.
 
     With *same_as* (the ``identity`` taken when the digest was computed, in this
     same process), an unchanged identity stands for the digest: ``update``
     restores a file it hashed a moment ago without reading it twice.
+    *direct* and *progress* are as for `digest`.
 
     :raise CheckpointError: naming what is wrong; the file is left as it is.
     """
@@ -127,6 +157,6 @@ def verify(path: Path, size: int, expected: str, same_as: tuple[int, int] | None
         raise CheckpointError(f"state file {path} does not start with a QEMU migration header (QEVM, version 3)")
     if same_as is not None and identity(path) == same_as:
         return
-    actual = digest(path)[1]
+    actual = digest(path, direct=direct, progress=progress)[1]
     if actual != expected:
         raise CheckpointError(f"state file {path} is corrupt: digest {actual} != recorded {expected}")

@@ -171,3 +171,13 @@ def log_tail(log: Path, lines: int = 5) -> str:
         return ""
     tail = [line.strip() for line in text[-lines:] if line.strip() and not line.startswith("--- cprctl")]
     return " | ".join(tail)
+
+
+def bytes_read(pid: int) -> int | None:
+    """Bytes process *pid* read through read-type system calls so far (``rchar``); None when unreadable."""
+    try:
+        text = Path(f"/proc/{pid}/io").read_text()
+    except OSError:
+        return None
+    found = re.search(r"^rchar: (\d+)$", text, re.MULTILINE)
+    return int(found[1]) if found else None
