@@ -16,8 +16,9 @@ For each guest RAM size it measures, on the demo guest under TCG with most of it
 6. a fleet of 4 VMs: ``save_all``/``restore_all``, in parallel and one at a time.
 
 Guest pause = STOP event to RESUME event (QMP host timestamps), minus the idle time the benchmark
-spends between a save and its restore (``sync`` and dropping the page cache, so every load reads the
-disk). Prints one table and writes ``benchmarks/RESULTS.md``. Run as root: ``make bench``.
+spends between a save and its restore (``sync``, dropping the page cache and a short wait, so every
+load reads the disk into memory freed long before, as after a host reboot). Prints one table and
+writes ``benchmarks/RESULTS.md``. Run as root: ``make bench``.
 """
 
 from __future__ import annotations
@@ -68,6 +69,8 @@ BEST_PARAMS: dict[str, Any] = {
 VIRSH_PARAMS: dict[str, Any] = {"mode": "normal", "max-bandwidth": UNCAPPED, "direct-io": False}
 #: The capped default run only for sizes up to this (MiB): above, it takes size/128 seconds.
 CAPPED_MAX_MIB = 1024
+#: Seconds between a save and its load after dropping the page cache (see `as_after_reboot`).
+SETTLE_S = 5.0
 #: dd test file size (MiB), and how many times it runs (the best counts: the limit is what the disk can do).
 DD_MIB, DD_RUNS = 2048, 2
 MB = 1e6
@@ -146,6 +149,17 @@ def drop_caches() -> None:
     """Write back and drop the page cache, so the next load reads the disk."""
     os.sync()
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def as_after_reboot() -> None:
+    """Between a save and its load: no state file in the page cache, and no recently freed memory.
+
+    After a host reboot nothing is cached, and on this machine (a VM whose freed memory goes back to
+    its host) memory freed seconds ago is still cheap to touch again while older free memory is not:
+    waiting `SETTLE_S` puts every load, cprctl's and the baselines', in the same state.
+    """
+    drop_caches()
+    time.sleep(SETTLE_S)
 
 
 def file_sizes(path: str | Path) -> tuple[int, int]:
@@ -455,7 +469,7 @@ class Bench:
             cold.save_ms.append((time.perf_counter() - t) * 1000)
             saved_at = time.time()
             cold.disk_bytes, cold.apparent_bytes = file_sizes(saved.state_file)
-            drop_caches()
+            as_after_reboot()
             gap = time.time() - saved_at
             t = time.perf_counter()
             restored = cprctl.restore(name, state_dir=self.sd)
@@ -494,8 +508,8 @@ class Bench:
             "auto": self.res.row(size, "cp-mapped", "cprctl RAM written: mapped-ram (default)"),
             "stream": self.res.row(size, "cp-stream", "cprctl RAM written: stream"),
         }
-        # stream first: a QEMU restored from a mapped-ram save keeps mapped-ram and multifd on, and cprctl's
-        # stream plan does not turn them off (its restore then fails: "Capability mapped-ram is off").
+        # Either order works (every save sets all the capabilities it could use); stream runs first so the
+        # default's numbers come from a QEMU that was itself restored, as in real use.
         for strategy in ("stream", "auto"):
             row = rows[strategy]
             self.step(size, f"cprctl RAM written: save ({strategy}) + restore")
@@ -506,7 +520,7 @@ class Bench:
             if saved.strategy != ("mapped-ram" if strategy == "auto" else strategy):
                 row.note = f"strategy ran: {saved.strategy}"
             row.disk_bytes, row.apparent_bytes = file_sizes(saved.state_file)
-            drop_caches()
+            as_after_reboot()
             gap = time.time() - saved_at
             t = time.perf_counter()
             restored = cprctl.restore(name, state_dir=self.sd)
@@ -531,7 +545,7 @@ class Bench:
         save_ms, stopped = asyncio.run(bare_save(vm, path, caps, params, pause))
         saved_at = time.time()
         row.disk_bytes, row.apparent_bytes = file_sizes(path)
-        drop_caches()
+        as_after_reboot()
         gap = time.time() - saved_at
         load_ms, resumed = asyncio.run(bare_load(vm, path, caps, params))
         row.save_ms.append(save_ms)
@@ -615,7 +629,7 @@ class Bench:
             files = [s.state_file for s in cprctl.status(state_dir=sd) if s.state_file]
             sizes = [file_sizes(f) for f in files]
             row.disk_bytes, row.apparent_bytes = sum(s[0] for s in sizes), sum(s[1] for s in sizes)
-            drop_caches()
+            as_after_reboot()
             gap = time.time() - saved_at
             t = time.perf_counter()
             restored = cprctl.restore_all(parallel=parallel, state_dir=sd)
@@ -869,8 +883,9 @@ def markdown(res: Results, rats: list[Ratio], argv: list[str], runtime_s: float,
         "start QEMU, load, resume). For `update`, only *total ms* (the `update()` call).",
         "- *pause ms*: the QMP STOP event of the old QEMU to the RESUME event of the new one (QEMU's host "
         "timestamps, as cprctl measures it), minus the idle time the benchmark spends between save and "
-        "restore (`sync` and dropping the page cache). Between every save and its load the page cache is "
-        "dropped (`sync; echo 3 > /proc/sys/vm/drop_caches`): loads read the disk, like after a host reboot. "
+        "restore. Between every save and its load the page cache is dropped (`sync; echo 3 > "
+        f"/proc/sys/vm/drop_caches`) and the benchmark waits {SETTLE_S:.0f} s: loads read the disk and fill "
+        "memory freed long before, like after a host reboot (this VM hands freed memory back to its host). "
         "`update` runs without that (no reboot).",
         "- Bandwidths are the bytes the state file holds on disk (`st_blocks * 512`: the dirtied RAM, the "
         "guest's own pages and the device state) divided by the save or load time, in MB/s (10^6 B/s).",
