@@ -141,13 +141,7 @@ async def restore(
 
 
 async def _load(
-    vm: VM,
-    cp: Checkpoint,
-    pid: int,
-    argv: list[str],
-    timings: dict[str, float],
-    t_start: float,
-    reporter: Reporter,
+    vm: VM, cp: Checkpoint, pid: int, argv: list[str], timings: dict[str, float], t_start: float, reporter: Reporter
 ) -> RestoreResult:
     r, op = vm.record, vm.record.operation
     assert op is not None
@@ -155,14 +149,14 @@ async def _load(
         timings["start"] = (time.perf_counter() - t_start) * 1000
         t = time.perf_counter()
         await mon.set_migration(cp.capabilities, cp.parameters)
-        await mon.execute("migrate-incoming", {"uri": f"file:{cp.state_file}"})
         # An incoming query-migrate has no RAM counters: QEMU's own read count tells how far the load is.
         path, start = vm.folder / os.path.basename(cp.state_file), process.bytes_read(pid) or 0
         total = min(cp.size, statefile.stored_bytes(path))
+        await mon.execute("migrate-incoming", {"uri": f"file:{cp.state_file}"})
 
         def loading(_info: object) -> None:
             if (done := process.bytes_read(pid)) is not None:
-                reporter.progress(min(done - start, total), total, "loading")
+                reporter.progress(max(0, min(done - start, total)), total, "loading")
 
         await mon.wait_migration(LOAD_TIMEOUT, on_progress=loading)
         status = await mon.wait_status({"running", "paused", "suspended", "postmigrate"}, 60)
