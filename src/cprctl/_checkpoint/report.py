@@ -14,7 +14,8 @@ class Reporter(Protocol):
 
         *what* is ``saving`` (QEMU writing the state file), ``hashing`` (cprctl
         reading it back for its digest), ``verifying`` (checking that digest
-        before a restore) or ``loading`` (QEMU reading the file).
+        before a restore) or ``loading`` (QEMU reading the file). ``hashing`` and
+        ``verifying`` are reported from worker threads, one call at a time.
         """
 
 

@@ -51,7 +51,8 @@ class Agent:
 
     async def __aenter__(self) -> Agent:
         try:
-            await asyncio.wait_for(self._client.connect(self.path), self.timeout)
+            async with asyncio.timeout(self.timeout):  # not wait_for: on 3.11 it can swallow a cancellation
+                await self._client.connect(self.path)
         except (QMPError, OSError, TimeoutError) as exc:
             raise AgentError(f"{self.name}: guest agent socket {self.path}: cannot connect ({exc})") from None
         await self.sync()
@@ -63,7 +64,8 @@ class Agent:
 
     async def execute(self, cmd: str, args: dict[str, Any] | None = None, timeout: float | None = None) -> Any:
         try:
-            return await asyncio.wait_for(self._client.execute(cmd, args), timeout or self.timeout)
+            async with asyncio.timeout(timeout or self.timeout):
+                return await self._client.execute(cmd, args)
         except TimeoutError:
             raise AgentError(
                 f"{self.name}: guest agent did not answer {cmd} in {timeout or self.timeout:.0f} s"
@@ -86,7 +88,8 @@ class Agent:
     async def suspend_ram(self) -> None:
         """Ask the guest to suspend to RAM. Success has no reply: poll QMP's runstate for ``suspended``."""
         try:
-            await asyncio.wait_for(self._client.execute("guest-suspend-ram"), 0.5)
+            async with asyncio.timeout(0.5):
+                await self._client.execute("guest-suspend-ram")
         except TimeoutError:
             return  # expected: the guest went to sleep before answering
         except ExecuteError as exc:

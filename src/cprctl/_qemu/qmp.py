@@ -45,7 +45,8 @@ class Monitor:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                await asyncio.wait_for(self._qmp.connect(self.path), max(0.1, deadline - time.monotonic()))
+                async with asyncio.timeout(max(0.1, deadline - time.monotonic())):
+                    await self._qmp.connect(self.path)
                 return
             except TimeoutError:
                 raise QemuError(
@@ -69,7 +70,8 @@ class Monitor:
         :raise QemuError: when QEMU refuses it (with QEMU's message), or does not answer in time.
         """
         try:
-            return await asyncio.wait_for(self._qmp.execute(cmd, args), timeout)
+            async with asyncio.timeout(timeout):  # not wait_for: on 3.11 it can swallow a cancellation
+                return await self._qmp.execute(cmd, args)
         except ExecuteError as exc:
             raise QemuError(f"{self.name}: {cmd}: {exc}") from None
         except (ExecInterruptedError, EOFError, ConnectionError) as exc:
