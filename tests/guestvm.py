@@ -11,6 +11,7 @@ import asyncio
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -183,6 +184,11 @@ def op_step(rec: dict) -> tuple[str | None, str | None]:
 
 def spawn_cli(*args: str, state_dir: Path) -> subprocess.Popen[str]:
     exe = str(Path(sys.executable).parent / "cprctl")
+    # SIGINT as on a terminal, even when the tests run as a background job (which ignores it).
     return subprocess.Popen(
-        [exe, "--state-dir", str(state_dir), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [exe, "--state-dir", str(state_dir), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -137,3 +139,17 @@ def test_lock_is_exclusive_and_names_holder(tmp_path: Path) -> None:
         VMLock(tmp_path, "vm1", "restore").__enter__()
     with VMLock(tmp_path, "vm1", "restore"):
         pass
+
+
+def test_lock_names_a_holder_that_has_not_written_its_name_yet(tmp_path: Path) -> None:
+    """Between taking the flock and writing its name, a holder is a moment away: the loser waits for the name."""
+    fd = os.open(tmp_path / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    late = threading.Timer(0.05, lambda: os.pwrite(fd, b"'save' by pid 4242 since 12:00:00\n", 0))
+    late.start()
+    try:
+        with pytest.raises(BusyError, match="'save' by pid 4242"):
+            VMLock(tmp_path, "vm1", "restore").__enter__()
+    finally:
+        late.join()
+        os.close(fd)

@@ -35,12 +35,13 @@ class VMLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            holder = _holder(fd)
             os.close(fd)
             raise BusyError(f"{self.name}: busy: {holder}; try again when it is done") from None
-        os.ftruncate(fd, 0)
         stamp = time.strftime("%H:%M:%S")
-        os.pwrite(fd, f"'{self.operation}' by pid {os.getpid()} since {stamp}\n".encode(), 0)
+        text = f"'{self.operation}' by pid {os.getpid()} since {stamp}\n".encode()
+        os.pwrite(fd, text, 0)
+        os.ftruncate(fd, len(text))
         self._fd = fd
         return self
 
@@ -54,3 +55,11 @@ class VMLock:
             os.ftruncate(self._fd, 0)
             os.close(self._fd)
             self._fd = None
+
+
+def _holder(fd: int, wait: float = 0.2) -> str:
+    """Who holds the lock, as it wrote into the file; the holder may be a moment away from writing it."""
+    deadline = time.monotonic() + wait
+    while not (text := os.pread(fd, 200, 0).decode(errors="replace").strip()) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return text or "another process"
