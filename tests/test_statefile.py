@@ -43,5 +43,6 @@ def test_any_flipped_byte_changes_the_digest(tmp_path: Path, offset: int) -> Non
     data[offset] ^= 0x40
     path.write_bytes(bytes(data))
     assert statefile.digest(path)[1] != digest
-    with pytest.raises(CheckpointError):
-        statefile.verify(path, size, digest)
+    for direct in (False, True):
+        with pytest.raises(CheckpointError):
+            statefile.verify(path, size, digest, direct=direct)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 from .._qemu import process
@@ -15,7 +14,7 @@ from .._store import StateDir, VMLock
 from ..errors import BusyError, CprctlError, QemuError
 from . import disks, statefile
 from .facts import gather, mount_of, ram_fact
-from .plan import VOLATILE_FS, Finding, Strategy, SuspendMode, findings
+from .plan import VOLATILE_FS, Finding, Strategy, SuspendMode, direct_io, findings
 from .report import Quiet, Reporter
 from .update import warm_blockers
 from .vm import VM, open_vm, recover
@@ -130,7 +129,7 @@ def _check_saved(vm: VM, reboot: bool) -> list[Finding]:
     assert cp is not None
     out: list[Finding] = []
     try:
-        statefile.verify(Path(cp.state_file), cp.size, cp.digest)
+        statefile.verify(vm.checkpoint_file(), cp.size, cp.digest, direct=direct_io(cp.parameters))
     except CprctlError as exc:
         out.append(Finding("state-file", "error", str(exc), "the checkpoint cannot be restored"))
     for d in cp.disks:

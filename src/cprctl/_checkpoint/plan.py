@@ -168,6 +168,11 @@ def findings(
     return sorted(found, key=lambda f: order[f.severity])
 
 
+def direct_io(parameters: dict[str, str | int | bool]) -> bool:
+    """QEMU writes (and loads) the state file with O_DIRECT: cprctl reads it back that way too."""
+    return parameters.get("direct-io") is True
+
+
 def _how(facts: Facts, strategy: Strategy) -> Finding:
     """How `save` would run: what it writes, and how fast a way it found."""
     plan = choose(facts, "never", strategy)

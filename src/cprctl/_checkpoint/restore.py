@@ -22,6 +22,7 @@ from .._qemu.qmp import Monitor
 from .._store import StateDir, VMLock
 from ..errors import AgentError, CheckpointError, CprctlError, QemuError, VMStateError
 from . import disks, statefile
+from .plan import direct_io
 from .record import Checkpoint, Operation
 from .report import Quiet, Reporter
 from .vm import VM, open_vm, recover, retire_checkpoint
@@ -53,9 +54,7 @@ def verify(
     if vm.running():
         raise VMStateError(f"{vm.name}: QEMU (pid {vm.record.pid}) still runs; it is not saved")
     same_as = (cp.inode, cp.mtime_ns) if trust_identity and cp.inode else None
-    path = vm.folder / os.path.basename(cp.state_file)
-    direct = cp.parameters.get("direct-io") is True  # QEMU will load it with O_DIRECT: no use caching it
-    statefile.verify(path, cp.size, cp.digest, same_as, direct, progress)
+    statefile.verify(vm.checkpoint_file(), cp.size, cp.digest, same_as, direct_io(cp.parameters), progress)
     for old in cp.disks:
         why = disks.changed(old, full=old.full)
         if why and not force:
@@ -150,8 +149,8 @@ async def _load(
         t = time.perf_counter()
         await mon.set_migration(cp.capabilities, cp.parameters)
         # An incoming query-migrate has no RAM counters: QEMU's own read count tells how far the load is.
-        path, start = vm.folder / os.path.basename(cp.state_file), process.bytes_read(pid) or 0
-        total = min(cp.size, statefile.stored_bytes(path))
+        start = process.bytes_read(pid) or 0
+        total = min(cp.size, statefile.stored_bytes(vm.checkpoint_file()))
         await mon.execute("migrate-incoming", {"uri": f"file:{cp.state_file}"})
 
         def loading(_info: object) -> None:

@@ -21,7 +21,7 @@ from .._store import StateDir, VMLock
 from ..errors import AgentError, CheckFailed, CprctlError, QemuError, VMStateError
 from . import disks, statefile
 from .facts import gather
-from .plan import Plan, Strategy, SuspendMode, choose, findings
+from .plan import Plan, Strategy, SuspendMode, choose, direct_io, findings
 from .record import Checkpoint, DiskPrint, Operation
 from .report import Quiet, Reporter, migration_progress
 from .vm import VM, finish_quit, open_vm, recover, resume_guest
@@ -157,9 +157,12 @@ async def _checkpoint(
     stopped_at = stopped_at or mon.event_time("STOP", before - 1) or before
     t = time.perf_counter()
     # Written with O_DIRECT, the file is not in the page cache: read it back the same way.
-    direct = plan.parameters.get("direct-io") is True
     size, digest = await asyncio.to_thread(
-        statefile.digest, vm.state_path, True, direct, lambda done, total: reporter.progress(done, total, "hashing")
+        statefile.digest,
+        vm.state_path,
+        True,
+        direct_io(plan.parameters),
+        lambda done, total: reporter.progress(done, total, "hashing"),
     )
     inode, mtime_ns = statefile.identity(vm.state_path)
     timings["digest"] = (time.perf_counter() - t) * 1000

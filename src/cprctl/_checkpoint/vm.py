@@ -40,6 +40,11 @@ class VM:
     def state_path(self) -> Path:
         return self.folder / STATE_FILE
 
+    def checkpoint_file(self) -> Path:
+        """The state file of the recorded checkpoint, in this VM's folder."""
+        assert self.record.checkpoint is not None
+        return self.folder / os.path.basename(self.record.checkpoint.state_file)
+
     @property
     def log_path(self) -> Path:
         return Path(self.record.log)
