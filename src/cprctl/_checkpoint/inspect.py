@@ -15,6 +15,7 @@ from ..errors import BusyError, CprctlError, QemuError
 from . import disks, statefile
 from .facts import gather, mount_of, ram_fact
 from .plan import VOLATILE_FS, Finding, Strategy, SuspendMode, direct_io, findings
+from .precopy import warm_path
 from .report import Quiet, Reporter
 from .update import warm_blockers
 from .vm import VM, open_vm, recover
@@ -113,7 +114,13 @@ async def check(
                 )
             )
         else:
-            found.append(Finding("update-warm", "info", "'update' can run warm: the new QEMU starts beside this one"))
+            found.append(
+                Finding(
+                    "update-warm",
+                    "info",
+                    f"'update' can run warm: the new QEMU starts beside this one; {warm_path(facts)}",
+                )
+            )
         return found
     if vm.record.checkpoint is not None:
         return _check_saved(vm, reboot)

@@ -38,6 +38,7 @@ from .._qemu.process import Binary
 from .._qemu.qmp import Monitor
 from .._store import StateDir, VMLock
 from ..errors import CheckFailed, CprctlError, QemuError, VMStateError
+from . import precopy
 from .facts import gather
 from .lifecycle import SOCKET_PATH_MAX
 from .plan import Facts, Plan, SuspendMode, choose, findings
@@ -175,12 +176,18 @@ async def _warm(
 
 
 def over_socket(plan: Plan) -> Plan:
-    """*plan* for a migration straight into the new QEMU: RAM kept in place stays, the rest is streamed."""
+    """*plan* for a migration straight into the new QEMU.
+
+    All RAM in place: cpr-reboot with ``x-ignore-shared`` (only device state moves).
+    Any other RAM: a normal-mode pre-copy (see `precopy`), RAM in shared files still skipped.
+    """
     caps = {**plan.capabilities, "mapped-ram": False, "multifd": False}  # a socket is not seekable
     params = {k: v for k, v in plan.parameters.items() if k in ("mode", "max-bandwidth", "direct-io")}
     if "direct-io" in params:
         params["direct-io"] = False
-    return Plan("in-place" if plan.strategy == "in-place" else "stream", plan.suspend, caps, params, 0)
+    if plan.strategy == "in-place":
+        return Plan("in-place", plan.suspend, {**caps, "auto-converge": False}, params, 0)
+    return precopy.precopy_plan(Plan("stream", plan.suspend, caps, params, 0))
 
 
 async def _switch(vm: VM, old: Monitor, plan: Plan, binary: str, reporter: Reporter) -> UpdateResult:
@@ -235,8 +242,7 @@ async def _migrate(
     r, op = vm.record, vm.record.operation
     assert op is not None
     uri = f"unix:{vm.folder / MIGRATION_SOCKET}"
-    params = {k: v for k, v in plan.parameters.items() if k != "max-bandwidth"}
-    await new.set_migration(plan.capabilities, params)
+    await new.set_migration(*precopy.incoming_side(plan))
     await new.execute("migrate-incoming", {"uri": uri})
     await old.set_migration(plan.capabilities, plan.parameters)
     op.mark("migrating")
@@ -247,7 +253,10 @@ async def _migrate(
     t = time.perf_counter()
     before = time.time()
     await old.execute("migrate", {"uri": uri})
-    await old.wait_migration(timeout=3600)
+    if precopy.is_precopy(plan):
+        timings.update(await precopy.run(old, reporter, vm.name))
+    else:
+        await old.wait_migration(timeout=3600)
     status = await new.wait_status({"running", "paused", "suspended", "postmigrate"}, 60, poll=0.001)
     timings["switch"] = (time.perf_counter() - t) * 1000
     if status == "suspended" and op.suspended_by_us:
