@@ -131,10 +131,11 @@ def test_update_moves_the_vm_to_another_binary(state_dir: Path, tmp_path: Path, 
 
 
 def test_update_falls_back_to_cold_when_two_qemus_cannot_coexist(state_dir: Path, tmp_path: Path) -> None:
-    vm = GuestVM.launch("upd-pid", state_dir, fill=16, extra=("-pidfile", str(tmp_path / "q.pid")))
+    extra = ("-netdev", "user,id=n0,hostfwd=tcp:127.0.0.1:0-:22", "-device", "virtio-net-pci,netdev=n0,romfile=")
+    vm = GuestVM.launch("upd-fwd", state_dir, fill=16, extra=extra)
     mark = vm.mark()
-    res = cprctl.update("upd-pid", QEMU, state_dir=state_dir)
-    assert not res.warm and res.cold_reason and "pidfile" in res.cold_reason
+    res = cprctl.update("upd-fwd", QEMU, state_dir=state_dir)
+    assert not res.warm and res.cold_reason and "host port" in res.cold_reason
     vm.assert_continued(mark, fill=16)
     vm.stop()
 

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
+import socket
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 import cprctl
+from cprctl._qemu import fds
 
 from .guestvm import QEMU, GuestVM, cli
 
@@ -36,4 +43,89 @@ def test_ram_not_in_a_shared_file_is_precopied_while_the_guest_runs(state_dir: P
     mark = vm.mark()
     assert cprctl.update(name, QEMU, state_dir=state_dir).warm
     vm.assert_continued(mark, fill=96)
+    vm.stop()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _free_vnc_display() -> int:
+    for display in range(70, 99):
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", 5900 + display)) != 0:
+                return display
+    raise AssertionError("no free VNC display")
+
+
+def _greeting(port: int) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        data = b""
+        while len(data) < 12:
+            chunk = s.recv(256)
+            if not chunk:
+                break
+            data += chunk
+        return data
+
+
+@pytest.fixture
+def tap() -> Iterator[str]:
+    if os.geteuid() != 0 or not shutil.which("ip"):
+        pytest.skip("making a tap device needs root and iproute2")
+    name = f"cprtap{os.getpid() % 10000}"
+    subprocess.run(["ip", "tuntap", "add", "dev", name, "mode", "tap"], check=True)
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "link", "del", name], check=False)
+
+
+def _holds_tap(pid: int, name: str) -> bool:
+    for info in Path(f"/proc/{pid}/fdinfo").iterdir():
+        with contextlib.suppress(OSError):
+            if f"iff:\t{name}\n" in info.read_text():
+                return True
+    return False
+
+
+def test_tap_vnc_tcp_servers_and_pidfile_go_to_the_new_qemu(state_dir: Path, tmp_path: Path, tap: str) -> None:
+    hmp, qmp, display = _free_port(), _free_port(), _free_vnc_display()
+    pidfile = tmp_path / "qemu.pid"
+    extra = (
+        *("-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no"),
+        *("-device", "virtio-net-pci,netdev=n0,romfile="),
+        *("-vnc", f"127.0.0.1:{display}"),
+        *("-chardev", f"socket,id=hmp0,host=127.0.0.1,port={hmp},server=on,wait=off"),
+        *("-mon", "chardev=hmp0,mode=readline"),
+        *("-qmp", f"tcp:127.0.0.1:{qmp},server=on,wait=off"),
+        *("-pidfile", str(pidfile)),
+    )
+    name = "handover"
+    vm = GuestVM.launch(name, state_dir, fill=32, extra=extra)
+    old_pid = vm.status().pid
+    assert old_pid and _holds_tap(old_pid, tap) and pidfile.read_text().strip() == str(old_pid)
+    found = json.loads(cli("check", name, "--json", state_dir=state_dir).stdout)
+    assert any(f["code"] == "update-warm" for f in found), found
+    mark = vm.mark()
+    res = cprctl.update(name, QEMU, state_dir=state_dir)
+    assert res.warm, res.cold_reason
+    new_pid = res.pid
+    vm.assert_continued(mark, fill=32)
+    # the new QEMU holds the same tap, serves VNC and the TCP monitors on their ports, and owns the pidfile
+    assert _holds_tap(new_pid, tap)
+    assert pidfile.read_text().strip() == str(new_pid)
+    assert _greeting(5900 + display).startswith(b"RFB ")
+    assert b"QEMU" in _greeting(hmp) and b"QMP" in _greeting(qmp)
+    for port in (5900 + display, hmp, qmp):
+        assert fds.listening_fd(new_pid, port) >= 0
+    # the recorded argv keeps the original form: a cold save + restore opens the tap by name again
+    assert f"ifname={tap}" in " ".join(vm.status().argv)
+    mark = vm.mark()
+    cprctl.save(name, state_dir=state_dir)
+    restored = cprctl.restore(name, state_dir=state_dir)
+    vm.assert_continued(mark, fill=32)
+    assert _holds_tap(restored.pid, tap) and _greeting(5900 + display).startswith(b"RFB ")
     vm.stop()

@@ -31,9 +31,10 @@ import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from .._qemu import argv as qargv
-from .._qemu import process
+from .._qemu import fds, process
 from .._qemu.process import Binary
 from .._qemu.qmp import Monitor
 from .._store import StateDir, VMLock
@@ -49,6 +50,8 @@ from .save import save, suspend_guest
 from .vm import VM, open_vm, recover, settle_update
 
 MIGRATION_SOCKET = "migrate.sock"
+#: The name of the VNC listening socket given to the new QEMU (QMP ``getfd``).
+VNC_FD = "cprctl-vnc"
 
 
 @dataclass(frozen=True)
@@ -63,22 +66,12 @@ class UpdateResult:
 
 
 def warm_blockers(argv: Sequence[str], facts: Facts | None = None) -> list[str]:
-    """Why two QEMUs of this VM cannot run side by side (empty: a warm update can run)."""
-    why = []
-    names = {o.name for o in qargv.parse(argv)}
-    if "pidfile" in names:
-        why.append("-pidfile is locked by the running QEMU")
-    if names & {"vnc", "spice"}:
-        why.append("a display server (-vnc/-spice) port is held by the running QEMU")
-    for opt in qargv.options(argv, "netdev", "nic", "net"):
-        props = qargv.split_keyval(opt.value or "", "type")
-        if props.get("type") in ("tap", "bridge", "vhost-user", "vhost-vdpa", "l2tpv3", "vde"):
-            why.append(f"network backend {props.get('type')} can be attached to one QEMU at a time")
-        elif props.get("hostfwd") or props.get("listen"):
-            why.append("a network backend listens on a host port held by the running QEMU")
-    for opt in qargv.options(argv, "chardev", "qmp", "monitor", "serial"):
-        if any(k in (opt.value or "") for k in ("tcp:", "port=", "telnet")) and "server" in (opt.value or ""):
-            why.append("a TCP server socket is held by the running QEMU")
+    """Why two QEMUs of this VM cannot run side by side (empty: a warm update can run).
+
+    Taps, TCP servers (chardevs, monitors, QMP, VNC) and the pidfile are handed over
+    (see `fds`); what cannot be is named here.
+    """
+    why = fds.unhandable(argv)
     for b in qargv.ram_layout(argv).backends:
         if b.prealloc and b.share:
             why.append(f"RAM backend {b.id!r} has prealloc=on: the new QEMU would touch RAM the guest is using")
@@ -101,14 +94,27 @@ def drop_sockets(paths: list[str], suffix: str) -> None:
 
 
 def _side_by_side(argv: Sequence[str], suffix: str) -> list[str]:
-    """*argv* with each served unix socket at ``PATH + suffix``, so it can start beside the running QEMU."""
+    """*argv* with each served unix socket and its pidfile at ``PATH + suffix``, to start beside the running QEMU."""
     out = list(argv)
     for path in qargv.served_sockets(argv):
         if len(path + suffix) > SOCKET_PATH_MAX:
             raise _NoStandby(f"socket path {path} is too long to add a second QEMU's beside it")
         new = path + suffix
         out = [w.replace(f"path={path}", f"path={new}").replace(f"unix:{path}", f"unix:{new}") for w in out]
+    for opt in qargv.options(out, "pidfile"):
+        out[opt.index + 1] = f"{opt.value}{suffix}"
     return out
+
+
+def _hand_over(pid: int | None, argv: list[str], folder: Path, suffix: str) -> fds.Handover:
+    """The running QEMU's taps and TCP servers, for the new QEMU (see `fds`).
+
+    :raise _NoStandby: when one cannot be taken (e.g. no permission to take the fds of QEMU).
+    """
+    try:
+        return fds.hand_over(pid or 0, argv, str(folder / f"vnc.sock{suffix}"))
+    except fds.HandoverError as exc:
+        raise _NoStandby(str(exc)) from None
 
 
 async def update(
@@ -196,9 +202,13 @@ async def _switch(vm: VM, old: Monitor, plan: Plan, binary: str, reporter: Repor
     timings: dict[str, float] = {}
     sockets = qargv.served_sockets(argv)
     suffix = f"~{secrets.token_hex(2)}"
-    standby_argv = qargv.incoming(_side_by_side(argv, suffix))
+    handover = _hand_over(r.pid, argv, vm.folder, suffix)
+    standby_argv = qargv.incoming(_side_by_side(handover.argv, suffix))
     t = time.perf_counter()
-    new_pid = process.spawn(standby_argv, vm.log_path, cwd=r.cwd)
+    try:
+        new_pid = process.spawn(standby_argv, vm.log_path, cwd=r.cwd, pass_fds=handover.fds)
+    finally:
+        handover.close()  # the new QEMU has its own copies
     r.operation = op = Operation(
         "update", os.getpid(), time.time(), new_pid=new_pid, binary=binary, socket_suffix=suffix
     )
@@ -208,7 +218,7 @@ async def _switch(vm: VM, old: Monitor, plan: Plan, binary: str, reporter: Repor
         async with Monitor(r.qmp + suffix, vm.name, new_pid, timeout=30) as new:
             timings["standby"] = (time.perf_counter() - t) * 1000
             reporter.step(f"{vm.name}: new QEMU {binary} waits beside the old one (pid {new_pid})")
-            return await _migrate(vm, old, new, plan, argv, sockets, suffix, timings, reporter)
+            return await _migrate(vm, old, new, plan, argv, sockets, suffix, timings, reporter, handover)
     except BaseException as exc:
         if op.step == "standby":  # the new QEMU never got the guest: just stop it
             await asyncio.to_thread(process.kill, new_pid)
@@ -238,9 +248,13 @@ async def _migrate(
     suffix: str,
     timings: dict[str, float],
     reporter: Reporter,
+    handover: fds.Handover | None = None,
 ) -> UpdateResult:
     r, op = vm.record, vm.record.operation
     assert op is not None
+    if handover is not None and handover.vnc is not None:
+        with handover.vnc:
+            await new.give_fd(VNC_FD, handover.vnc.fileno())
     uri = f"unix:{vm.folder / MIGRATION_SOCKET}"
     await new.set_migration(*precopy.incoming_side(plan))
     await new.execute("migrate-incoming", {"uri": uri})
@@ -267,6 +281,8 @@ async def _migrate(
     pause_ms = (resumed - stopped_at) * 1000
     # The guest runs on the new QEMU: from here on, only forward.
     op.mark("switched")
+    if handover is not None and handover.vnc_side is not None:
+        await _move_vnc(new, handover.vnc_side, reporter)
     old_pid = r.pid
     await old.quit()
     if old_pid and not await asyncio.to_thread(process.wait_gone, old_pid, 30):
@@ -276,3 +292,14 @@ async def _migrate(
     vm.commit()
     reporter.step(f"{vm.name}: {status} on {argv[0]} after a {pause_ms:.1f} ms pause (warm standby)")
     return UpdateResult(vm.name, new.pid or 0, pause_ms, True, None, timings)
+
+
+async def _move_vnc(new: Monitor, side: str, reporter: Reporter) -> None:
+    """Point the new QEMU's VNC server at the listening socket handed over; a failure only warns (the guest runs)."""
+    try:
+        await new.execute("display-update", {"type": "vnc", "addresses": [{"type": "fd", "str": VNC_FD}]})
+    except QemuError as exc:
+        reporter.step(f"warning: the VNC server stays on {side}: {exc}")
+        return
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(side)

@@ -289,8 +289,17 @@ def _unix_servers(argv: Sequence[str], *names: str) -> list[str]:
 
 
 def served_sockets(argv: Sequence[str]) -> list[str]:
-    """Every unix socket path QEMU serves for *argv* (QMP, monitors, consoles, the guest agent)."""
-    return [*unix_chardevs(argv, servers_only=True).values(), *_unix_servers(argv, "qmp", "monitor", "serial")]
+    """Every path QEMU holds for *argv* that a second QEMU must take at a side path.
+
+    The unix sockets it serves (QMP, monitors, consoles, the guest agent), and its ``-pidfile``
+    (locked by QEMU, and unlinked when it exits).
+    """
+    pidfile = [o.value for o in options(argv, "pidfile") if o.value]
+    return [
+        *unix_chardevs(argv, servers_only=True).values(),
+        *_unix_servers(argv, "qmp", "monitor", "serial"),
+        *pidfile,
+    ]
 
 
 def qmp_socket(argv: Sequence[str]) -> str | None:

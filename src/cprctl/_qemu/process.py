@@ -86,8 +86,10 @@ class Binary:
         return aliases.get(requested, requested)
 
 
-def spawn(argv: Sequence[str], log: Path, cwd: str = "/") -> int:
+def spawn(argv: Sequence[str], log: Path, cwd: str = "/", pass_fds: Sequence[int] = ()) -> int:
     """Start *argv* detached (own session, stdin closed, output appended to *log*); its pid.
+
+    *pass_fds* stay open in it, at the same numbers.
 
     Never through a shell.
 
@@ -104,6 +106,7 @@ def spawn(argv: Sequence[str], log: Path, cwd: str = "/") -> int:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 close_fds=True,
+                pass_fds=tuple(pass_fds),
                 cwd=cwd,
             )
         except OSError as exc:

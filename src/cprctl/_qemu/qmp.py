@@ -140,6 +140,14 @@ class Monitor:
             await asyncio.sleep(poll)
             poll = min(poll * 2, 0.05)
 
+    async def give_fd(self, name: str, fd: int) -> None:
+        """Pass open file *fd* to QEMU under *name* (``getfd`` over the socket, SCM_RIGHTS).
+
+        :raise QemuError: when QEMU refuses it.
+        """
+        self._qmp.send_fd_scm(fd)
+        await self.execute("getfd", {"fdname": name})
+
     async def quit(self) -> None:
         """Ask QEMU to exit; it hanging up on us is the expected answer."""
         with contextlib.suppress(QemuError):
