@@ -946,6 +946,13 @@ def main() -> int:
     ap.add_argument("--no-fleet", action="store_true", help="skip the 4-VM save_all/restore_all")
     ap.add_argument("--workdir", default="/var/tmp", help="where the temp folder goes (default: %(default)s)")
     ap.add_argument("--out", default=str(here / "RESULTS.md"), help="markdown results (default: %(default)s)")
+    ap.add_argument(
+        "--warm-update", action="store_true", help="only the warm-update pause cases (options: warm_update.py --help)"
+    )
+    if "--warm-update" in sys.argv[1:]:
+        import warm_update
+
+        return warm_update.main([a for a in sys.argv[1:] if a != "--warm-update"])
     args = ap.parse_args()
     sizes = [512] if args.quick else [int(s) for s in args.sizes.split(",") if s.strip()]
     if os.geteuid() != 0:

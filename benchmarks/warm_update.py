@@ -1,0 +1,328 @@
+#!/usr/bin/env python3
+"""Warm-update pause (issue 11): RAM in a shared file vs RAM pre-copied, cprctl vs QEMU driven by hand.
+
+For each guest RAM size and kind (``file``: a shared file, cpr-reboot with ``x-ignore-shared``;
+``anon``: anonymous RAM, normal-mode pre-copy), on the demo guest under TCG:
+
+- the guest fills half its RAM with the memfill pattern (re-verified every 3 s), and a dirtier started
+  through the guest agent rewrites `DIRTY_MIB` MiB of page cache in a loop, sleeping 1 s between rounds;
+- cprctl: ``update`` onto the same binary, `--repeat` times in a chain;
+- by hand: a bare ``qemu.qmp`` script does the same handover (standby QEMU with ``-incoming defer`` on
+  its own sockets, the same capabilities and parameters, ``migrate`` over a unix socket, ``quit``), in
+  a chain of the same length;
+- pause = STOP event of the old QEMU to RESUME event of the new one; ``mem ok`` after every handover.
+
+Writes (or replaces) the "Warm update" section of ``benchmarks/RESULTS.md``. Run as root:
+``benchmarks/bench.py --warm-update`` (or this file directly).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import ConnectError, QMPClient, QMPError
+
+import cprctl
+from cprctl._checkpoint.precopy import TARGET_PAUSE_MS
+from cprctl._demo import guest_argv
+from cprctl._qemu.agent import Agent
+from cprctl._qemu.argv import agent_args
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import Guest, kill_under, machine_info
+
+#: MiB the dirtier rewrites each round (then it sleeps 1 s).
+DIRTY_MIB = 64
+UNCAPPED = 1 << 40
+SECTION = "## Warm update (issue 11)"
+#: What the by-hand script sets, per RAM kind: the same as cprctl's plan.
+BY_HAND: dict[str, tuple[dict[str, bool], dict[str, Any]]] = {
+    "file": ({"x-ignore-shared": True}, {"mode": "cpr-reboot", "max-bandwidth": UNCAPPED}),
+    "anon": (
+        {"x-ignore-shared": False, "auto-converge": True},
+        {"mode": "normal", "max-bandwidth": UNCAPPED, "downtime-limit": TARGET_PAUSE_MS},
+    ),
+}
+
+
+@dataclass
+class Case:
+    size: int
+    ram: str
+    who: str
+    pauses: list[float] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def median(self) -> float | None:
+        return statistics.median(self.pauses) if self.pauses else None
+
+
+def dirtier_script(mib: int) -> str:
+    return (
+        f"dd if=/dev/urandom of=/dirty-src bs=1M count={mib} 2>/dev/null; "
+        f"while :; do dd if=/dirty-src of=/dirty-dst bs=1M conv=notrunc 2>/dev/null; sleep 1; done"
+    )
+
+
+async def start_dirtier(qga: str, name: str) -> None:
+    async with Agent(qga, name, timeout=30) as agent:
+        await agent.execute("guest-exec", {"path": "/bin/sh", "arg": ["-c", dirtier_script(DIRTY_MIB)]})
+    await asyncio.sleep(5)  # let it write its source file and start rewriting
+
+
+# -- cprctl ------------------------------------------------------------------------------------------
+
+
+def run_cprctl(case: Case, qemu: str, guest: Path, work: Path, sd: Path, repeat: int) -> None:
+    name = f"{case.ram}{case.size}"
+    folder = work / name
+    folder.mkdir()
+    argv = guest_argv(qemu, guest, folder, ram_mib=case.size, fill_mib=case.size // 2, ram=case.ram)
+    cprctl.launch(name, argv, agent=True, state_dir=sd)
+    con = Guest(folder)
+    seen = con.wait_mem_ok(0, 120 + case.size / 10)
+    status = cprctl.status(name, state_dir=sd)[0]
+    assert status.qga
+    asyncio.run(start_dirtier(status.qga, name))
+    for _ in range(repeat):
+        upd = cprctl.update(name, qemu, state_dir=sd)
+        if not upd.warm:
+            raise RuntimeError(f"{name}: update ran cold: {upd.cold_reason}")
+        case.pauses.append(upd.pause_ms)
+        t = upd.timings_ms
+        if "precopy" in t:
+            case.notes.append(
+                f"{t['precopy'] / 1000:.1f} s pre-copy, {t['passes']:.0f} passes, QEMU downtime {t['downtime']:.0f} ms"
+                + (", stop-and-copy forced" if t.get("stop_and_copy") else "")
+            )
+        seen = con.wait_mem_ok(seen, 120)
+    cprctl.stop(name, state_dir=sd)
+    cprctl.remove(name, state_dir=sd)
+
+
+# -- by hand -----------------------------------------------------------------------------------------
+
+
+class Hand:
+    """One QEMU of a by-hand chain: the guest's argv, its own QMP and agent sockets."""
+
+    def __init__(self, argv: list[str], folder: Path, gen: int, incoming: bool) -> None:
+        self.qmp_path = folder / f"q{gen}.sock"
+        self.qga_path = folder / f"a{gen}.sock"
+        full = [
+            *argv,
+            *agent_args(str(self.qga_path)),
+            *("-qmp", f"unix:{self.qmp_path},server=on,wait=off"),
+            *(["-incoming", "defer"] if incoming else []),
+        ]
+        with open(folder / "qemu.log", "ab") as log:
+            self.proc = subprocess.Popen(full, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        self.qmp = QMPClient(f"hand{gen}")
+
+    async def connect(self) -> None:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                await self.qmp.connect(str(self.qmp_path))
+                return
+            except ConnectError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.005)
+
+    def event(self, name: str) -> float:
+        for ev in self.qmp.events.history:
+            if ev["event"] == name:
+                stamp: dict[str, int] = ev["timestamp"]  # type: ignore[assignment]
+                return stamp["seconds"] + stamp["microseconds"] / 1e6
+        raise RuntimeError(f"no {name} event")
+
+    async def setup(self, caps: dict[str, bool], params: dict[str, Any]) -> None:
+        await self.qmp.execute(
+            "migrate-set-capabilities", {"capabilities": [{"capability": k, "state": v} for k, v in caps.items()]}
+        )
+        await self.qmp.execute("migrate-set-parameters", params)
+
+    async def quit(self) -> None:
+        with contextlib.suppress(QMPError, EOFError, OSError):
+            await self.qmp.execute("quit")
+        with contextlib.suppress(QMPError, EOFError, OSError):
+            await self.qmp.disconnect()
+        await asyncio.to_thread(self.proc.wait, 30)
+
+
+async def handover(old: Hand, new: Hand, ram: str, sock: Path) -> tuple[float, str]:
+    """Move the guest from *old* to *new* as an operator would by hand; the pause (ms), and a note."""
+    caps, params = BY_HAND[ram]
+    await new.connect()
+    await new.setup(
+        {k: v for k, v in caps.items() if k != "auto-converge"},
+        {k: v for k, v in params.items() if k not in ("max-bandwidth", "downtime-limit")},
+    )
+    await new.qmp.execute("migrate-incoming", {"uri": f"unix:{sock}"})
+    await old.setup(caps, params)
+    t = time.monotonic()
+    await old.qmp.execute("migrate", {"uri": f"unix:{sock}"})
+    while (info := await old.qmp.execute("query-migrate"))["status"] != "completed":  # type: ignore[index]
+        if info["status"] in ("failed", "cancelled"):  # type: ignore[index]
+            raise RuntimeError(f"by-hand migration {info['status']}")  # type: ignore[index]
+        await asyncio.sleep(0.005)
+    while (await new.qmp.execute("query-status"))["status"] != "running":  # type: ignore[index]
+        await asyncio.sleep(0.001)
+    pause = (new.event("RESUME") - old.event("STOP")) * 1000
+    note = ""
+    if ram == "anon":
+        done: dict[str, Any] = info  # type: ignore[assignment]
+        passes = done.get("ram", {}).get("dirty-sync-count", 0)
+        note = f"{time.monotonic() - t:.1f} s pre-copy, {passes} passes, QEMU downtime {done.get('downtime')} ms"
+    await old.quit()
+    return pause, note
+
+
+def run_by_hand(case: Case, qemu: str, guest: Path, work: Path, repeat: int) -> None:
+    folder = work / f"hand-{case.ram}{case.size}"
+    folder.mkdir()
+    argv = guest_argv(qemu, guest, folder, ram_mib=case.size, fill_mib=case.size // 2, ram=case.ram)
+    argv = cprctl_pinned(argv)
+
+    async def chain() -> None:
+        cur = Hand(argv, folder, 0, incoming=False)
+        await cur.connect()
+        con = Guest(folder)
+        seen = await asyncio.to_thread(con.wait_mem_ok, 0, 120 + case.size / 10)
+        await start_dirtier(str(cur.qga_path), "by-hand")
+        for gen in range(1, repeat + 1):
+            nxt = Hand(argv, folder, gen, incoming=True)
+            pause, note = await handover(cur, nxt, case.ram, folder / "mig.sock")
+            case.pauses.append(pause)
+            if note:
+                case.notes.append(note)
+            cur = nxt
+            seen = await asyncio.to_thread(con.wait_mem_ok, seen, 120)
+        await cur.quit()
+
+    asyncio.run(chain())
+
+
+def cprctl_pinned(argv: list[str]) -> list[str]:
+    """*argv* with the machine type pinned as cprctl pins it (the same QEMU, the same machine)."""
+    return [w if w != "q35" else "pc-q35-10.0" for w in argv]
+
+
+# -- report ------------------------------------------------------------------------------------------
+
+
+def markdown(cases: list[Case], machine: dict[str, str], argv: list[str], runtime: float, load: str) -> str:
+    lines = [
+        SECTION,
+        "",
+        f"Command: `{' '.join(argv)}` — runtime {runtime / 60:.1f} min; {machine.get('date', '')}, "
+        f"{machine.get('cores', '?')} cores, {machine.get('QEMU', '')}.",
+        "",
+        f"- Demo guest under TCG, 1 vCPU; it fills half its RAM with the memfill pattern (re-verified every 3 s, "
+        f"`mem ok` after every handover) and a dirtier rewrites {DIRTY_MIB} MiB of guest page cache with "
+        f"random data, then sleeps 1 s, in a loop (≤ {DIRTY_MIB} MiB/s).",
+        "- *file*: RAM in a shared file, cpr-reboot + `x-ignore-shared` over a unix socket. *anon*: anonymous "
+        f"RAM, normal-mode pre-copy, auto-converge, `downtime-limit` {TARGET_PAUSE_MS} ms, bandwidth cap lifted.",
+        "- *by hand*: a bare `qemu.qmp` script doing the same handover with the same settings, no cprctl. "
+        "Each is a chain of handovers of one guest (the first is after boot). Pause = STOP of the old QEMU to "
+        "RESUME of the new one (QEMU's timestamps).",
+        f"- Host load during the run: {load}.",
+        "",
+        "| RAM | kind | cprctl pauses ms | by hand pauses ms | cprctl median | by hand median | ratio | notes |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    by = {(c.size, c.ram, c.who): c for c in cases}
+    for size, ram in dict.fromkeys((c.size, c.ram) for c in cases):
+        cp, hand = by.get((size, ram, "cprctl")), by.get((size, ram, "hand"))
+        cpm, hm = (cp.median if cp else None), (hand.median if hand else None)
+        ratio = f"{cpm / hm:.2f}" if cpm and hm else ""
+        lines.append(
+            f"| {size} MiB | {ram} | {_list(cp)} | {_list(hand)} | {_ms(cpm)} | {_ms(hm)} | {ratio} | "
+            f"cprctl: {'; '.join(cp.notes) if cp else ''}; by hand: {'; '.join(hand.notes) if hand else ''} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _list(case: Case | None) -> str:
+    return ", ".join(f"{p:.1f}" for p in case.pauses) if case else ""
+
+
+def _ms(v: float | None) -> str:
+    return f"{v:.1f}" if v is not None else ""
+
+
+def write_section(path: Path, text: str) -> None:
+    old = path.read_text() if path.exists() else ""
+    head, found, rest = old.partition(SECTION)
+    tail = ""
+    if found:
+        after = rest.find("\n## ")
+        tail = rest[after:] if after >= 0 else ""
+    path.write_text(head.rstrip() + "\n\n" + text + tail)
+
+
+def host_load() -> str:
+    qemus = subprocess.run(["pgrep", "-c", "qemu-system"], capture_output=True, text=True).stdout.strip()
+    return f"loadavg {os.getloadavg()[0]:.2f}, {qemus or 0} QEMU processes running on the host at the start"
+
+
+def main(argv: list[str] | None = None) -> int:
+    here = Path(__file__).resolve().parent
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    ap.add_argument("--guest", default="~/.cache/cprctl-guest")
+    ap.add_argument("--qemu", default="qemu-system-x86_64")
+    ap.add_argument("--sizes", default="1024,2048", help="guest RAM sizes, MiB (default: %(default)s)")
+    ap.add_argument("--kinds", default="anon,file", help="RAM kinds (default: %(default)s)")
+    ap.add_argument("--repeat", type=int, default=3, help="handovers per chain (default: %(default)s)")
+    ap.add_argument("--workdir", default="/var/tmp")
+    ap.add_argument("--out", default=str(here / "RESULTS.md"))
+    args = ap.parse_args(argv)
+    qemu = shutil.which(args.qemu) or args.qemu
+    guest = Path(args.guest).expanduser()
+    work = Path(tempfile.mkdtemp(prefix="cprctl-wu-", dir=args.workdir))
+    load = host_load()
+    started = time.monotonic()
+    cases: list[Case] = []
+    try:
+        for size in [int(s) for s in args.sizes.split(",")]:
+            for ram in args.kinds.split(","):
+                cp, hand = Case(size, ram, "cprctl"), Case(size, ram, "hand")
+                cases += [cp, hand]
+                print(f"{time.strftime('%H:%M:%S')} {size} MiB {ram}: cprctl", flush=True)
+                run_cprctl(cp, qemu, guest, work, work / "state", args.repeat)
+                print(f"{time.strftime('%H:%M:%S')} {size} MiB {ram}: by hand", flush=True)
+                run_by_hand(hand, qemu, guest, work, args.repeat)
+                print(f"  cprctl {_list(cp)} ms {cp.notes}; by hand {_list(hand)} ms {hand.notes}", flush=True)
+    finally:
+        kill_under(work)
+        shutil.rmtree(work, ignore_errors=True)
+    runtime = time.monotonic() - started
+    machine = machine_info(qemu, Path(args.workdir))
+    text = markdown(
+        cases,
+        machine,
+        ["benchmarks/bench.py", "--warm-update", *(argv if argv is not None else sys.argv[1:])],
+        runtime,
+        load,
+    )
+    print(text)
+    write_section(Path(args.out), text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
