@@ -65,3 +65,27 @@ def test_the_pidfile_moves_with_the_served_sockets() -> None:
         "/run/q.sock",
         "/run/q.pid",
     ]
+
+
+def test_a_socket_the_running_qemu_does_not_hold_is_refused_and_nothing_leaks() -> None:
+    import os
+    import socket
+
+    from cprctl._qemu.fds import HandoverError, hand_over
+
+    with socket.socket() as s:  # this process listens on a port; the "QEMU" (our pid) holds it once
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        before = len(os.listdir("/proc/self/fd"))
+        got = hand_over(os.getpid(), [Q, "-qmp", f"tcp:127.0.0.1:{port},server=on,wait=off"], "/tmp/x.sock")
+        fd = got.fds[0]
+        assert got.argv[1:] == [
+            *("-chardev", f"socket,id=cprctl-fd0,fd={fd},server=on,wait=off"),
+            *("-mon", "chardev=cprctl-fd0,mode=control"),
+        ]
+        got.close()
+        assert len(os.listdir("/proc/self/fd")) == before
+    with pytest.raises(HandoverError, match="0 sockets listening"):  # closed now: nothing listens there
+        hand_over(os.getpid(), [Q, "-qmp", f"tcp:127.0.0.1:{port},server=on,wait=off"], "/tmp/x.sock")
+    assert len(os.listdir("/proc/self/fd")) == before - 1
