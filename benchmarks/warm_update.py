@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -43,10 +45,13 @@ from cprctl._qemu.argv import agent_args
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import Guest, kill_under, machine_info
 
-#: MiB the dirtier rewrites each round (then it sleeps 1 s).
+#: MiB the dirtier rewrites each round, and the seconds it sleeps after each (--dirty-sleep).
 DIRTY_MIB = 64
+dirty_sleep = 1.0
 UNCAPPED = 1 << 40
 SECTION = "## Warm update (issue 11)"
+#: Median ms the dirtier took per round of DIRTY_MIB MiB, in each cprctl VM.
+rounds: list[float] = []
 #: What the by-hand script sets, per RAM kind: the same as cprctl's plan.
 BY_HAND: dict[str, tuple[dict[str, bool], dict[str, Any]]] = {
     "file": ({"x-ignore-shared": True}, {"mode": "cpr-reboot", "max-bandwidth": UNCAPPED}),
@@ -71,16 +76,43 @@ class Case:
 
 
 def dirtier_script(mib: int) -> str:
+    """Rewrite *mib* MiB of guest page cache with random-looking data, sleep `dirty_sleep` s, again.
+
+    The source is 1 MiB of /dev/urandom repeated (urandom is slow under TCG); every page is non-zero,
+    so QEMU sends each dirtied page whole. Each round is timed into /dirty-rate (ms per round).
+    """
     return (
-        f"dd if=/dev/urandom of=/dirty-src bs=1M count={mib} 2>/dev/null; "
-        f"while :; do dd if=/dirty-src of=/dirty-dst bs=1M conv=notrunc 2>/dev/null; sleep 1; done"
+        "head -c 1048576 /dev/urandom > /dirty-1m; i=0; "
+        f"while [ $i -lt {mib} ]; do cat /dirty-1m; i=$((i+1)); done > /dirty-src; "
+        "cs() { read u _ < /proc/uptime; echo ${u%.*}${u#*.}; }; "  # centiseconds (busybox date has no %N)
+        "while :; do a=$(cs); dd if=/dirty-src of=/dirty-dst bs=1M conv=notrunc 2>/dev/null; "
+        f"b=$(cs); echo $(( (b-a)*10 )) >> /dirty-rate; sleep {dirty_sleep:g}; done"
     )
 
 
 async def start_dirtier(qga: str, name: str) -> None:
+    """Start the dirtier in the guest and wait until it has rewritten its pages twice."""
     async with Agent(qga, name, timeout=30) as agent:
         await agent.execute("guest-exec", {"path": "/bin/sh", "arg": ["-c", dirtier_script(DIRTY_MIB)]})
-    await asyncio.sleep(5)  # let it write its source file and start rewriting
+        deadline = time.monotonic() + 180
+        while int(await guest_sh(agent, "cat /dirty-rate 2>/dev/null | wc -l") or 0) < 2:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{name}: the dirtier did not start")
+            await asyncio.sleep(1)
+
+
+async def guest_sh(agent: Agent, script: str) -> str:
+    started = await agent.execute("guest-exec", {"path": "/bin/sh", "arg": ["-c", script], "capture-output": True})
+    while not (st := await agent.execute("guest-exec-status", {"pid": started["pid"]}))["exited"]:
+        await asyncio.sleep(0.1)
+    return base64.b64decode(st.get("out-data", "")).decode().strip()
+
+
+async def dirty_round_ms(qga: str, name: str) -> float:
+    """The median time of the dirtier's rounds so far (ms), read in the guest."""
+    async with Agent(qga, name, timeout=30) as agent:
+        values = [int(v) for v in (await guest_sh(agent, "cat /dirty-rate")).split()]
+    return statistics.median(values) if values else 0.0
 
 
 # -- cprctl ------------------------------------------------------------------------------------------
@@ -109,6 +141,7 @@ def run_cprctl(case: Case, qemu: str, guest: Path, work: Path, sd: Path, repeat:
                 + (", stop-and-copy forced" if t.get("stop_and_copy") else "")
             )
         seen = con.wait_mem_ok(seen, 120)
+    rounds.append(asyncio.run(dirty_round_ms(status.qga, name)))
     cprctl.stop(name, state_dir=sd)
     cprctl.remove(name, state_dir=sd)
 
@@ -226,6 +259,7 @@ def cprctl_pinned(argv: list[str]) -> list[str]:
 
 
 def markdown(cases: list[Case], machine: dict[str, str], argv: list[str], runtime: float, load: str) -> str:
+    round_ms = statistics.median(rounds) if rounds else None
     lines = [
         SECTION,
         "",
@@ -234,7 +268,8 @@ def markdown(cases: list[Case], machine: dict[str, str], argv: list[str], runtim
         "",
         f"- Demo guest under TCG, 1 vCPU; it fills half its RAM with the memfill pattern (re-verified every 3 s, "
         f"`mem ok` after every handover) and a dirtier rewrites {DIRTY_MIB} MiB of guest page cache with "
-        f"random data, then sleeps 1 s, in a loop (≤ {DIRTY_MIB} MiB/s).",
+        f"random data, then sleeps {dirty_sleep:g} s, in a loop: a round took a median {_ms(round_ms)} ms "
+        f"in the guest, so it dirtied about {DIRTY_MIB / (dirty_sleep + (round_ms or 1) / 1000):.0f} MiB/s.",
         "- *file*: RAM in a shared file, cpr-reboot + `x-ignore-shared` over a unix socket. *anon*: anonymous "
         f"RAM, normal-mode pre-copy, auto-converge, `downtime-limit` {TARGET_PAUSE_MS} ms, bandwidth cap lifted.",
         "- *by hand*: a bare `qemu.qmp` script doing the same handover with the same settings, no cprctl. "
@@ -280,6 +315,10 @@ def host_load() -> str:
     return f"loadavg {os.getloadavg()[0]:.2f}, {qemus or 0} QEMU processes running on the host at the start"
 
 
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     here = Path(__file__).resolve().parent
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
@@ -288,9 +327,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", default="1024,2048", help="guest RAM sizes, MiB (default: %(default)s)")
     ap.add_argument("--kinds", default="anon,file", help="RAM kinds (default: %(default)s)")
     ap.add_argument("--repeat", type=int, default=3, help="handovers per chain (default: %(default)s)")
+    ap.add_argument("--dirty-sleep", type=float, default=1.0, help="s between dirtier rounds (default: %(default)s)")
     ap.add_argument("--workdir", default="/var/tmp")
     ap.add_argument("--out", default=str(here / "RESULTS.md"))
     args = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    global dirty_sleep
+    dirty_sleep = args.dirty_sleep
     qemu = shutil.which(args.qemu) or args.qemu
     guest = Path(args.guest).expanduser()
     work = Path(tempfile.mkdtemp(prefix="cprctl-wu-", dir=args.workdir))

@@ -129,3 +129,21 @@ def test_tap_vnc_tcp_servers_and_pidfile_go_to_the_new_qemu(state_dir: Path, tmp
     vm.assert_continued(mark, fill=32)
     assert _holds_tap(restored.pid, tap) and _greeting(5900 + display).startswith(b"RFB ")
     vm.stop()
+
+
+def test_a_resource_that_cannot_be_taken_means_a_cold_update_with_the_reason(
+    state_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(pid: int, target: int) -> int:
+        raise fds.HandoverError(f"cannot take fd {target} of QEMU pid {pid} (pidfd_getfd: Operation not permitted)")
+
+    port = _free_port()
+    extra = ("-chardev", f"socket,id=hmp0,host=127.0.0.1,port={port},server=on,wait=off", "-mon", "chardev=hmp0")
+    vm = GuestVM.launch("no-perm", state_dir, fill=16, extra=extra)
+    monkeypatch.setattr(fds, "getfd", refuse)  # as for a non-root cprctl without ptrace rights over QEMU
+    mark = vm.mark()
+    res = cprctl.update("no-perm", QEMU, state_dir=state_dir)
+    assert not res.warm and res.cold_reason and "pidfd_getfd" in res.cold_reason
+    vm.assert_continued(mark, fill=16)
+    assert b"QEMU" in _greeting(port)  # the cold restore listens on the port again
+    vm.stop()

@@ -290,7 +290,8 @@ async def _migrate(
     take_over_sockets(sockets, suffix)  # only now: an exiting QEMU unlinks the path it bound
     r.argv, r.pid, r.last_pause_ms, r.operation = argv, new.pid, pause_ms, None
     vm.commit()
-    reporter.step(f"{vm.name}: {status} on {argv[0]} after a {pause_ms:.1f} ms pause (warm standby)")
+    how = f"pre-copy: {timings['precopy'] / 1000:.1f} s, {timings['passes']:.0f} passes" if "precopy" in timings else ""
+    reporter.step(f"{vm.name}: {status} on {argv[0]} after a {pause_ms:.1f} ms pause (warm standby{how and '; '}{how})")
     return UpdateResult(vm.name, new.pid or 0, pause_ms, True, None, timings)
 
 
