@@ -147,3 +147,18 @@ def test_a_resource_that_cannot_be_taken_means_a_cold_update_with_the_reason(
     vm.assert_continued(mark, fill=16)
     assert b"QEMU" in _greeting(port)  # the cold restore listens on the port again
     vm.stop()
+
+
+def test_a_precopy_that_does_not_converge_finishes_with_the_guest_stopped(
+    state_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cprctl._checkpoint import precopy
+
+    monkeypatch.setattr(precopy, "MAX_PASSES", 0)  # give up converging at once: stop-and-copy
+    monkeypatch.setattr(precopy, "TARGET_PAUSE_MS", 1)
+    vm = GuestVM.launch("no-conv", state_dir, ram="anon", fill=96)
+    mark = vm.mark()
+    res = cprctl.update("no-conv", QEMU, state_dir=state_dir)
+    assert res.warm and res.timings_ms["stop_and_copy"] == 1.0, res.timings_ms
+    vm.assert_continued(mark, fill=96)
+    vm.stop()
