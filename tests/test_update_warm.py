@@ -16,7 +16,7 @@ import pytest
 import cprctl
 from cprctl._qemu import fds
 
-from .guestvm import QEMU, GuestVM, cli
+from .guestvm import QEMU, GuestVM, cli, record_of
 
 pytestmark = pytest.mark.qemu
 
@@ -160,5 +160,34 @@ def test_a_precopy_that_does_not_converge_finishes_with_the_guest_stopped(
     mark = vm.mark()
     res = cprctl.update("no-conv", QEMU, state_dir=state_dir)
     assert res.warm and res.timings_ms["stop_and_copy"] == 1.0, res.timings_ms
+    vm.assert_continued(mark, fill=96)
+    vm.stop()
+
+
+def test_the_new_qemu_dying_during_precopy_leaves_the_guest_running_on_the_old_one(
+    state_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cprctl._checkpoint import precopy
+    from cprctl._qemu import process
+    from cprctl._qemu.qmp import Monitor
+    from cprctl.errors import QemuError
+
+    vm = GuestVM.launch("pre-die", state_dir, ram="anon", fill=96)
+    old_pid = vm.status().pid
+    real_run = precopy.run
+
+    async def kill_new_then_run(old: Monitor, reporter: object, name: str) -> dict[str, float]:
+        assert (await old.execute("query-migrate"))["status"] in ("setup", "active")
+        op = record_of(state_dir, "pre-die")["operation"]
+        assert isinstance(op, dict) and op["new_pid"]
+        process.kill(int(op["new_pid"]), timeout=5)  # in the middle of the pre-copy, guest still running
+        return await real_run(old, reporter, name)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(precopy, "run", kill_new_then_run)
+    mark = vm.mark()
+    with pytest.raises(QemuError, match=r"warm update failed.*guest runs on the old QEMU"):
+        cprctl.update("pre-die", QEMU, state_dir=state_dir)
+    st = vm.status()
+    assert st.state == "running" and st.pid == old_pid and st.operation is None
     vm.assert_continued(mark, fill=96)
     vm.stop()
