@@ -115,6 +115,24 @@ async def dirty_round_ms(qga: str, name: str) -> float:
     return statistics.median(values) if values else 0.0
 
 
+def case_argv(case: Case, qemu: str, guest: Path, folder: Path) -> list[str]:
+    """The guest's argv; kind ``realistic``: RAM in a shared file, 2 vCPUs, virtio-net, xHCI + tablet, qcow2 overlay."""
+    if case.ram != "realistic":
+        return guest_argv(qemu, guest, folder, ram_mib=case.size, fill_mib=case.size // 2, ram=case.ram)
+    base, overlay = folder / "base.qcow2", folder / "overlay.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "1G"], check=True)
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(base), str(overlay)], check=True
+    )
+    extra = (
+        *("-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0,romfile="),
+        *("-device", "qemu-xhci,id=xhci", "-device", "usb-tablet,bus=xhci.0"),
+        *("-drive", f"file={overlay},if=none,id=d0,format=qcow2", "-device", "virtio-blk-pci,drive=d0"),
+    )
+    argv = guest_argv(qemu, guest, folder, ram_mib=case.size, fill_mib=case.size // 2, ram="file", extra=extra)
+    return [w if w != "1" or argv[i - 1] != "-smp" else "2" for i, w in enumerate(argv)]
+
+
 # -- cprctl ------------------------------------------------------------------------------------------
 
 
@@ -122,7 +140,7 @@ def run_cprctl(case: Case, qemu: str, guest: Path, work: Path, sd: Path, repeat:
     name = f"{case.ram}{case.size}"
     folder = work / name
     folder.mkdir()
-    argv = guest_argv(qemu, guest, folder, ram_mib=case.size, fill_mib=case.size // 2, ram=case.ram)
+    argv = case_argv(case, qemu, guest, folder)
     cprctl.launch(name, argv, agent=True, state_dir=sd)
     con = Guest(folder)
     seen = con.wait_mem_ok(0, 120 + case.size / 10)
@@ -199,7 +217,7 @@ class Hand:
 
 async def handover(old: Hand, new: Hand, ram: str, sock: Path) -> tuple[float, str]:
     """Move the guest from *old* to *new* as an operator would by hand; the pause (ms), and a note."""
-    caps, params = BY_HAND[ram]
+    caps, params = BY_HAND["file" if ram == "realistic" else ram]
     await new.connect()
     await new.setup(
         {k: v for k, v in caps.items() if k != "auto-converge"},
@@ -228,8 +246,7 @@ async def handover(old: Hand, new: Hand, ram: str, sock: Path) -> tuple[float, s
 def run_by_hand(case: Case, qemu: str, guest: Path, work: Path, repeat: int) -> None:
     folder = work / f"hand-{case.ram}{case.size}"
     folder.mkdir()
-    argv = guest_argv(qemu, guest, folder, ram_mib=case.size, fill_mib=case.size // 2, ram=case.ram)
-    argv = cprctl_pinned(argv)
+    argv = cprctl_pinned(case_argv(case, qemu, guest, folder))
 
     async def chain() -> None:
         cur = Hand(argv, folder, 0, incoming=False)
@@ -325,7 +342,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--guest", default="~/.cache/cprctl-guest")
     ap.add_argument("--qemu", default="qemu-system-x86_64")
     ap.add_argument("--sizes", default="1024,2048", help="guest RAM sizes, MiB (default: %(default)s)")
-    ap.add_argument("--kinds", default="anon,file", help="RAM kinds (default: %(default)s)")
+    ap.add_argument(
+        "--kinds", default="anon,file", help="anon, file, realistic (file RAM + devices) (default: %(default)s)"
+    )
     ap.add_argument("--repeat", type=int, default=3, help="handovers per chain (default: %(default)s)")
     ap.add_argument("--dirty-sleep", type=float, default=1.0, help="s between dirtier rounds (default: %(default)s)")
     ap.add_argument("--workdir", default="/var/tmp")
