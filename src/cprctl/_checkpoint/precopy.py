@@ -16,6 +16,12 @@ switch-over. Both modes are therefore safe for ``memory-backend-file,share=on``;
 cpr-reboot stays the path when *all* RAM is in place (nothing to pre-copy, and
 it measured 5-13 ms).
 
+``cpr-transfer`` (QEMU >= 10.0: RAM in memfd or ``aux-ram-share`` handed over as fds, nothing
+copied) is not used: like every cpr mode it stops the guest when the migration starts
+(docs/devel/migration/CPR.rst: "CPR unconditionally stops VM execution before memory is saved"),
+and the new QEMU finishes creating its devices only once it has the fds, so that start-up falls
+inside the pause; pre-copy keeps the guest running through all of it and pauses ~10 ms here.
+
 Convergence: ``auto-converge`` throttles the vCPUs of a guest that dirties
 faster than the socket carries. If it still has not converged after
 `MAX_PASSES` dirty-bitmap passes or `MAX_PRECOPY_S` seconds, ``downtime-limit``
