@@ -126,10 +126,16 @@ def check(
     reboot: bool = False,
     suspend: SuspendMode = "auto",
     strategy: Strategy = "auto",
+    qemu: str | None = None,
     state_dir: PathLike = None,
 ) -> list[Finding]:
-    """The preflight check of VM *name*, worst finding first; touches nothing."""
-    return asyncio.run(inspect.check(StateDir(state_dir), name, reboot=reboot, suspend=suspend, strategy=strategy))
+    """The preflight check of VM *name*, worst finding first; touches nothing.
+
+    With *qemu*, also what that binary lacks to take the VM (as ``update`` checks).
+    """
+    return asyncio.run(
+        inspect.check(StateDir(state_dir), name, reboot=reboot, suspend=suspend, strategy=strategy, qemu=qemu)
+    )
 
 
 def status(name: str | None = None, *, reporter: Reporter | None = None, state_dir: PathLike = None) -> list[VMStatus]:
@@ -174,6 +180,24 @@ def restore_all(
     """Restore every saved VM, *parallel* at a time; one `VMOutcome` per managed VM."""
     return asyncio.run(
         fleet.restore_all(StateDir(state_dir), parallel=parallel, sync_time=sync_time, reporter=reporter)
+    )
+
+
+def update_all(
+    *,
+    qemu: str | None = None,
+    parallel: int | None = None,
+    suspend: SuspendMode = "auto",
+    force: bool = False,
+    reporter: Reporter | None = None,
+    state_dir: PathLike = None,
+) -> list[VMOutcome]:
+    """Move every VM whose QEMU binary a package replaced on disk onto the binary now there (warm where
+    it can); with *qemu*, every running VM onto *qemu*. One `VMOutcome` per managed VM."""
+    return asyncio.run(
+        fleet.update_all(
+            StateDir(state_dir), qemu=qemu, parallel=parallel, suspend=suspend, force=force, reporter=reporter
+        )
     )
 
 

@@ -253,7 +253,8 @@ def status(state_dir: str | None, name: str | None, as_json: bool) -> None:
     for r in rows:
         size = f"{r.state_file} ({r.state_file_bytes / 1e6:.1f} MB)" if r.state_file_bytes is not None else "-"
         pause = f"{r.last_pause_ms:.0f} ms" if r.last_pause_ms is not None else "-"
-        table.add_row(r.name, r.state, str(r.pid or "-"), r.qmp, r.qga or "-", size, pause)
+        state = f"{r.state} [yellow](binary replaced)[/]" if r.binary_replaced else r.state
+        table.add_row(r.name, state, str(r.pid or "-"), r.qmp, r.qga or "-", size, pause)
     out.print(table)
 
 
@@ -261,11 +262,12 @@ def status(state_dir: str | None, name: str | None, as_json: bool) -> None:
 @click.argument("name")
 @click.option("--reboot", is_flag=True, help="Also require what a host reboot needs.")
 @_suspend
+@click.option("--qemu", help="Also check that this QEMU binary can take the VM (as update does).")
 @_json
 @click.pass_obj
-def check(state_dir: str | None, name: str, reboot: bool, suspend: Any, as_json: bool) -> None:
-    """Preflight check: would a save (and a reboot) keep this VM? Exit 1 on errors."""
-    found = run(lambda: _api.check(name, reboot=reboot, suspend=suspend, state_dir=state_dir))
+def check(state_dir: str | None, name: str, reboot: bool, suspend: Any, qemu: str | None, as_json: bool) -> None:
+    """Preflight check: would a save (and a reboot, or a move onto --qemu BINARY) keep this VM? Exit 1 on errors."""
+    found = run(lambda: _api.check(name, reboot=reboot, suspend=suspend, qemu=qemu, state_dir=state_dir))
     bad = [f for f in found if f.blocking]
     if as_json:
         out.print_json(json.dumps([f.__dict__ | {"blocking": f.blocking} for f in found]))
@@ -284,7 +286,14 @@ def _summary(outcomes: list[VMOutcome], as_json: bool) -> None:
         out.print_json(json.dumps([o.__dict__ | {"ok": o.ok} for o in outcomes]))
     else:
         table = Table("VM", "outcome", "detail")
-        colour = {"saved": "green", "restored": "green", "skipped": "dim", "left running": "yellow", "failed": "red"}
+        colour = {
+            "saved": "green",
+            "restored": "green",
+            "updated": "green",
+            "skipped": "dim",
+            "left running": "yellow",
+            "failed": "red",
+        }
         for o in outcomes:
             table.add_row(o.name, f"[{colour[o.outcome]}]{o.outcome}[/]", o.detail, end_section=False)
         out.print(table)
@@ -329,6 +338,30 @@ def restore_all(state_dir: str | None, parallel: int | None, no_sync_time: bool,
     outcomes = run(
         lambda: _api.restore_all(
             parallel=parallel, sync_time=not no_sync_time, reporter=TermReporter(quiet=as_json), state_dir=state_dir
+        )
+    )
+    _summary(outcomes, as_json)
+
+
+@main.command("update-all")
+@click.option("--qemu", help="Move every running VM onto this binary [default: VMs whose binary was replaced on disk].")
+@_parallel
+@_suspend
+@_force
+@_json
+@click.pass_obj
+def update_all(
+    state_dir: str | None, qemu: str | None, parallel: int | None, suspend: Any, force: bool, as_json: bool
+) -> None:
+    """Move VMs onto a new QEMU, warm where possible (after a package upgrade). Exit 1 unless all moved."""
+    outcomes = run(
+        lambda: _api.update_all(
+            qemu=qemu,
+            parallel=parallel,
+            suspend=suspend,
+            force=force,
+            reporter=TermReporter(quiet=as_json),
+            state_dir=state_dir,
         )
     )
     _summary(outcomes, as_json)

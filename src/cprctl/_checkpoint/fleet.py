@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from .._qemu.argv import ram_layout
+from .._qemu.process import Binary
 from .._store import StateDir
 from ..errors import CprctlError, FleetCheckFailed
 from . import inspect
@@ -20,9 +21,10 @@ from .plan import Finding, SuspendMode
 from .report import Quiet, Reporter
 from .restore import restore
 from .save import save
+from .update import update
 from .vm import open_vm
 
-Outcome = Literal["saved", "restored", "failed", "left running", "skipped"]
+Outcome = Literal["saved", "restored", "updated", "failed", "left running", "skipped"]
 
 
 @dataclass(frozen=True)
@@ -36,10 +38,12 @@ class VMOutcome:
     state: str = ""
     strategy: str | None = None
     pause_ms: float | None = None
+    #: For ``update-all``: whether the VM moved warm (None: it did not move).
+    warm: bool | None = None
 
     @property
     def ok(self) -> bool:
-        return self.outcome in ("saved", "restored", "skipped")
+        return self.outcome in ("saved", "restored", "updated", "skipped")
 
 
 def default_parallel() -> int:
@@ -127,4 +131,47 @@ async def restore_all(
 
     done = await asyncio.gather(*(one(n) for n in saved))
     others = [_untouched(n, s) for n, s in states.items() if n not in saved]
+    return sorted([*done, *others], key=lambda o: o.name)
+
+
+async def update_all(
+    sd: StateDir,
+    *,
+    qemu: str | None = None,
+    parallel: int | None = None,
+    suspend: SuspendMode = "auto",
+    force: bool = False,
+    reporter: Reporter | None = None,
+) -> list[VMOutcome]:
+    """Move every running VM whose QEMU executable was replaced on disk (a package upgrade) onto the
+    binary now at its path; with *qemu*, every running VM onto *qemu*. Warm where it can (see `update`).
+
+    :raise UsageError: *qemu* is not an executable (no VM touched).
+    """
+    reporter = reporter or Quiet()
+    binary = Binary.find(qemu).path if qemu else None
+    statuses = await inspect.status(sd, reporter=reporter)  # finishes interrupted ops
+    moving = [st for st in statuses if st.state == "running" and (binary or st.binary_replaced)]
+    limit = asyncio.Semaphore(parallel or default_parallel())
+
+    async def one(name: str, target: str) -> VMOutcome:
+        async with limit:
+            try:
+                res = await update(sd, name, target, suspend=suspend, force=force, reporter=reporter)
+            except CprctlError as exc:
+                state = open_vm(sd, name).state()
+                return VMOutcome(name, "left running" if state == "running" else "failed", str(exc), state)
+            how = "warm" if res.warm else f"cold ({res.cold_reason})"
+            detail = f"{how} onto {target}, paused {res.pause_ms:.1f} ms"
+            return VMOutcome(name, "updated", detail, "running", None, res.pause_ms, res.warm)
+
+    done = await asyncio.gather(*(one(st.name, binary or st.argv[0]) for st in moving))
+    moved = {st.name for st in moving}
+    others = [
+        VMOutcome(st.name, "skipped", "runs the binary on disk", st.state)
+        if st.state == "running"
+        else _untouched(st.name, st.state)
+        for st in statuses
+        if st.name not in moved
+    ]
     return sorted([*done, *others], key=lambda o: o.name)

@@ -9,12 +9,14 @@ from typing import Any
 
 from .._qemu import process
 from .._qemu.argv import ram_layout
+from .._qemu.process import Binary
 from .._qemu.qmp import Monitor
 from .._store import StateDir, VMLock
 from ..errors import BusyError, CprctlError, QemuError
 from . import disks, statefile
-from .facts import gather, mount_of, ram_fact
-from .plan import VOLATILE_FS, Finding, Strategy, SuspendMode, direct_io, findings
+from .compat import binary_findings
+from .facts import binary_info, gather, mount_of, ram_fact
+from .plan import VOLATILE_FS, Finding, Strategy, SuspendMode, choose, direct_io, findings
 from .report import Quiet, Reporter
 from .update import warm_blockers
 from .vm import VM, open_vm, recover
@@ -37,6 +39,9 @@ class VMStatus:
     strategy: str | None
     last_pause_ms: float | None
     operation: str | None
+    #: The running QEMU's executable was replaced or deleted on disk since it started (a package upgrade):
+    #: ``update-all`` moves it onto the binary now there.
+    binary_replaced: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -63,6 +68,7 @@ def vm_status(vm: VM) -> VMStatus:
         cp.strategy if cp else None,
         r.last_pause_ms,
         op,
+        bool(r.pid) and vm.running() and process.exe_replaced(r.pid or 0, r.argv[0]),
     )
 
 
@@ -87,14 +93,24 @@ async def status(sd: StateDir, name: str | None = None, reporter: Reporter | Non
 
 
 async def check(
-    sd: StateDir, name: str, *, reboot: bool = False, suspend: SuspendMode = "auto", strategy: Strategy = "auto"
+    sd: StateDir,
+    name: str,
+    *,
+    reboot: bool = False,
+    suspend: SuspendMode = "auto",
+    strategy: Strategy = "auto",
+    qemu: str | None = None,
 ) -> list[Finding]:
     """The preflight check of VM *name*, without touching it.
 
     A running VM is checked as `save` would; a saved one has its checkpoint
-    verified (state file, disks, RAM kept in place).
+    verified (state file, disks, RAM kept in place). With *qemu*, also whether
+    that binary can take the VM (as ``update`` and ``restore --qemu`` check).
+
+    :raise UsageError: *qemu* is not an executable.
     """
     vm = open_vm(sd, name)
+    binary = Binary.find(qemu).path if qemu else None
     if vm.running() and vm.record.checkpoint is None:
         try:
             async with Monitor(vm.record.qmp, name, vm.record.pid) as mon:
@@ -102,6 +118,9 @@ async def check(
         except QemuError as exc:
             return [Finding("qmp", "error", str(exc), "check that QEMU is healthy")]
         found = findings(facts, reboot=reboot, suspend=suspend, strategy=strategy)
+        if binary:
+            plan = choose(facts, suspend, strategy)
+            found = [*await _binary(vm, binary, plan.capabilities, plan.parameters), *found]
         blockers = warm_blockers(vm.record.argv, facts)
         if blockers:
             found.append(
@@ -116,12 +135,27 @@ async def check(
             found.append(Finding("update-warm", "info", "'update' can run warm: the new QEMU starts beside this one"))
         return found
     if vm.record.checkpoint is not None:
-        return _check_saved(vm, reboot)
+        found = _check_saved(vm, reboot)
+        if binary:
+            cp = vm.record.checkpoint
+            found = [*await _binary(vm, binary, cp.capabilities, cp.parameters), *found]
+        return found
     return [
         Finding(
             "not-running", "error", f"{name} is {vm.state()}: nothing to check", "launch it again with 'cprctl launch'"
         )
     ]
+
+
+async def _binary(vm: VM, binary: str, caps: dict[str, bool], params: dict[str, str | int | bool]) -> list[Finding]:
+    """What *binary* lacks to take *vm* (or that it can)."""
+    try:
+        info = await binary_info(binary)
+    except CprctlError as exc:
+        return [Finding("binary", "error", str(exc), "pick a working QEMU binary")]
+    r = vm.record
+    found = binary_findings(info, [binary, *r.argv[1:]], r.machine, caps, params, r.cwd)
+    return found or [Finding("binary-ok", "info", f"{binary} (QEMU {'.'.join(map(str, info.version))}) can take it")]
 
 
 def _check_saved(vm: VM, reboot: bool) -> list[Finding]:

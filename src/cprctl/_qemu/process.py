@@ -36,7 +36,11 @@ class Binary:
             raise UsageError(f"QEMU binary not found: {name}")
         return cls(os.path.abspath(found))
 
-    def _run(self, *args: str) -> str:
+    def run(self, *args: str) -> str:
+        """The output of the binary run with *args* (``-machine help``...).
+
+        :raise UsageError: it is missing or not executable; `QemuError`: it fails or hangs.
+        """
         try:
             done = subprocess.run([self.path, *args], capture_output=True, text=True, timeout=30, check=False)
         except FileNotFoundError:
@@ -55,7 +59,7 @@ class Binary:
 
         :raise UsageError: when the binary is missing; `QemuError` when it does not say.
         """
-        text = self._run("--version")
+        text = self.run("--version")
         match = re.search(r"version (\d+)\.(\d+)\.(\d+)", text)
         if not match:
             raise QemuError(f"{self.path} --version does not name a QEMU version")
@@ -72,7 +76,7 @@ class Binary:
         """The versioned machine type *requested* (an alias, or None for the default) stands for."""
         aliases: dict[str, str] = {}
         default = None
-        for line in self._run("-machine", "help").splitlines()[1:]:
+        for line in self.run("-machine", "help").splitlines()[1:]:
             name = line.split(" ", 1)[0]
             alias = re.search(r"\(alias of ([^)]+)\)", line)
             if alias:
@@ -161,6 +165,35 @@ def kill(pid: int, timeout: float = 5.0) -> None:
             return
         if wait_gone(pid, timeout):
             return
+
+
+def exe_replaced(pid: int, path: str) -> bool:
+    """Whether running process *pid*'s executable is no longer the file at *path* (replaced or deleted).
+
+    A package upgrade renames a new binary over the old one: the running QEMU
+    keeps the old file mapped, and ``/proc/PID/exe`` still reaches it.
+    """
+    try:
+        running = os.stat(f"/proc/{pid}/exe")
+    except OSError:
+        return False
+    try:
+        on_disk = os.stat(path)
+    except OSError:
+        return True
+    return (running.st_dev, running.st_ino) != (on_disk.st_dev, on_disk.st_ino)
+
+
+def copy_exe(pid: int, dest: Path) -> None:
+    """Copy the executable process *pid* runs (even one deleted on disk) to *dest*, executable by its owner.
+
+    :raise QemuError: when the process is gone or its executable cannot be read.
+    """
+    try:
+        shutil.copyfile(f"/proc/{pid}/exe", dest)
+    except OSError as exc:
+        raise QemuError(f"cannot copy the executable of process {pid}: {exc.strerror}") from None
+    os.chmod(dest, 0o700)
 
 
 def log_tail(log: Path, lines: int = 5) -> str:
