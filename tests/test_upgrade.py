@@ -100,6 +100,20 @@ def test_a_failed_cold_restore_goes_back_to_the_previous_binary(vm: GuestVM, sta
     vm.assert_continued(mark, fill=16)
 
 
+def test_a_replaced_binary_is_kept_to_go_back_to(state_dir: Path) -> None:
+    binary = qemu_copy(state_dir.parent / "pkg2" / "bin")
+    v = GuestVM.launch("r1", state_dir, ram="file", fill=0, qemu=str(binary), work=state_dir.parent / "r1-w")
+    upgrade_binary(binary)
+    bad = wrapper(state_dir.parent / "noincoming", "qemu-system-x86_64", NO_INCOMING)
+    mark = v.mark()
+    out = cli("update", "r1", "--qemu", str(bad), "--cold", state_dir=state_dir)
+    one_line_refusal(out, "runs again on its previous binary", "qemu.previous")
+    st = v.status()
+    assert st.state == "running" and st.argv[0].endswith("/qemu.previous") and os.path.exists(st.argv[0])
+    v.assert_continued(mark, fill=0)
+    v.stop()
+
+
 def test_update_all_moves_vms_off_a_replaced_binary_warm(state_dir: Path) -> None:
     binary = qemu_copy(state_dir.parent / "pkg" / "bin")
     vms = [

@@ -230,7 +230,7 @@ class Runner:
         statuses = self.statuses()
         if self.check_mode or self.name is not None:
             vms = [self._update_one(st, qemu) for st in statuses]
-            return any(v["outcome"] == "updated" for v in vms), vms
+            return any(v["outcome"] in ("updated", "would update") for v in vms), vms
         outcomes = cprctl.update_all(qemu=qemu, parallel=self.parallel, state_dir=self.sd)
         vms = []
         for o in outcomes:

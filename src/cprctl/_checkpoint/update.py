@@ -211,16 +211,16 @@ async def _cold(
             f"{name}: update to {binary} failed ({first}); the VM runs again on its previous binary {previous} "
             f"(pid {back.pid}, paused {back.pause_ms:.0f} ms)"
         ) from None
-    finally:
-        if previous.startswith(str(vm.folder)):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(previous)
+    if previous != vm.record.argv[0]:  # the copy is needed no more
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(previous)
     timings = {"total": (time.perf_counter() - t) * 1000, **res.timings_ms}
     return UpdateResult(name, res.pid, res.pause_ms, False, reason, timings)
 
 
 def _keep_previous(vm: VM) -> str:
-    """The binary the VM runs now, to go back to; a copy of it when a package replaced it on disk."""
+    """The binary the VM runs now, to go back to; a copy of it when a package replaced it on disk
+    (kept in the VM's folder while a VM that went back to it runs on it)."""
     path, pid = vm.record.argv[0], vm.record.pid
     if not pid or not process.exe_replaced(pid, path):
         return path
