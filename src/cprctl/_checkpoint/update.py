@@ -165,14 +165,18 @@ async def update(
 async def preflight(vm: VM, binary: str, suspend: SuspendMode = "auto") -> list[Finding]:
     """The findings on moving running *vm* onto *binary*, as its next save would run.
 
-    :raise VMStateError: the VM is not running; `CheckFailed`: the binary cannot take it.
+    :raise VMStateError: the VM is not running; `CheckFailed`: the binary cannot take it;
+        `QemuError`: the binary does not answer what it offers.
     """
     r = vm.record
     if r.checkpoint is not None or not vm.running():
         raise VMStateError(f"{vm.name} is {vm.state()}, not running; use restore --qemu")
     async with Monitor(r.qmp, vm.name, r.pid) as mon:
         plan = choose(await gather(r, mon, vm.folder, suspend), suspend)
-    info = await binary_info(binary)
+    try:
+        info = await binary_info(binary)
+    except QemuError as exc:
+        raise QemuError(f"{vm.name}: refused, nothing touched: {exc}") from None
     found = binary_findings(info, [binary, *r.argv[1:]], r.machine, plan.capabilities, plan.parameters, r.cwd)
     require(vm.name, found)
     return found
