@@ -159,17 +159,27 @@ def save_all(
     parallel: int | None = None,
     suspend: SuspendMode = "auto",
     force: bool = False,
+    shutdown_unsaveable: bool = False,
     reporter: Reporter | None = None,
     state_dir: PathLike = None,
 ) -> list[VMOutcome]:
     """Save every running VM, *parallel* at a time (default: one per core).
 
     With *reboot*, every VM must pass ``check --reboot`` first, or none is
-    touched (`FleetCheckFailed`). Returns one `VMOutcome` per managed VM.
+    touched (`FleetCheckFailed`). With *shutdown_unsaveable* (the host is going
+    down), each VM that passes is saved and each other one is shut down cleanly
+    (guest agent, else ACPI) and booted afresh by the next `restore_all`.
+    Returns one `VMOutcome` per managed VM.
     """
     return asyncio.run(
         fleet.save_all(
-            StateDir(state_dir), reboot=reboot, parallel=parallel, suspend=suspend, force=force, reporter=reporter
+            StateDir(state_dir),
+            reboot=reboot,
+            parallel=parallel,
+            suspend=suspend,
+            force=force,
+            shutdown_unsaveable=shutdown_unsaveable,
+            reporter=reporter,
         )
     )
 

@@ -7,6 +7,7 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .._host import systemd
 from .._qemu import process
 from .._qemu.argv import ram_layout
 from .._qemu.process import Binary
@@ -42,6 +43,10 @@ class VMStatus:
     #: The running QEMU's executable was replaced or deleted on disk since it started (a package upgrade):
     #: ``update-all`` moves it onto the binary now there.
     binary_replaced: bool = False
+    #: The systemd unit (scope) its QEMU runs in; None without systemd or when not running.
+    unit: str | None = None
+    #: A host shutdown powered it off (it could not be saved); the next restore-all boots it.
+    boot_pending: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -69,6 +74,8 @@ def vm_status(vm: VM) -> VMStatus:
         r.last_pause_ms,
         op,
         bool(r.pid) and vm.running() and process.exe_replaced(r.pid or 0, r.argv[0]),
+        systemd.unit_of(r.pid) if vm.running() else None,
+        r.boot_pending,
     )
 
 
@@ -111,6 +118,12 @@ async def check(
     """
     vm = open_vm(sd, name)
     binary = Binary.find(qemu).path if qemu else None
+    found = await _check(vm, reboot, suspend, strategy, binary)
+    return found + host_findings(vm) if reboot else found
+
+
+async def _check(vm: VM, reboot: bool, suspend: SuspendMode, strategy: Strategy, binary: str | None) -> list[Finding]:
+    name = vm.name
     if vm.running() and vm.record.checkpoint is None:
         try:
             async with Monitor(vm.record.qmp, name, vm.record.pid) as mon:
@@ -156,6 +169,53 @@ async def _binary(vm: VM, binary: str, caps: dict[str, bool], params: dict[str, 
     r = vm.record
     found = binary_findings(info, [binary, *r.argv[1:]], r.machine, caps, params, r.cwd)
     return found or [Finding("binary-ok", "info", f"{binary} (QEMU {'.'.join(map(str, info.version))}) can take it")]
+
+
+def host_findings(vm: VM) -> list[Finding]:
+    """What the host's init will do to VM *vm* at shutdown (``check --reboot``)."""
+    if not systemd.booted():
+        return [
+            Finding(
+                "init",
+                "info",
+                "the host's init is not systemd: no unit saves VMs at shutdown",
+                "run 'cprctl save-all --reboot' before rebooting",
+            )
+        ]
+    manager = "user" if systemd.user_manager() else "system"
+    installed, enabled = systemd.unit_state(systemd.GUESTS_UNIT)
+    unit = systemd.GUESTS_UNIT
+    found = [Finding("init", "info", f"the host's init is systemd (the {manager} manager runs cprctl's units)")]
+    if installed and enabled:
+        found.append(Finding("unit", "info", f"{unit} is installed and enabled: it saves this VM at shutdown"))
+    else:
+        why = "enabled" if installed else "installed"
+        flag = " --user" if systemd.user_manager() else ""
+        found.append(
+            Finding(
+                "unit",
+                "warning",
+                f"{unit} is not {why}: a host shutdown would not save this VM",
+                f"cprctl install-units{flag}",
+            )
+        )
+    if vm.running():
+        found.append(_scope_finding(vm))
+    return found
+
+
+def _scope_finding(vm: VM) -> Finding:
+    unit = systemd.unit_of(vm.record.pid)
+    if unit is None:
+        return Finding("scope", "warning", f"cannot tell which systemd unit QEMU (pid {vm.record.pid}) runs in")
+    if systemd.waits_for_save(unit):
+        return Finding("scope", "info", f"QEMU runs in {unit}, which systemd stops only after the save at shutdown")
+    return Finding(
+        "scope",
+        "warning",
+        f"QEMU runs in {unit}: at shutdown systemd would stop it without a save",
+        f"'cprctl update {vm.name} --qemu {vm.record.binary}' moves it into a scope of its own",
+    )
 
 
 def _check_saved(vm: VM, reboot: bool) -> list[Finding]:

@@ -111,7 +111,7 @@ async def restore(
         with contextlib.suppress(FileNotFoundError):
             os.unlink(vm.record.qmp)
         t = time.perf_counter()
-        pid = process.spawn(qargv.incoming(argv), vm.log_path, cwd=vm.record.cwd)
+        pid = process.spawn(qargv.incoming(argv), vm.log_path, cwd=vm.record.cwd, scope=name)
         op.new_pid = pid
         op.mark("started")
         vm.commit()

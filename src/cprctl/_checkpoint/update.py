@@ -273,7 +273,7 @@ async def _switch(vm: VM, old: Monitor, plan: Plan, binary: str, reporter: Repor
     suffix = f"~{secrets.token_hex(2)}"
     standby_argv = qargv.incoming(_side_by_side(argv, suffix))
     t = time.perf_counter()
-    new_pid = process.spawn(standby_argv, vm.log_path, cwd=r.cwd)
+    new_pid = process.spawn(standby_argv, vm.log_path, cwd=r.cwd, scope=vm.name)
     r.operation = op = Operation(
         "update", os.getpid(), time.time(), new_pid=new_pid, binary=binary, socket_suffix=suffix
     )

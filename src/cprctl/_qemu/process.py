@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+from .._host import systemd
 from ..errors import QemuError, UsageError
 
 #: The oldest QEMU whose cpr-reboot cprctl trusts (8.2 has it, 9.0 made it reliable).
@@ -90,19 +92,21 @@ class Binary:
         return aliases.get(requested, requested)
 
 
-def spawn(argv: Sequence[str], log: Path, cwd: str = "/") -> int:
+def spawn(argv: Sequence[str], log: Path, cwd: str = "/", scope: str | None = None) -> int:
     """Start *argv* detached (own session, stdin closed, output appended to *log*); its pid.
 
-    Never through a shell.
+    Never through a shell. With *scope* (a VM's name) and systemd as the host's init, the process
+    runs in a systemd scope of its own (see `cprctl._host.systemd`); the pid is still *argv*'s.
 
     :raise UsageError: when the binary does not exist or cannot run.
     """
     with open(log, "ab", buffering=0) as out:
         os.chmod(log, 0o600)
         out.write(f"--- cprctl {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(argv)}\n".encode())
+        prefix = systemd.scope_command(scope) if scope else []
         try:
             proc = subprocess.Popen(
-                list(argv),
+                [*prefix, *argv],
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -113,7 +117,19 @@ def spawn(argv: Sequence[str], log: Path, cwd: str = "/") -> int:
         except OSError as exc:
             raise UsageError(f"cannot run {argv[0]}: {exc.strerror}") from None
     _children[proc.pid] = proc
+    if prefix:
+        _wait_exec(proc, argv[0])
     return proc.pid
+
+
+def _wait_exec(proc: subprocess.Popen[bytes], binary: str, timeout: float = 60.0) -> None:
+    """Wait until the scope's ``systemd-run`` has exec'd *binary* (or failed, saying why in the log)."""
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        with contextlib.suppress(QemuError):
+            if cmdline(proc.pid)[:1] == [binary]:
+                return
+        time.sleep(0.002)
 
 
 #: Processes this cprctl started; reaped when they exit so they do not stay zombies.
