@@ -105,10 +105,12 @@ def unit_of(pid: int | None) -> str | None:
         text = Path(f"/proc/{pid}/cgroup").read_text()
     except OSError:
         return None
-    for line in text.splitlines():
-        if line.startswith("0::"):
-            units = [p for p in line[3:].split("/") if re.search(r"\.(scope|service)$", p)]
-            return units[-1] if units else None
+    # The unified hierarchy (cgroup v2 or hybrid), else systemd's own v1 hierarchy.
+    for line in sorted(text.splitlines(), key=lambda line: not line.startswith("0::")):
+        if line.startswith("0::") or ":name=systemd:" in line:
+            units = [p for p in line.split(":", 2)[2].split("/") if re.search(r"\.(scope|service)$", p)]
+            if units:
+                return units[-1]
     return None
 
 
