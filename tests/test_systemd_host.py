@@ -282,14 +282,24 @@ def test_vms_survive_poweroff_and_boot(host: tuple[Container, Path]) -> None:
     c.sh(f"systemd-run --wait --unit=own-unit -- cprctl launch unit --agent -- {vm_argv('unit')}")
     c.sh(f"cprctl launch upd --agent -- {vm_argv('upd')}")
     c.sh(f"cprctl launch shm --agent -- {vm_argv('shm', '/dev/shm/shm.ram')}")
-    for name in ("sess", "unit", "upd", "shm"):
+    # Adopted: a QEMU a script daemonized from a session is moved into a scope of its own; one that
+    # is the main process of a service stays there, and check --reboot says what shutdown would do.
+    c.sh("mkdir -p /srv/vms/adp /srv/vms/svc")
+    qmp = "-qmp unix:/srv/vms/{0}/qmp.sock,server=on,wait=off"
+    c.sh(f"systemd-run --scope --unit=session-c -- {vm_argv('adp')} {qmp.format('adp')} -daemonize")
+    c.sh(f"systemd-run --unit=foreign -- {vm_argv('svc')} {qmp.format('svc')}")
+    c.sh("sleep 1; cprctl adopt adp --qmp /srv/vms/adp/qmp.sock && cprctl adopt svc --qmp /srv/vms/svc/qmp.sock")
+    for name in ("sess", "unit", "upd", "shm", "adp", "svc"):
         wait_ticks(c, name, 2)
+    svc = c.sh("cprctl check svc --reboot").stdout
+    assert "QEMU runs in foreign.service: at shutdown systemd would stop it without a save" in svc, svc
+    c.sh("cprctl stop svc && cprctl remove svc")
     out = c.sh(f"systemd-run --scope --unit=session-b -- cprctl update upd --qemu {QEMU}").stdout
     assert "warm standby" in out, out
 
     st = c.status()
-    assert all(st[n]["state"] == "running" for n in ("sess", "unit", "upd", "shm")), st
-    for name in ("sess", "unit", "upd", "shm"):
+    assert all(st[n]["state"] == "running" for n in ("sess", "unit", "upd", "shm", "adp")), st
+    for name in ("sess", "unit", "upd", "shm", "adp"):
         assert str(st[name]["unit"]).startswith(f"cprctl-{name}"), st[name]
         pid = st[name]["pid"]
         cg = c.sh(f"cat /proc/{pid}/cgroup").stdout
@@ -299,7 +309,7 @@ def test_vms_survive_poweroff_and_boot(host: tuple[Container, Path]) -> None:
     assert "stops only after the save" in check, check
     # The shm VM cannot survive a reboot (its RAM is on tmpfs), which check --reboot says.
     assert c.sh("cprctl check shm --reboot", check=False).returncode == 1
-    before = {n: boot_ids(c, n) for n in ("sess", "unit", "upd", "shm")}
+    before = {n: boot_ids(c, n) for n in ("sess", "unit", "upd", "shm", "adp")}
     assert all(len(ids) == 1 for ids in before.values()), before
     counts = {n: max(t.n for t in ticks(c.root / f"srv/vms/{n}/console.log")) for n in before}
     print(c.sh("systemctl status --no-pager cprctl-sess.scope cprctl-guests.service", check=False).stdout)
@@ -308,7 +318,7 @@ def test_vms_survive_poweroff_and_boot(host: tuple[Container, Path]) -> None:
     c.poweroff()
     print(f"poweroff took {time.monotonic() - t:.1f} s")
     journal1 = c.log.read_text(errors="replace")
-    for name in ("sess", "unit", "upd"):
+    for name in ("sess", "unit", "upd", "adp"):
         log = c.read(f"/var/lib/cprctl/vms/{name}/qemu.log")
         assert "terminating on signal" not in log, f"{name} was killed at shutdown:\n{log[-1500:]}"
     shm_log = c.read("/var/lib/cprctl/vms/shm/qemu.log")
@@ -323,7 +333,7 @@ def test_vms_survive_poweroff_and_boot(host: tuple[Container, Path]) -> None:
             "journalctl -b -1 -u cprctl-guests.service --no-pager; journalctl -b -u cprctl-guests.service --no-pager"
         ).stdout
         print(journal)
-        for name in ("sess", "unit", "upd"):
+        for name in ("sess", "unit", "upd", "adp"):
             assert st[name]["state"] == "running", (name, st[name], journal, journal1[-2000:])
             assert st[name]["unit"] == f"cprctl-{name}.scope" or str(st[name]["unit"]).startswith(f"cprctl-{name}"), st[
                 name

@@ -127,9 +127,13 @@ def unit_state(unit: str) -> tuple[bool, bool]:
 
 def attach(pid: int, vm: str, timeout: float = 10.0) -> str | None:
     """Move running process *pid* into a new scope of VM *vm* (systemd's StartTransientUnit with
-    ``PIDs``); the scope's name, or None when that is not possible (no systemd, no manager, refused)."""
+    ``PIDs``); the scope's name, or None when that is not possible (no systemd, no manager, refused,
+    or *pid* is the main process of a service, which would still stop it at shutdown)."""
     if not scopes_enabled():
         return None
+    old = unit_of(pid)
+    if old and old.endswith(".service") and _systemctl("show", "-p", "MainPID", "--value", old) == str(pid):
+        return None  # its service tracks it as its main process and would still stop it at shutdown
     unit = free_scope(vm)
     cmd = [
         "busctl",
