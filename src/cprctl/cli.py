@@ -317,10 +317,15 @@ def _fleet_reporter(as_json: bool) -> TermReporter | systemd.Notifier:
     return systemd.Notifier() if systemd.under_unit() else TermReporter(quiet=as_json)
 
 
-def _unit_status(rep: TermReporter | systemd.Notifier, outcomes: list[VMOutcome]) -> None:
-    if isinstance(rep, systemd.Notifier):
-        counts = Counter(o.outcome for o in outcomes)
-        rep.status(", ".join(f"{n} {what}" for what, n in sorted(counts.items())) or "no VMs")
+def _unit_status(rep: TermReporter | systemd.Notifier, outcomes: list[VMOutcome], as_json: bool) -> None:
+    """Under a unit: the per-VM lines are in the journal already; sum them up in the unit's status."""
+    if not isinstance(rep, systemd.Notifier):
+        _summary(outcomes, as_json)
+        return
+    counts = Counter(o.outcome for o in outcomes)
+    rep.status(", ".join(f"{n} {what}" for what, n in sorted(counts.items())) or "no VMs")
+    if not all(o.ok for o in outcomes):
+        sys.exit(1)
 
 
 @main.command("save-all")
@@ -357,8 +362,7 @@ def save_all(
             state_dir=state_dir,
         )
     )
-    _unit_status(rep, outcomes)
-    _summary(outcomes, as_json)
+    _unit_status(rep, outcomes, as_json)
 
 
 @main.command("restore-all")
@@ -372,8 +376,7 @@ def restore_all(state_dir: str | None, parallel: int | None, no_sync_time: bool,
     outcomes = run(
         lambda: _api.restore_all(parallel=parallel, sync_time=not no_sync_time, reporter=rep, state_dir=state_dir)
     )
-    _unit_status(rep, outcomes)
-    _summary(outcomes, as_json)
+    _unit_status(rep, outcomes, as_json)
 
 
 @main.command("update-all")
