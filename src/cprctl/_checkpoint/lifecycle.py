@@ -201,18 +201,24 @@ async def stop(sd: StateDir, name: str) -> None:
             if not process.wait_gone(pid, 10):
                 process.kill(pid)
         vm.record.pid = None
+        vm.record.boot_pending = False  # the operator wants it off: restore-all leaves it so
         vm.commit()
 
 
-async def shut_down(sd: StateDir, name: str, grace: float = 60.0, reporter: Reporter | None = None) -> str:
+#: Seconds a guest is given to power off, after guest-shutdown and again after the ACPI button.
+SHUTDOWN_GRACE = 60.0
+
+
+async def shut_down(sd: StateDir, name: str, grace: float | None = None, reporter: Reporter | None = None) -> str:
     """Power VM *name* off the clean way, as at a host shutdown it cannot be saved for: the guest
     agent's ``guest-shutdown``, else ACPI ``system_powerdown``, each given *grace* seconds; only
-    then QMP ``quit`` and signals. Marks the VM to be booted afresh by the next ``restore-all``.
-    Returns how it went (one line).
+    then QMP ``quit`` and signals (default *grace*: `SHUTDOWN_GRACE`). Marks the VM to be booted
+    afresh by the next ``restore-all``. Returns how it went (one line).
 
     :raise VMStateError: the VM is not running.
     """
     reporter = reporter or Quiet()
+    grace = SHUTDOWN_GRACE if grace is None else grace
     vm = open_vm(sd, name)
     with VMLock(vm.folder, name, "shutdown"):
         pid = vm.record.pid
