@@ -10,7 +10,8 @@ launches four VMs the ways an operator would:
 - ``sess``: from a login session (``systemd-run --scope``);
 - ``unit``: from a unit of the operator's own (``systemd-run --wait``), which ends at once;
 - ``upd``: launched, then warm-updated from a session (the new QEMU is started by that session);
-- ``shm``: RAM in /dev/shm, which a reboot erases: it cannot be saved, so shutdown powers it off.
+- ``shm``: RAM in /dev/shm, which a reboot erases: it cannot be saved, so shutdown powers it off;
+- ``adp``: adopted, started by a script from a session; ``usr``: a non-root operator's, with a user unit.
 
 Then ``systemctl poweroff`` and a second boot of the same root: the first three
 run on with the same guest boot id, ``shm`` was shut down cleanly (by its guest
@@ -47,7 +48,7 @@ REPO = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("CPRCTL_SYSROOT_CACHE", Path.home() / ".cache" / "cprctl-sysroot"))
 #: Bump when the recipe below changes meaning; the cache key also covers the packages and Python deps.
 RECIPE = "1"
-PACKAGES = "systemd-sysv,dbus,procps,python3,python3-venv,ca-certificates"
+PACKAGES = "systemd-sysv,dbus,libpam-systemd,procps,python3,python3-venv,ca-certificates"
 BACKPORTS = "qemu-system-x86 qemu-utils"
 VENV = "/opt/cprctl/venv"
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -242,6 +243,11 @@ def vm_argv(name: str, ram_path: str | None = None) -> str:
     return shlex.join(argv)
 
 
+def as_op(script: str) -> str:
+    """*script* run as the non-root user ``op`` (uid 1000), with its manager's runtime folder."""
+    return f"runuser -u op -- env XDG_RUNTIME_DIR=/run/user/1000 PATH={PATH} COLUMNS=250 sh -c {shlex.quote(script)}"
+
+
 def boot_ids(c: Container, name: str) -> set[str]:
     path = c.root / f"srv/vms/{name}/console.log"
     return {t.boot for t in ticks(path)} if path.exists() else set()
@@ -289,8 +295,18 @@ def test_vms_survive_poweroff_and_boot(host: tuple[Container, Path]) -> None:
     c.sh(f"systemd-run --scope --unit=session-c -- {vm_argv('adp')} {qmp.format('adp')} -daemonize")
     c.sh(f"systemd-run --unit=foreign -- {vm_argv('svc')} {qmp.format('svc')}")
     c.sh("sleep 1; cprctl adopt adp --qmp /srv/vms/adp/qmp.sock && cprctl adopt svc --qmp /srv/vms/svc/qmp.sock")
-    for name in ("sess", "unit", "upd", "shm", "adp", "svc"):
+    # A non-root operator: a user unit (with lingering), the VM in a scope of the user's manager.
+    c.sh(
+        "useradd -m -u 1000 op && loginctl enable-linger op && mkdir -p /srv/vms/usr && chown op /srv/vms/usr"
+        " && for i in $(seq 100); do [ -S /run/user/1000/systemd/private ] && break; sleep 0.1; done"
+    )
+    user = c.sh(as_op("cprctl install-units --user && systemctl --user start cprctl-guests.service")).stdout
+    assert "lingering" not in user, user
+    c.sh(as_op(f"cprctl launch usr --agent -- {vm_argv('usr')}"))
+    for name in ("sess", "unit", "upd", "shm", "adp", "svc", "usr"):
         wait_ticks(c, name, 2)
+    usr_unit = json.loads(c.sh(as_op("cprctl status usr --json")).stdout)["unit"]
+    assert usr_unit == "cprctl-usr.scope", usr_unit
     svc = c.sh("cprctl check svc --reboot").stdout
     assert "QEMU runs in foreign.service: at shutdown systemd would stop it without a save" in svc, svc
     c.sh("cprctl stop svc && cprctl remove svc")
@@ -312,6 +328,8 @@ def test_vms_survive_poweroff_and_boot(host: tuple[Container, Path]) -> None:
     before = {n: boot_ids(c, n) for n in ("sess", "unit", "upd", "shm", "adp")}
     assert all(len(ids) == 1 for ids in before.values()), before
     counts = {n: max(t.n for t in ticks(c.root / f"srv/vms/{n}/console.log")) for n in before}
+    before_usr = boot_ids(c, "usr")
+    counts_usr = max(t.n for t in ticks(c.root / "srv/vms/usr/console.log"))
     print(c.sh("systemctl status --no-pager cprctl-sess.scope cprctl-guests.service", check=False).stdout)
 
     t = time.monotonic()
@@ -340,6 +358,10 @@ def test_vms_survive_poweroff_and_boot(host: tuple[Container, Path]) -> None:
             ]
             wait_ticks(c2, name, counts[name] + 1)
             assert boot_ids(c2, name) == before[name], f"{name} rebooted: {boot_ids(c2, name)} vs {before[name]}"
+        usr = json.loads(c2.sh(as_op("cprctl status usr --json")).stdout)
+        assert usr["state"] == "running" and usr["unit"] == "cprctl-usr.scope", usr
+        wait_ticks(c2, "usr", counts_usr + 1)
+        assert boot_ids(c2, "usr") == before_usr, "usr rebooted"
         assert st["shm"]["state"] == "running", st["shm"]
         deadline = time.monotonic() + 120
         while len(boot_ids(c2, "shm")) < 2:  # booted afresh: a second boot id on its console

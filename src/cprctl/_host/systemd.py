@@ -64,8 +64,16 @@ def _systemctl(*args: str) -> str:
     return done.stdout.strip()
 
 
+def _transient_dir() -> Path:
+    if user_manager():
+        return Path(os.environ.get("XDG_RUNTIME_DIR", "/nonexistent"), "systemd", "transient")
+    return Path("/run/systemd/transient")
+
+
 def _free(unit: str) -> bool:
-    return _systemctl("show", "-p", "ActiveState", "--value", unit) in ("", "inactive", "failed")
+    """Whether no transient unit *unit* is loaded (its file lives while it is: a stat, not a
+    ``systemctl`` round trip, which would add ~35 ms to a restore's pause)."""
+    return not (_transient_dir() / unit).exists()
 
 
 def free_scope(vm: str) -> str:
