@@ -124,8 +124,13 @@ def cached_root() -> Path:
         if not (dest / "usr/bin/qemu-system-x86_64").exists():
             shutil.rmtree(dest, ignore_errors=True)
             _build_root(dest)
-        for old in CACHE.iterdir():  # roots of older recipes
-            if old.is_dir() and old != dest and not old.name.startswith("."):
+        for old in CACHE.iterdir():  # roots of other recipes, unless another checkout may still use them
+            if (
+                old.is_dir()
+                and old != dest
+                and not old.name.startswith(".")
+                and old.stat().st_mtime < time.time() - 86400
+            ):
                 shutil.rmtree(old, ignore_errors=True)
     return dest
 
