@@ -4,7 +4,22 @@ The public API is this module's ``__all__``; everything in ``_``-modules is
 private. Errors are in `cprctl.errors`.
 """
 
-from ._api import adopt, check, launch, ping, remove, restore, restore_all, save, save_all, start, status, stop, update
+from ._api import (
+    adopt,
+    check,
+    launch,
+    ping,
+    remove,
+    restore,
+    restore_all,
+    save,
+    save_all,
+    start,
+    status,
+    stop,
+    update,
+    update_all,
+)
 from ._checkpoint.fleet import VMOutcome
 from ._checkpoint.inspect import VMStatus
 from ._checkpoint.plan import Finding
@@ -40,6 +55,7 @@ __all__ = (
     "update",
     "save_all",
     "restore_all",
+    "update_all",
     "check",
     "status",
     "start",
