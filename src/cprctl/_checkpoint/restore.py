@@ -1,4 +1,14 @@
-"""``restore``: verify the checkpoint, start QEMU with ``-incoming defer``, load, resume, retire.
+"""``restore``: check the checkpoint, start QEMU with ``-S -incoming defer``, load, verify, resume, retire.
+
+The state file's digest is computed while the new QEMU starts and loads it:
+QEMU runs with ``-S``, so the guest stays stopped after the load, and its disks
+stay inactive (QEMU activates block devices only when the VM starts: ``cont``,
+or autostart, which ``-S`` turns off; before QEMU 10.0 only with the
+``late-block-activate`` capability, which cprctl sets where QEMU has it). The
+guest is resumed only once the digest matched; on a mismatch the new QEMU is
+killed, the guest never ran on the file and never wrote its disks. The journal
+marks ``verified`` then ``resuming``; a killed cprctl's successor resumes only
+from ``resuming`` (see `vm.recover`), so nothing resumes an unverified file.
 
 Nothing is deleted until the guest runs on the new QEMU. A failure before that
 stops the new QEMU and keeps the checkpoint, so restore can be tried again
@@ -41,9 +51,16 @@ class RestoreResult:
 
 
 def verify(
-    vm: VM, force: bool = False, trust_identity: bool = False, progress: statefile.Progress = statefile.no_progress
+    vm: VM,
+    force: bool = False,
+    trust_identity: bool = False,
+    progress: statefile.Progress = statefile.no_progress,
+    digest: bool = True,
 ) -> Checkpoint:
     """The VM's checkpoint, after its state file and disks were verified.
+
+    Without *digest*, the state file's size and header are checked but not its
+    digest (`verify_digest` does that, while QEMU loads).
 
     :raise VMStateError: nothing to restore; `CheckpointError` on any mismatch
         (disk changes pass with *force*).
@@ -53,8 +70,9 @@ def verify(
         raise VMStateError(f"{vm.name} has no checkpoint to restore (it is {vm.state()})")
     if vm.running():
         raise VMStateError(f"{vm.name}: QEMU (pid {vm.record.pid}) still runs; it is not saved")
-    same_as = (cp.inode, cp.mtime_ns) if trust_identity and cp.inode else None
-    statefile.verify(vm.checkpoint_file(), cp.size, cp.digest, same_as, direct_io(cp.parameters), progress)
+    statefile.check_file(vm.checkpoint_file(), cp.size)
+    if digest:
+        verify_digest(vm, cp, trust_identity, progress)
     for old in cp.disks:
         why = disks.changed(old, full=old.full)
         if why and not force:
@@ -63,6 +81,21 @@ def verify(
                 "restore --force accepts the risk of a corrupt guest filesystem"
             )
     return cp
+
+
+def verify_digest(
+    vm: VM, cp: Checkpoint, trust_identity: bool = False, progress: statefile.Progress = statefile.no_progress
+) -> float:
+    """Check the state file's digest against *cp*'s; how long it took (ms).
+
+    *trust_identity*: an unchanged inode and mtime stand for the digest (see `restore`).
+
+    :raise CheckpointError: the file is altered or gone.
+    """
+    t = time.perf_counter()
+    same_as = (cp.inode, cp.mtime_ns) if trust_identity and cp.inode else None
+    statefile.check_digest(vm.checkpoint_file(), cp.digest, same_as, direct_io(cp.parameters), progress)
+    return (time.perf_counter() - t) * 1000
 
 
 async def restore(
@@ -81,37 +114,44 @@ async def restore(
     unchanged state file (inode, mtime) is not hashed a second time.
 
     :raise VMStateError: there is no checkpoint; `CheckpointError`: it failed
-        verification (nothing started); `QemuError`: the new QEMU failed (the
-        checkpoint is kept; the log tail is in the message).
+        verification (the new QEMU, if started, is killed; the guest never ran);
+        `QemuError`: the new QEMU failed (the checkpoint is kept; the log tail
+        is in the message).
     """
     reporter = reporter or Quiet()
     vm = open_vm(sd, name)
     with VMLock(vm.folder, name, "restore"):
         await recover(vm, reporter)
         t0 = time.perf_counter()
-        if vm.record.checkpoint is not None:
-            reporter.step(f"{name}: verifying the state file ({vm.record.checkpoint.size / 1e6:.1f} MB) and the disks")
-        cp = await asyncio.to_thread(
-            verify, vm, force, trust_identity, lambda done, total: reporter.progress(done, total, "verifying")
-        )
+        reporter.step(f"{name}: checking the state file and the disks")
+        cp = await asyncio.to_thread(verify, vm, force, digest=False)
         argv = list(vm.record.argv)
         if qemu:
             binary = Binary.find(qemu)
             binary.require_cpr()
             argv[0] = binary.path
-        timings = {"verify": (time.perf_counter() - t0) * 1000}
+        timings = {"check": (time.perf_counter() - t0) * 1000}
         vm.record.operation = op = Operation("restore", os.getpid(), time.time())
         vm.commit()
-        reporter.step(f"{name}: starting {argv[0]} -incoming defer")
+        reporter.step(
+            f"{name}: starting {argv[0]} -S -incoming defer; verifying the state file ({cp.size / 1e6:.1f} MB)"
+            " while it loads"
+        )
         with contextlib.suppress(FileNotFoundError):
             os.unlink(vm.record.qmp)
         t = time.perf_counter()
-        pid = process.spawn(qargv.incoming(argv), vm.log_path, cwd=vm.record.cwd)
+        pid = process.spawn([*qargv.incoming(argv), "-S"], vm.log_path, cwd=vm.record.cwd)
         op.new_pid = pid
         op.mark("started")
         vm.commit()
+        hashing = asyncio.ensure_future(
+            asyncio.to_thread(
+                verify_digest, vm, cp, trust_identity, lambda done, total: reporter.progress(done, total, "verifying")
+            )
+        )
+        hashing.add_done_callback(lambda f: f.cancelled() or f.exception())  # read on every path
         try:
-            result = await _load(vm, cp, pid, argv, timings, t, reporter)
+            result = await _load(vm, cp, pid, argv, timings, t, reporter, hashing)
         except BaseException as exc:
             if op.step in ("resuming", "resumed") and process.alive(pid):
                 # The guest may have run on the new QEMU: its RAM and disks have moved on from the
@@ -128,7 +168,7 @@ async def restore(
             vm.record.operation = None
             vm.commit()
             if isinstance(exc, CprctlError):
-                tail = process.log_tail(vm.log_path)
+                tail = "" if isinstance(exc, CheckpointError) else process.log_tail(vm.log_path)
                 raise type(exc)(
                     f"{exc}; the checkpoint is kept, restore can be retried"
                     f"{' (QEMU log: ' + tail + ')' if tail else ''}"
@@ -140,14 +180,26 @@ async def restore(
 
 
 async def _load(
-    vm: VM, cp: Checkpoint, pid: int, argv: list[str], timings: dict[str, float], t_start: float, reporter: Reporter
+    vm: VM,
+    cp: Checkpoint,
+    pid: int,
+    argv: list[str],
+    timings: dict[str, float],
+    t_start: float,
+    reporter: Reporter,
+    hashing: asyncio.Future[float],
 ) -> RestoreResult:
+    """Load the state file into the new QEMU (started with ``-S``), wait for *hashing* to pass, resume.
+
+    :raise CheckpointError: the digest did not match (the guest never ran); `QemuError` or
+        `MigrationError`: the load failed (a digest mismatch is reported instead when there is one).
+    """
     r, op = vm.record, vm.record.operation
     assert op is not None
     async with Monitor(r.qmp, vm.name, pid) as mon:
         timings["start"] = (time.perf_counter() - t_start) * 1000
         t = time.perf_counter()
-        await mon.set_migration(cp.capabilities, cp.parameters)
+        await mon.set_migration({**cp.capabilities, **await _late_block_activate(mon)}, cp.parameters)
         # An incoming query-migrate has no RAM counters: QEMU's own read count tells how far the load is.
         start = process.bytes_read(pid) or 0
         total = min(cp.size, statefile.stored_bytes(vm.checkpoint_file()))
@@ -157,23 +209,31 @@ async def _load(
             if (done := process.bytes_read(pid)) is not None:
                 reporter.progress(max(0, min(done - start, total)), total, "loading")
 
-        await mon.wait_migration(LOAD_TIMEOUT, on_progress=loading)
-        status = await mon.wait_status({"running", "paused", "suspended", "postmigrate"}, 60)
+        try:
+            await mon.wait_migration(LOAD_TIMEOUT, on_progress=loading)
+            status = await mon.wait_status({"running", "paused", "suspended", "postmigrate"}, 60)
+        except CprctlError:
+            await hashing  # a corrupt state file is the cause to report, rather than QEMU's failure to load it
+            raise
         timings["load"] = (time.perf_counter() - t) * 1000
+        t = time.perf_counter()
+        timings["verify"] = await hashing  # the guest runs only from a verified state file
+        timings["verify_wait"] = (time.perf_counter() - t) * 1000
+        op.mark("verified")
+        vm.commit()
         woke = False
-        if status == "running":
-            op.mark("resumed")  # QEMU resumed the guest by itself
-        elif status == "suspended" and cp.suspended:
+        if status in ("paused", "postmigrate") and cp.was_running:
             op.mark("resuming")
             vm.commit()
+            await mon.execute("cont")  # a guest saved suspended goes back to suspended (QEMU >= 9.0)
+            status = await mon.wait_status({"running", "suspended"}, 30)
+        if status == "suspended" and cp.suspended:
+            if op.step != "resuming":
+                op.mark("resuming")
+                vm.commit()
             await mon.execute("system_wakeup")
             status = await mon.wait_status({"running"}, 30)
             woke = True
-        elif status in ("paused", "postmigrate") and cp.was_running:
-            op.mark("resuming")
-            vm.commit()
-            await mon.execute("cont")
-            status = await mon.wait_status({"running"}, 30)
         resumed = mon.event_time("WAKEUP") if woke else mon.event_time("RESUME")
         pause_ms = ((resumed or time.time()) - cp.stopped_at) * 1000
         # The guest has run on the new QEMU: from here on, only forward.
@@ -184,6 +244,13 @@ async def _load(
         vm.commit()
         reporter.step(f"{vm.name}: {status} again after a {pause_ms:.0f} ms pause")
         return RestoreResult(vm.name, pid, pause_ms, status, woke, timings)
+
+
+async def _late_block_activate(mon: Monitor) -> dict[str, bool]:
+    """``{"late-block-activate": True}`` where QEMU has that capability (before 10.0 it keeps disks
+    inactive after the load until ``cont``; from 10.0 on, QEMU does so always and may drop it)."""
+    caps = await mon.execute("query-migrate-capabilities")
+    return {"late-block-activate": True} if any(c.get("capability") == "late-block-activate" for c in caps) else {}
 
 
 async def _sync_time(vm: VM, reporter: Reporter) -> None:

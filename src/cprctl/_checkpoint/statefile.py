@@ -136,10 +136,16 @@ def verify(
 ) -> None:
     """Refuse a state file that is missing, of the wrong size, not a QEMU stream, or altered.
 
-    With *same_as* (the ``identity`` taken when the digest was computed, in this
-    same process), an unchanged identity stands for the digest: ``update``
-    restores a file it hashed a moment ago without reading it twice.
-    *direct* and *progress* are as for `digest`.
+    `check_file`, then `check_digest`; the arguments are theirs.
+
+    :raise CheckpointError: naming what is wrong; the file is left as it is.
+    """
+    check_file(path, size)
+    check_digest(path, expected, same_as, direct, progress)
+
+
+def check_file(path: Path, size: int) -> None:
+    """Refuse a state file that is missing, of the wrong size or not a QEMU stream (cheap: no digest).
 
     :raise CheckpointError: naming what is wrong; the file is left as it is.
     """
@@ -155,8 +161,29 @@ def verify(
         head = f.read(len(HEADER))
     if head != HEADER:
         raise CheckpointError(f"state file {path} does not start with a QEMU migration header (QEVM, version 3)")
-    if same_as is not None and identity(path) == same_as:
-        return
-    actual = digest(path, direct=direct, progress=progress)[1]
+
+
+def check_digest(
+    path: Path,
+    expected: str,
+    same_as: tuple[int, int] | None = None,
+    direct: bool = False,
+    progress: Progress = no_progress,
+) -> None:
+    """Refuse a state file whose digest is not *expected*.
+
+    With *same_as* (the ``identity`` taken when the digest was computed, in this
+    same process), an unchanged identity stands for the digest: ``update``
+    restores a file it hashed a moment ago without reading it twice.
+    *direct* and *progress* are as for `digest`.
+
+    :raise CheckpointError: naming the mismatch (or a missing file); the file is left as it is.
+    """
+    try:
+        if same_as is not None and identity(path) == same_as:
+            return
+        actual = digest(path, direct=direct, progress=progress)[1]
+    except FileNotFoundError:
+        raise CheckpointError(f"state file {path} is missing") from None
     if actual != expected:
         raise CheckpointError(f"state file {path} is corrupt: digest {actual} != recorded {expected}")
