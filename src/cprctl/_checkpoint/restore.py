@@ -123,7 +123,8 @@ async def restore(
     with VMLock(vm.folder, name, "restore"):
         await recover(vm, reporter)
         t0 = time.perf_counter()
-        reporter.step(f"{name}: checking the state file and the disks")
+        if vm.record.checkpoint is not None:
+            reporter.step(f"{name}: checking the state file and the disks")
         cp = await asyncio.to_thread(verify, vm, force, digest=False)
         argv = list(vm.record.argv)
         if qemu:
