@@ -27,8 +27,12 @@ ALGORITHM = "xxh3_128c"
 HEADER = b"QEVM\x00\x00\x00\x03"
 #: The digest is the xxh3-128 of the xxh3-128 digests of the file's 4 MiB chunks, in order.
 CHUNK = 4 << 20
-#: Chunks read at once: a disk answers parallel reads faster (and xxhash releases the GIL).
-THREADS = 4
+#: Chunks read at once (each one O_DIRECT request of 4 MiB, the disk's largest here): the queue depth.
+#: Measured here on a 1.1 GB mapped-ram state file, GB/s of data read: 4 threads 1.05-1.37, 8 threads
+#: 1.08-1.45, 16 threads 1.16-1.50, ``dd iflag=direct bs=4M`` 0.99-1.1 (machine under load; ±20 % from
+#: run to run). Hashing is not the limit: xxh3 runs at 11 GiB/s on one core and releases the GIL
+#: (2 threads hash 2x as fast).
+THREADS = 8
 
 
 def _data_chunks(fd: int, size: int) -> set[int]:
