@@ -21,7 +21,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .._qemu import argv as qargv
@@ -84,17 +86,22 @@ def verify(
 
 
 def verify_digest(
-    vm: VM, cp: Checkpoint, trust_identity: bool = False, progress: statefile.Progress = statefile.no_progress
+    vm: VM,
+    cp: Checkpoint,
+    trust_identity: bool = False,
+    progress: statefile.Progress = statefile.no_progress,
+    pace: statefile.Pace | None = None,
 ) -> float:
     """Check the state file's digest against *cp*'s; how long it took (ms).
 
-    *trust_identity*: an unchanged inode and mtime stand for the digest (see `restore`).
+    *trust_identity*: an unchanged inode and mtime stand for the digest (see `restore`); *pace*: see
+    `statefile.digest`.
 
     :raise CheckpointError: the file is altered or gone.
     """
     t = time.perf_counter()
     same_as = (cp.inode, cp.mtime_ns) if trust_identity and cp.inode else None
-    statefile.check_digest(vm.checkpoint_file(), cp.digest, same_as, direct_io(cp.parameters), progress)
+    statefile.check_digest(vm.checkpoint_file(), cp.digest, same_as, direct_io(cp.parameters), progress, pace)
     return (time.perf_counter() - t) * 1000
 
 
@@ -145,15 +152,23 @@ async def restore(
         op.new_pid = pid
         op.mark("started")
         vm.commit()
-        hashing = asyncio.ensure_future(
-            asyncio.to_thread(
-                verify_digest, vm, cp, trust_identity, lambda done, total: reporter.progress(done, total, "verifying")
-            )
-        )
-        hashing.add_done_callback(lambda f: f.cancelled() or f.exception())  # read on every path
+        stop = threading.Event()
+
+        def verifying(done: int, total: int) -> None:
+            if stop.is_set():
+                raise CheckpointError(f"{name}: verification stopped")
+            reporter.progress(done, total, "verifying")
+
+        def start_verifying() -> asyncio.Future[float]:
+            pace = statefile.BESIDE_LOAD
+            hashing = asyncio.ensure_future(asyncio.to_thread(verify_digest, vm, cp, trust_identity, verifying, pace))
+            hashing.add_done_callback(lambda f: f.cancelled() or f.exception())  # read on every path
+            return hashing
+
         try:
-            result = await _load(vm, cp, pid, argv, timings, t, reporter, hashing)
+            result = await _load(vm, cp, pid, argv, timings, t, reporter, start_verifying)
         except BaseException as exc:
+            stop.set()  # a digest still running stops at its next chunk (Ctrl-C need not wait for it)
             if op.step in ("resuming", "resumed") and process.alive(pid):
                 # The guest may have run on the new QEMU: its RAM and disks have moved on from the
                 # checkpoint, so going back would corrupt it. Keep the new QEMU.
@@ -188,9 +203,10 @@ async def _load(
     timings: dict[str, float],
     t_start: float,
     reporter: Reporter,
-    hashing: asyncio.Future[float],
+    start_verifying: Callable[[], asyncio.Future[float]],
 ) -> RestoreResult:
-    """Load the state file into the new QEMU (started with ``-S``), wait for *hashing* to pass, resume.
+    """Verify the state file (*start_verifying*) while the new QEMU (started with ``-S``) loads it; resume
+    once it passed.
 
     :raise CheckpointError: the digest did not match (the guest never ran); `QemuError` or
         `MigrationError`: the load failed (a digest mismatch is reported instead when there is one).
@@ -199,6 +215,8 @@ async def _load(
     assert op is not None
     async with Monitor(r.qmp, vm.name, pid) as mon:
         timings["start"] = (time.perf_counter() - t_start) * 1000
+        # From here on, not while QEMU itself starts: after a reboot it reads its binary and libraries.
+        hashing = start_verifying()
         t = time.perf_counter()
         await mon.set_migration({**cp.capabilities, **await _late_block_activate(mon)}, cp.parameters)
         # An incoming query-migrate has no RAM counters: QEMU's own read count tells how far the load is.

@@ -17,6 +17,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import xxhash
 
@@ -33,6 +34,21 @@ CHUNK = 4 << 20
 #: run to run). Hashing is not the limit: xxh3 runs at 11 GiB/s on one core and releases the GIL
 #: (2 threads hash 2x as fast).
 THREADS = 8
+
+
+class Pace(NamedTuple):
+    """How a digest reads: *threads* reads at once, each of *request* bytes (O_DIRECT requests)."""
+
+    threads: int
+    request: int
+
+
+#: As fast as the disk goes: nothing else reads it (a save's read-back).
+FULL = Pace(THREADS, CHUNK)
+#: A fair share of the disk beside a QEMU loading the same file (2 multifd channels reading ~512 KiB
+#: at a time): a restore verifies while QEMU loads, and the load, bounded by filling the guest's RAM,
+#: takes longer than the digest anyway; a deep queue of large reads would slow QEMU's own.
+BESIDE_LOAD = Pace(2, 1 << 20)
 
 
 def _data_chunks(fd: int, size: int) -> set[int]:
@@ -70,15 +86,24 @@ def no_progress(done: int, total: int) -> None:
     pass
 
 
-def digest(path: Path, fsync: bool = False, direct: bool = False, progress: Progress = no_progress) -> tuple[int, str]:
+def digest(
+    path: Path,
+    fsync: bool = False,
+    direct: bool = False,
+    progress: Progress = no_progress,
+    pace: Pace | None = None,
+) -> tuple[int, str]:
     """``(size, "xxh3_128c:<hex>")`` of *path*; with *fsync*, flush it to disk first.
 
     Holes are not read (mapped-ram state files are sparse); a file's digest
     depends only on its bytes, not on how sparse it is. With *direct*, the file
     is read with O_DIRECT (where the filesystem allows): straight from the disk,
     through no page cache, which matters when the file was just written with
-    O_DIRECT and is not cached anyway. *progress* hears of every chunk read.
+    O_DIRECT and is not cached anyway. *progress* hears of every chunk read; an
+    exception it raises stops the digest (no further chunk is read) and is raised.
+    *pace*: how many reads of what size are in flight (default `FULL`).
     """
+    threads, request = pace or FULL
     fd, direct = _open(path, direct)
     buffers = threading.local()
     try:
@@ -94,7 +119,13 @@ def digest(path: Path, fsync: bool = False, direct: bool = False, progress: Prog
                 return os.pread(fd, CHUNK, i * CHUNK)
             if (buf := getattr(buffers, "buf", None)) is None:
                 buf = buffers.buf = mmap.mmap(-1, CHUNK)  # page-aligned, as O_DIRECT needs
-            return memoryview(buf)[: os.preadv(fd, [buf], i * CHUNK)]
+            view, got = memoryview(buf), 0
+            while got < CHUNK:
+                n = os.preadv(fd, [view[got : got + request]], i * CHUNK + got)
+                got += n
+                if n < request:
+                    break  # the end of the file
+            return view[:got]
 
         def one(i: int) -> bytes:
             nonlocal done
@@ -104,8 +135,11 @@ def digest(path: Path, fsync: bool = False, direct: bool = False, progress: Prog
                 progress(done, to_read)
             return hashed
 
-        with ThreadPoolExecutor(THREADS) as pool:
+        pool = ThreadPoolExecutor(threads)
+        try:
             found = dict(zip(wanted, pool.map(one, wanted), strict=True))
+        finally:
+            pool.shutdown(cancel_futures=True)  # on an error (or *progress* raising), read no further
     finally:
         os.close(fd)
     zero = bytes(xxhash.xxh3_128(bytes(CHUNK)).digest())
@@ -173,20 +207,21 @@ def check_digest(
     same_as: tuple[int, int] | None = None,
     direct: bool = False,
     progress: Progress = no_progress,
+    pace: Pace | None = None,
 ) -> None:
     """Refuse a state file whose digest is not *expected*.
 
     With *same_as* (the ``identity`` taken when the digest was computed, in this
     same process), an unchanged identity stands for the digest: ``update``
     restores a file it hashed a moment ago without reading it twice.
-    *direct* and *progress* are as for `digest`.
+    *direct*, *progress* and *pace* are as for `digest`.
 
     :raise CheckpointError: naming the mismatch (or a missing file); the file is left as it is.
     """
     try:
         if same_as is not None and identity(path) == same_as:
             return
-        actual = digest(path, direct=direct, progress=progress)[1]
+        actual = digest(path, direct=direct, progress=progress, pace=pace)[1]
     except FileNotFoundError:
         raise CheckpointError(f"state file {path} is missing") from None
     if actual != expected:
