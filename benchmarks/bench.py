@@ -263,6 +263,7 @@ def machine_info(qemu: str, folder: Path) -> dict[str, str]:
         "QEMU": version,
         "state dir": f"{folder} ({' on '.join(fs) if fs else '?'})",
         "Python": platform.python_version(),
+        "load average at the start (1, 5, 15 min)": ", ".join(f"{x:.1f}" for x in os.getloadavg()),
     }
 
 
@@ -371,6 +372,16 @@ async def _setup(qmp: QMPClient, caps: dict[str, bool], params: dict[str, Any]) 
         )
     if params:
         await qmp.execute("migrate-set-parameters", params)
+
+
+async def _qmp_command(sock: str, cmd: str) -> None:
+    """One QMP command (``stop``, ``cont``) on the QEMU listening at *sock*."""
+    qmp = QMPClient("bench")
+    await qmp.connect(sock)
+    try:
+        await qmp.execute(cmd)
+    finally:
+        await qmp.disconnect()
 
 
 async def bare_save(
@@ -500,9 +511,7 @@ class Bench:
 
     # cprctl, RAM written --------------------------------------------------------------------------
 
-    def cprctl_written(
-        self, size: int, strategies: tuple[Literal["stream", "auto"], ...] = ("stream", "auto"), rounds: int = 1
-    ) -> None:
+    def cprctl_written(self, size: int) -> None:
         name, fill = f"anon{size}", fill_for(size)
         folder = self.folder(name)
         guest = Guest(folder)
@@ -515,29 +524,75 @@ class Bench:
         }
         # Either order works (every save sets all the capabilities it could use); stream runs first so the
         # default's numbers come from a QEMU that was itself restored, as in real use.
-        for strategy in [s for s in strategies for _ in range(rounds)]:
-            row = rows[strategy]
+        for strategy in ("stream", "auto"):
             self.step(size, f"cprctl RAM written: save ({strategy}) + restore")
-            t = time.perf_counter()
-            saved = cprctl.save(name, strategy=strategy, state_dir=self.sd)
-            save_ms = (time.perf_counter() - t) * 1000
-            saved_at = time.time()
-            if saved.strategy != ("mapped-ram" if strategy == "auto" else strategy):
-                row.note = f"strategy ran: {saved.strategy}"
-            row.disk_bytes, row.apparent_bytes = file_sizes(saved.state_file)
-            as_after_reboot()
-            gap = time.time() - saved_at
-            t = time.perf_counter()
-            restored = cprctl.restore(name, state_dir=self.sd)
-            row.save_ms.append(save_ms)
-            row.load_ms.append((time.perf_counter() - t) * 1000)
-            row.total_ms.append(save_ms + row.load_ms[-1])
-            row.pause_ms.append(restored.pause_ms - gap * 1000)
-            row.steps.append(_steps(saved.timings_ms, restored.timings_ms))
-            seen = guest.wait_mem_ok(seen, 300)
+            seen = self.cprctl_round(name, guest, seen, rows[strategy], strategy)
         cprctl.stop(name, state_dir=self.sd)
         cprctl.remove(name, state_dir=self.sd)
         shutil.rmtree(folder, ignore_errors=True)
+
+    def cprctl_round(self, name: str, guest: Guest, seen: int, row: Row, strategy: Literal["stream", "auto"]) -> int:
+        """One cprctl save + restore of VM *name* into *row*; the guest's new ``mem ok`` count."""
+        t = time.perf_counter()
+        saved = cprctl.save(name, strategy=strategy, state_dir=self.sd)
+        save_ms = (time.perf_counter() - t) * 1000
+        saved_at = time.time()
+        if saved.strategy != ("mapped-ram" if strategy == "auto" else strategy):
+            row.note = f"strategy ran: {saved.strategy}"
+        row.disk_bytes, row.apparent_bytes = file_sizes(saved.state_file)
+        as_after_reboot()
+        gap = time.time() - saved_at
+        t = time.perf_counter()
+        restored = cprctl.restore(name, state_dir=self.sd)
+        row.save_ms.append(save_ms)
+        row.load_ms.append((time.perf_counter() - t) * 1000)
+        row.total_ms.append(save_ms + row.load_ms[-1])
+        row.pause_ms.append(restored.pause_ms - gap * 1000)
+        row.steps.append(_steps(saved.timings_ms, restored.timings_ms))
+        return guest.wait_mem_ok(seen, 300)
+
+    def written_interleaved(self, size: int) -> None:
+        """cprctl's default and the bare script with the same settings, one round of each in turn on two
+        guests that both run throughout, so that both see the same machine (loads here vary 3x from one
+        minute to the next with what else runs)."""
+        fill = fill_for(size)
+        name, folder = f"anon{size}", self.folder(f"anon{size}")
+        bare_folder = self.folder(f"bare-anon{size}")
+        guest, bare_guest = Guest(folder), Guest(bare_folder)
+        vm = BareVM(self.argv(bare_folder, size, fill, "anon"), bare_folder)
+        self.step(size, f"cprctl and bare QMP, RAM written: launch both, fill {fill} MiB")
+        try:
+            cprctl.launch(name, self.argv(folder, size, fill, "anon"), state_dir=self.sd)
+            vm.start()
+            seen = guest.wait_mem_ok(0, self.boot_timeout(size))
+            bare_seen = bare_guest.wait_mem_ok(0, self.boot_timeout(size))
+            mapped = self.res.row(size, "cp-mapped", "cprctl RAM written: mapped-ram (default)")
+            best = self.res.row(
+                size,
+                "bare-best",
+                "bare QMP RAM written: cpr-reboot, mapped-ram + multifd + direct-io, uncapped",
+                "no check, no digest, no record",
+            )
+            qmp = cprctl.status(name, state_dir=self.sd)[0].qmp
+            for i in range(self.repeat):
+                # The guest not measured is paused: its RAM check would take a core from the other.
+                asyncio.run(_qmp_command(str(vm.sock), "stop"))
+                asyncio.run(_qmp_command(qmp, "cont"))
+                seen = guest.wait_mem_ok(seen, 120)
+                self.step(size, f"cprctl RAM written (mapped-ram): save + restore {i + 1}/{self.repeat}")
+                seen = self.cprctl_round(name, guest, seen, mapped, "auto")
+                asyncio.run(_qmp_command(qmp, "stop"))
+                asyncio.run(_qmp_command(str(vm.sock), "cont"))
+                bare_seen = bare_guest.wait_mem_ok(bare_seen, 120)
+                self.step(size, f"bare QMP, same settings: save + load {i + 1}/{self.repeat}")
+                bare_seen = self.bare_round(vm, bare_guest, bare_seen, best, BEST_CAPS, BEST_PARAMS, False)
+            asyncio.run(_qmp_command(qmp, "cont"))
+            cprctl.stop(name, state_dir=self.sd)
+            cprctl.remove(name, state_dir=self.sd)
+        finally:
+            vm.kill()
+            shutil.rmtree(folder, ignore_errors=True)
+            shutil.rmtree(bare_folder, ignore_errors=True)
 
     # baselines ------------------------------------------------------------------------------------
 
@@ -576,7 +631,7 @@ class Bench:
             vm.kill()
             shutil.rmtree(folder, ignore_errors=True)
 
-    def bare_written(self, size: int, only_best: bool = False, rounds: int = 1) -> None:
+    def bare_written(self, size: int) -> None:
         fill = fill_for(size)
         folder = self.folder(f"bare-anon{size}")
         guest, vm = Guest(folder), BareVM(self.argv(folder, size, fill, "anon"), folder)
@@ -585,9 +640,7 @@ class Bench:
             vm.start()
             seen = guest.wait_mem_ok(0, self.boot_timeout(size))
             capped = self.res.row(size, "bare-cap", "bare QMP RAM written: cpr-reboot, QEMU's default cap")
-            if only_best:
-                capped.note = "skipped (--written)"
-            elif size <= CAPPED_MAX_MIB:
+            if size <= CAPPED_MAX_MIB:
                 self.step(size, "bare QMP RAM written, default 128 MiB/s cap: save + load")
                 seen = self.bare_round(vm, guest, seen, capped, {}, {"mode": "cpr-reboot"}, False)
             else:
@@ -599,10 +652,7 @@ class Bench:
                 "bare QMP RAM written: cpr-reboot, mapped-ram + multifd + direct-io, uncapped",
                 "no check, no digest, no record",
             )
-            for _ in range(rounds):
-                seen = self.bare_round(vm, guest, seen, best, BEST_CAPS, BEST_PARAMS, False)
-            if only_best:
-                return
+            seen = self.bare_round(vm, guest, seen, best, BEST_CAPS, BEST_PARAMS, False)
             self.step(size, "virsh-save-like: stop, normal migrate to file uncapped, load, cont")
             virsh = self.res.row(
                 size, "virsh", "virsh-save-like: stop + normal migrate file:, uncapped", "max-bandwidth lifted"
@@ -673,8 +723,7 @@ class Bench:
         self.res.machine = machine_info(self.qemu, self.work)
         self.dd()
         for size in sizes:
-            self.cprctl_written(size, ("auto",), self.repeat)
-            self.bare_written(size, only_best=True, rounds=self.repeat)
+            self.written_interleaved(size)
             for key in ("cp-mapped", "bare-best"):
                 row = self.res.get(size, key)
                 if row is not None and row.save_ms:
@@ -978,12 +1027,14 @@ def written_section(
     lines = [
         WRITTEN_TITLE,
         "",
-        f"Command: `{' '.join(argv)}` — {runtime_s / 60:.1f} min, {res.machine.get('date', '')}."
-        + (f" {note}" if note else ""),
+        f"Command: `{' '.join(argv)}` — {runtime_s / 60:.1f} min, {res.machine.get('date', '')}; load average "
+        f"{res.machine.get('load average at the start (1, 5, 15 min)', '?')} at the start, "
+        f"{', '.join(f'{x:.1f}' for x in os.getloadavg())} at the end (2 cores)." + (f" {note}" if note else ""),
         "",
-        f"The guest ({', '.join(f'{s} MiB, fill {fill_for(s)} MiB' for s in sizes)}, anonymous RAM) is saved and "
-        f"restored {repeat} times by cprctl (the default, mapped-ram) and {repeat} times by the bare script with "
-        "the same settings (mapped-ram, multifd, direct-io, no cap; no check, digest or record), with the page "
+        f"Two guests ({', '.join(f'{s} MiB, fill {fill_for(s)} MiB' for s in sizes)}, anonymous RAM) are "
+        "launched; one is saved and restored by cprctl (the default, mapped-ram), the other by the bare script "
+        "with the same settings (mapped-ram, multifd, direct-io, no cap; no check, digest or record), in turn, "
+        f"{repeat} rounds each (the guest not measured is paused meanwhile), with the page "
         f"cache dropped and a {SETTLE_S:.0f} s wait between each save and its load (medians shown). *save ms*: "
         "until QEMU is gone; *load ms*: until the guest runs (cprctl's `restore()` also sets the guest clock "
         "through the agent after that). The CLI's start-up is not in these (the API is called).",
@@ -998,6 +1049,14 @@ def written_section(
             f"| {r.size} MiB | {r.name} | {r.value} | {r.target} | {r.verdict} |"
             for r in rats
             if r.name.startswith(keep)
+        ),
+        "",
+        "Each run, in the order they ran (save ms / load ms):",
+        "",
+        *(
+            f"- {row.case}: " + ", ".join(f"{a:,.0f} / {b:,.0f}" for a, b in zip(row.save_ms, row.load_ms, strict=True))
+            for row in res.rows.values()
+            if row.size and row.save_ms
         ),
         "",
         "Where cprctl's time goes (median `timings_ms`):",
@@ -1018,12 +1077,11 @@ def _section(text: str, title: str) -> str:
 
 
 def replace_section(text: str, title: str, section: str) -> str:
-    """*text* with its section *title* replaced by *section* (added after the first heading if absent)."""
+    """*text* with its section *title* replaced by *section* (added at the end if absent)."""
     old = _section(text, title)
     if old:
         return text.replace(old, section.rstrip("\n") + "\n")
-    head, _, rest = text.partition("\n")
-    return f"{head}\n\n{section.rstrip()}\n{rest}"
+    return f"{text.rstrip()}\n\n{section.rstrip()}\n"
 
 
 def _on_sigterm(signum: int, frame: object) -> NoReturn:

@@ -238,12 +238,13 @@ async def _load(
         t = time.perf_counter()
         timings["verify"] = await hashing  # the guest runs only from a verified state file
         timings["verify_wait"] = (time.perf_counter() - t) * 1000
+        t = time.perf_counter()
         op.mark("verified")
+        woke, cont = False, status in ("paused", "postmigrate") and cp.was_running
+        if cont:
+            op.mark("resuming")  # one commit for both: recovery resumes only from "resuming"
         vm.commit()
-        woke = False
-        if status in ("paused", "postmigrate") and cp.was_running:
-            op.mark("resuming")
-            vm.commit()
+        if cont:
             await mon.execute("cont")  # a guest saved suspended goes back to suspended (QEMU >= 9.0)
             status = await mon.wait_status({"running", "suspended"}, 30)
         if status == "suspended" and cp.suspended:
@@ -253,14 +254,17 @@ async def _load(
             await mon.execute("system_wakeup")
             status = await mon.wait_status({"running"}, 30)
             woke = True
+        timings["resume"] = (time.perf_counter() - t) * 1000
         resumed = mon.event_time("WAKEUP") if woke else mon.event_time("RESUME")
         pause_ms = ((resumed or time.time()) - cp.stopped_at) * 1000
         # The guest has run on the new QEMU: from here on, only forward.
+        t = time.perf_counter()
         op.mark("resumed")
         r.argv = qargv.for_relaunch(argv)
         retire_checkpoint(vm, pid, pause_ms if status == "running" else None)
         r.operation = None
         vm.commit()
+        timings["retire"] = (time.perf_counter() - t) * 1000
         reporter.step(f"{vm.name}: {status} again after a {pause_ms:.0f} ms pause")
         return RestoreResult(vm.name, pid, pause_ms, status, woke, timings)
 
