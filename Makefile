@@ -3,9 +3,11 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 GUEST_DIR ?= $(HOME)/.cache/cprctl-guest
+OLD_QEMU_DIR ?= $(HOME)/.cache/cprctl-old-qemu
 export CPRCTL_TEST_GUEST := $(GUEST_DIR)
+export CPRCTL_OLD_QEMU := $(OLD_QEMU_DIR)/usr/bin/qemu-system-x86_64
 
-.PHONY: all deps venv guest demo test unit lint bench clean
+.PHONY: all deps venv guest old-qemu demo test unit lint bench clean
 
 all: test
 
@@ -24,6 +26,10 @@ venv: $(VENV)/.installed
 guest: deps
 	@if [ "$$(id -u)" -eq 0 ]; then bash guest/build.sh $(GUEST_DIR); else sudo bash guest/build.sh $(GUEST_DIR); fi
 
+# Debian 12's own QEMU 7.2, unpacked (not installed): the tests check that cprctl refuses it.
+old-qemu: deps
+	@if [ "$$(id -u)" -eq 0 ]; then bash scripts/old-qemu.sh $(OLD_QEMU_DIR); else sudo bash scripts/old-qemu.sh $(OLD_QEMU_DIR); fi
+
 demo: deps venv guest
 	$(VENV)/bin/cprctl demo --guest $(GUEST_DIR)
 
@@ -34,7 +40,7 @@ lint: venv
 unit: venv
 	$(VENV)/bin/pytest -q -m "not qemu"
 
-test: deps venv guest lint
+test: deps venv guest old-qemu lint
 	$(VENV)/bin/pytest -q -ra
 
 bench: deps venv guest

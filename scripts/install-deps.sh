@@ -33,7 +33,8 @@ if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.
     updated=0
 fi
 
-pkgs=$(missing busybox-static cpio gcc libc6-dev binutils xz-utils zstd)
+# systemd-container and mmdebstrap: tests/test_systemd_host.py boots a Debian root under systemd-nspawn.
+pkgs=$(missing busybox-static cpio gcc libc6-dev binutils xz-utils zstd systemd-container mmdebstrap)
 if need_qemu || [ -n "$pkgs" ] || [ -n "$(missing qemu-utils qemu-guest-agent)" ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q

@@ -192,3 +192,27 @@ def spawn_cli(*args: str, state_dir: Path) -> subprocess.Popen[str]:
         text=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
+
+
+def qemu_copy(folder: Path, name: str = "qemu-system-x86_64") -> Path:
+    """A private copy of the system QEMU binary at *folder*/*name*, as a package would install it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    shutil.copy2(QEMU, path)
+    return path
+
+
+def upgrade_binary(path: Path) -> None:
+    """Replace the binary at *path* as dpkg does: write the new file beside it, then rename it over."""
+    new = path.with_name(path.name + ".dpkg-new")
+    shutil.copy2(QEMU, new)
+    os.rename(new, path)
+
+
+def wrapper(folder: Path, name: str, body: str) -> Path:
+    """An executable shell script *folder*/*name* that ends by running the system QEMU with its arguments."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(f'#!/bin/bash\n{body}\nexec {QEMU} "$@"\n')
+    path.chmod(0o755)
+    return path

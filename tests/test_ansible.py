@@ -14,7 +14,7 @@ import pytest
 
 import cprctl
 
-from .guestvm import GuestVM, record_of
+from .guestvm import GuestVM, qemu_copy, record_of, upgrade_binary
 
 pytestmark = pytest.mark.qemu
 
@@ -76,10 +76,12 @@ class Hosts:
         cmd = [str(ANSIBLE_PLAYBOOK), "-i", str(self.inventory), str(PLAYBOOK), "-e", "cprctl_simulate_reboot=true"]
         return self.run([*cmd, *args], timeout)
 
-    def adhoc(self, pattern: str, module: str, args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        """An ad-hoc ``ansible PATTERN -m MODULE -a ARGS``."""
+    def adhoc(
+        self, pattern: str, module: str, args: str, *extra: str, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
+        """An ad-hoc ``ansible PATTERN -m MODULE -a ARGS`` (*extra*: e.g. ``--check``)."""
         exe = str(ANSIBLE_PLAYBOOK.with_name("ansible"))
-        return self.run([exe, "-i", str(self.inventory), pattern, "-m", module, "-a", args], timeout)
+        return self.run([exe, "-i", str(self.inventory), pattern, *extra, "-m", module, "-a", args], timeout)
 
 
 def recap(out: str) -> dict[str, dict[str, int]]:
@@ -175,3 +177,28 @@ def test_a_failing_host_stops_the_roll(hosts: Hosts) -> None:
             cprctl.remove("shm1", state_dir=hosts.state["hostA"])
         shm.unlink(missing_ok=True)
         shutil.rmtree(hosts.root / "shm1-work", ignore_errors=True)
+
+
+def test_qemu_upgrade_moves_vms_warm_without_a_save(hosts: Hosts) -> None:
+    binary = qemu_copy(hosts.root / "pkg" / "bin")
+    vm = GuestVM.launch("up1", hosts.state["hostB"], fill=FILL, qemu=str(binary))
+    hosts.vms["hostB"].append(vm)
+    upgrade_binary(binary)  # apt ran while the VMs run
+    assert vm.status().binary_replaced
+    sd = "state_dir={{ cprctl_state_dir }}"
+    out = hosts.adhoc("hostB", "cprctl_vm", f"state=updated {sd}", "--check")
+    assert out.returncode == 0 and "would update" in out.stdout and "hostB | CHANGED" in out.stdout, out.stdout
+    assert vm.status().binary_replaced, "check mode moved it"
+    before = {host: hosts.records(host) for host in hosts.state}
+    marks = {v.name: v.mark() for v in hosts.all_vms()}
+    out = hosts.play("-e", "cprctl_upgrade_qemu=true")
+    assert out.returncode == 0, out.stdout + out.stderr
+    counts = recap(out.stdout)
+    assert counts["hostA"]["changed"] == 0 and counts["hostB"]["changed"] == 1, counts  # only up1 moved
+    st = vm.status()
+    assert st.state == "running" and not st.binary_replaced and st.pid != before["hostB"]["up1"]["pid"]
+    for v in hosts.all_vms():
+        v.assert_continued(marks[v.name], fill=FILL)
+    assert hosts.records("hostA") == before["hostA"], "a VM was touched for an upgrade that did not concern it"
+    hosts.vms["hostB"].remove(vm)
+    vm.stop()

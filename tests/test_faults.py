@@ -334,7 +334,7 @@ def test_cprctl_killed_during_warm_update(state_dir: Path) -> None:
     vm.stop()
 
 
-def test_update_to_a_broken_binary_keeps_the_vm(state_dir: Path, tmp_path: Path) -> None:
+def test_update_to_a_broken_binary_is_refused_and_the_vm_runs_on(state_dir: Path, tmp_path: Path) -> None:
     broken = tmp_path / "qemu-broken"
     broken.write_text(
         f'#!/bin/sh\ncase "$1" in --version|-machine) exec {QEMU} "$@";; esac\n'
@@ -342,12 +342,12 @@ def test_update_to_a_broken_binary_keeps_the_vm(state_dir: Path, tmp_path: Path)
     )
     broken.chmod(0o755)
     vm = GuestVM.launch("brk", state_dir, fill=32)
-    mark = vm.mark()
-    with pytest.raises(QemuError, match=r"restore can be retried.*cannot start"):
-        cprctl.update("brk", str(broken), state_dir=state_dir)
-    st = vm.status()
-    assert st.state == "saved" and st.argv[0] == QEMU, "the checkpoint and the old binary are kept"
-    cprctl.restore("brk", state_dir=state_dir)  # retry with the recorded binary
+    mark, pid = vm.mark(), vm.status().pid
+    for warm in (True, False):
+        with pytest.raises(QemuError, match=r"refused, nothing touched.*cannot start"):
+            cprctl.update("brk", str(broken), warm=warm, state_dir=state_dir)
+        st = vm.status()
+        assert st.state == "running" and st.pid == pid and st.argv[0] == QEMU, "the VM was touched"
     vm.assert_continued(mark, fill=32)
     vm.stop()
 

@@ -58,7 +58,7 @@ def test_unit_sizes_mounts_and_timeout(tmp_path: Path) -> None:
     text = _units.unit_text(sd, exe="/usr/local/bin/cprctl")
     mounts = text.split("RequiresMountsFor=")[1].split("\n")[0].split()
     assert sorted(mounts) == sorted([str(tmp_path / "state"), "/srv/ram"])
-    assert "ExecStop=/usr/local/bin/cprctl save-all --reboot" in text
+    assert "ExecStop=/usr/local/bin/cprctl save-all --shutdown-unsaveable" in text
     assert "ExecStart=/usr/local/bin/cprctl restore-all" in text
     timeout = int(text.split("TimeoutStopSec=")[1].split()[0])
     assert timeout >= (64 << 30) // _units.SLOW_DISK  # only the anonymous 64G is written

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
         status,
         stop,
         update,
+        update_all,
     )
     from ._checkpoint.fleet import VMOutcome
     from ._checkpoint.inspect import VMStatus
@@ -61,6 +62,7 @@ _LAZY = {
             "update",
             "save_all",
             "restore_all",
+            "update_all",
             "check",
             "status",
             "start",
@@ -102,6 +104,7 @@ __all__ = (
     "update",
     "save_all",
     "restore_all",
+    "update_all",
     "check",
     "status",
     "start",

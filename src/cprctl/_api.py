@@ -144,12 +144,16 @@ def check(
     reboot: bool = False,
     suspend: SuspendMode = "auto",
     strategy: Strategy = "auto",
+    qemu: str | None = None,
     state_dir: PathLike = None,
 ) -> list[Finding]:
-    """The preflight check of VM *name*, worst finding first; touches nothing."""
+    """The preflight check of VM *name*, worst finding first; touches nothing.
+
+    With *qemu*, also what that binary lacks to take the VM (as ``update`` checks).
+    """
     from ._checkpoint import inspect
 
-    return _run(inspect.check(StateDir(state_dir), name, reboot=reboot, suspend=suspend, strategy=strategy))
+    return _run(inspect.check(StateDir(state_dir), name, reboot=reboot, suspend=suspend, strategy=strategy, qemu=qemu))
 
 
 def status(name: str | None = None, *, reporter: Reporter | None = None, state_dir: PathLike = None) -> list[VMStatus]:
@@ -179,19 +183,29 @@ def save_all(
     parallel: int | None = None,
     suspend: SuspendMode = "auto",
     force: bool = False,
+    shutdown_unsaveable: bool = False,
     reporter: Reporter | None = None,
     state_dir: PathLike = None,
 ) -> list[VMOutcome]:
     """Save every running VM, *parallel* at a time (default: one per core).
 
     With *reboot*, every VM must pass ``check --reboot`` first, or none is
-    touched (`FleetCheckFailed`). Returns one `VMOutcome` per managed VM.
+    touched (`FleetCheckFailed`). With *shutdown_unsaveable* (the host is going
+    down), each VM that passes is saved and each other one is shut down cleanly
+    (guest agent, else ACPI) and booted afresh by the next `restore_all`.
+    Returns one `VMOutcome` per managed VM.
     """
     from ._checkpoint import fleet
 
     return _run(
         fleet.save_all(
-            StateDir(state_dir), reboot=reboot, parallel=parallel, suspend=suspend, force=force, reporter=reporter
+            StateDir(state_dir),
+            reboot=reboot,
+            parallel=parallel,
+            suspend=suspend,
+            force=force,
+            shutdown_unsaveable=shutdown_unsaveable,
+            reporter=reporter,
         )
     )
 
@@ -203,6 +217,26 @@ def restore_all(
     from ._checkpoint import fleet
 
     return _run(fleet.restore_all(StateDir(state_dir), parallel=parallel, sync_time=sync_time, reporter=reporter))
+
+
+def update_all(
+    *,
+    qemu: str | None = None,
+    parallel: int | None = None,
+    suspend: SuspendMode = "auto",
+    force: bool = False,
+    reporter: Reporter | None = None,
+    state_dir: PathLike = None,
+) -> list[VMOutcome]:
+    """Move every VM whose QEMU binary a package replaced on disk onto the binary now there (warm where
+    it can); with *qemu*, every running VM onto *qemu*. One `VMOutcome` per managed VM."""
+    from ._checkpoint import fleet
+
+    return _run(
+        fleet.update_all(
+            StateDir(state_dir), qemu=qemu, parallel=parallel, suspend=suspend, force=force, reporter=reporter
+        )
+    )
 
 
 def start(name: str, *, state_dir: PathLike = None) -> VMRecord:

@@ -2,7 +2,17 @@
 
 Like libvirt-guests, the unit is a oneshot that stays active: ``ExecStart``
 (at boot) runs ``restore-all``, ``ExecStop`` (at shutdown, before the
-filesystems it needs are unmounted) runs ``save-all --reboot``.
+filesystems it needs are unmounted) runs ``save-all --shutdown-unsaveable``:
+every VM that can be saved is, the others are shut down cleanly. Each VM's
+QEMU runs in a scope of its own ordered ``Before=`` this unit (see
+`cprctl._host.systemd`), so systemd stops no VM before the save is done.
+
+The stop timeout is a floor sized from the VMs' RAM at install time; while
+saves make progress cprctl extends it (sd_notify ``EXTEND_TIMEOUT_USEC``), so
+VMs added later are not cut short, yet a wedged save ends when progress stops.
+
+As root the unit is a system unit; ``--user`` makes it a unit of the user's
+manager (it runs at boot only with lingering: ``loginctl enable-linger``).
 """
 
 from __future__ import annotations
@@ -14,14 +24,23 @@ import sys
 from pathlib import Path
 
 from ._checkpoint.vm import open_vm
+from ._host import systemd
 from ._qemu.argv import ram_layout, size_bytes
 from ._store import StateDir
+from .errors import UsageError
 
-UNIT = "cprctl-guests.service"
-__all__ = ("UNIT", "install", "size_bytes", "unit_text")
+UNIT = systemd.GUESTS_UNIT
+SYSTEM_DEST = Path("/etc/systemd/system")
+__all__ = ("UNIT", "install", "size_bytes", "unit_text", "user_dest")
 
 #: Assumed worst-case write speed for RAM that goes into state files (bytes/s) when sizing the stop timeout.
 SLOW_DISK = 100_000_000
+
+
+def user_dest() -> Path:
+    """Where user units go: ``$XDG_CONFIG_HOME/systemd/user``."""
+    config = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(config) / "systemd" / "user"
 
 
 def _facts(sd: StateDir) -> tuple[list[str], int]:
@@ -38,43 +57,77 @@ def _facts(sd: StateDir) -> tuple[list[str], int]:
     return sorted(mounts), written
 
 
-def unit_text(sd: StateDir, exe: str | None = None) -> str:
+def unit_text(sd: StateDir, exe: str | None = None, user: bool = False) -> str:
     """The unit for state directory *sd*, with mounts and stop timeout sized from its VMs now."""
     exe = exe or shutil.which("cprctl") or str(Path(sys.argv[0]).resolve())
     mounts, written = _facts(sd)
     timeout = max(300, 120 + written // SLOW_DISK)
     state = str(sd.path)
+    # A user manager cannot order itself after the system's network or mounts.
+    system_deps = (
+        "" if user else "After=local-fs.target remote-fs.target network-online.target\nWants=network-online.target\n"
+    )
     return f"""[Unit]
 Description=Save running QEMU VMs at shutdown and restore them at boot (cprctl, cpr-reboot)
-After=local-fs.target remote-fs.target network-online.target
-Wants=network-online.target
-RequiresMountsFor={" ".join(mounts)}
+{system_deps}RequiresMountsFor={" ".join(mounts)}
 
 [Service]
 Type=oneshot
 RemainAfterExit=yes
 Environment=CPRCTL_STATE_DIR={state}
 ExecStart={exe} restore-all
-ExecStop={exe} save-all --reboot
-# Saves that write RAM need time: sized from the VMs' RAM at install ({written >> 20} MiB written at most).
+ExecStop={exe} save-all --shutdown-unsaveable
+# A floor sized from the VMs' RAM at install ({written >> 20} MiB written at most); cprctl extends it
+# (sd_notify EXTEND_TIMEOUT_USEC) while saves and loads make progress, never without progress.
 TimeoutStartSec={timeout}
 TimeoutStopSec={timeout}
-# QEMUs restored at boot live in this unit's cgroup; never kill one that could not be saved.
+NotifyAccess=all
+# VMs run in scopes of their own (cprctl-NAME.scope, ordered Before= this unit). QEMUs an older
+# cprctl restored at boot live in this unit's cgroup: never kill one that could not be saved.
 KillMode=process
 StandardOutput=journal
 StandardError=journal
 
 [Install]
-WantedBy=multi-user.target
+WantedBy={"default.target" if user else "multi-user.target"}
 """
 
 
-def install(sd: StateDir, dest: Path = Path("/etc/systemd/system"), enable: bool = True) -> Path:
-    """Write the unit into *dest*; with *enable* (and systemd running) reload and enable it."""
-    dest.mkdir(parents=True, exist_ok=True)
+def install(sd: StateDir, dest: Path | None = None, enable: bool = True, user: bool = False) -> Path:
+    """Write the unit into *dest* (default: the system's, or with *user* the user's unit folder);
+    with *enable* (and systemd running) reload and enable it.
+
+    :raise UsageError: not root without *user*, *dest* not writable, or systemctl refuses (one line each).
+    """
+    if not user and os.geteuid() != 0 and dest is None:
+        raise UsageError("install-units needs root for a system unit; as a user: cprctl install-units --user")
+    dest = dest or (user_dest() if user else SYSTEM_DEST)
     path = dest / UNIT
-    path.write_text(unit_text(sd))
-    if enable and Path("/run/systemd/system").is_dir():
-        subprocess.run(["systemctl", "daemon-reload"], check=False)
-        subprocess.run(["systemctl", "enable", UNIT], check=False)
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+        path.write_text(unit_text(sd, user=user))
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror}") from None
+    if enable and systemd.booted():
+        flag = ["--user"] if user else []
+        for args in (["daemon-reload"], ["enable", UNIT]):
+            done = subprocess.run(["systemctl", *flag, *args], capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                why = done.stderr.strip().splitlines()[-1:] or ["failed"]
+                raise UsageError(f"wrote {path}, but 'systemctl {' '.join(flag + args)}' failed: {why[0]}")
     return path
+
+
+def lingering() -> bool | None:
+    """Whether this user's manager runs from boot (``loginctl enable-linger``); None when unknown."""
+    try:
+        done = subprocess.run(
+            ["loginctl", "show-user", str(os.getuid()), "-p", "Linger", "--value"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return {"yes": True, "no": False}.get(done.stdout.strip())

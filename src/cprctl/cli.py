@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import getpass
 import json
 import signal
 import sys
 import threading
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
 from . import _api
+from ._host import systemd
 from .errors import CheckFailed, CprctlError
 
 if TYPE_CHECKING:
@@ -279,11 +282,15 @@ def status(state_dir: str | None, name: str | None, as_json: bool) -> None:
         return
     from rich.table import Table
 
-    table = Table("VM", "state", "pid", "QMP", "agent", "state file", "last pause")
+    units = any(r.unit for r in rows)  # a column only where systemd places VMs
+    table = Table("VM", "state", "pid", *(["unit"] if units else []), "QMP", "agent", "state file", "last pause")
     for r in rows:
         size = f"{r.state_file} ({r.state_file_bytes / 1e6:.1f} MB)" if r.state_file_bytes is not None else "-"
         pause = f"{r.last_pause_ms:.0f} ms" if r.last_pause_ms is not None else "-"
-        table.add_row(r.name, r.state, str(r.pid or "-"), r.qmp, r.qga or "-", size, pause)
+        state = f"{r.state} [yellow](binary replaced)[/]" if r.binary_replaced else r.state
+        state = f"{state} (powered off at shutdown; restore-all boots it)" if r.boot_pending else state
+        unit = [r.unit or "-"] if units else []
+        table.add_row(r.name, state, str(r.pid or "-"), *unit, r.qmp, r.qga or "-", size, pause)
     out.print(table)
 
 
@@ -291,11 +298,12 @@ def status(state_dir: str | None, name: str | None, as_json: bool) -> None:
 @click.argument("name")
 @click.option("--reboot", is_flag=True, help="Also require what a host reboot needs.")
 @_suspend
+@click.option("--qemu", help="Also check that this QEMU binary can take the VM (as update does).")
 @_json
 @click.pass_obj
-def check(state_dir: str | None, name: str, reboot: bool, suspend: Any, as_json: bool) -> None:
-    """Preflight check: would a save (and a reboot) keep this VM? Exit 1 on errors."""
-    found = run(lambda: _api.check(name, reboot=reboot, suspend=suspend, state_dir=state_dir))
+def check(state_dir: str | None, name: str, reboot: bool, suspend: Any, qemu: str | None, as_json: bool) -> None:
+    """Preflight check: would a save (and a reboot, or a move onto --qemu BINARY) keep this VM? Exit 1 on errors."""
+    found = run(lambda: _api.check(name, reboot=reboot, suspend=suspend, qemu=qemu, state_dir=state_dir))
     bad = [f for f in found if f.blocking]
     if as_json:
         out.print_json(json.dumps([f.__dict__ | {"blocking": f.blocking} for f in found]))
@@ -316,7 +324,16 @@ def _summary(outcomes: list[VMOutcome], as_json: bool) -> None:
         from rich.table import Table
 
         table = Table("VM", "outcome", "detail")
-        colour = {"saved": "green", "restored": "green", "skipped": "dim", "left running": "yellow", "failed": "red"}
+        colour = {
+            "saved": "green",
+            "restored": "green",
+            "updated": "green",
+            "cold-booted": "yellow",
+            "skipped": "dim",
+            "left running": "yellow",
+            "shut down": "yellow",
+            "failed": "red",
+        }
         for o in outcomes:
             table.add_row(o.name, f"[{colour[o.outcome]}]{o.outcome}[/]", o.detail, end_section=False)
         out.print(table)
@@ -327,28 +344,57 @@ def _summary(outcomes: list[VMOutcome], as_json: bool) -> None:
 _parallel = click.option("--parallel", type=click.IntRange(1, 256), help="VMs at a time [default: one per core].")
 
 
+def _fleet_reporter(as_json: bool) -> TermReporter | systemd.Notifier:
+    """Under a unit (cprctl-guests.service): lines for the journal and sd_notify; else the terminal's."""
+    return systemd.Notifier() if systemd.under_unit() else TermReporter(quiet=as_json)
+
+
+def _unit_status(rep: TermReporter | systemd.Notifier, outcomes: list[VMOutcome], as_json: bool) -> None:
+    """Under a unit: the per-VM lines are in the journal already; sum them up in the unit's status."""
+    if not isinstance(rep, systemd.Notifier):
+        _summary(outcomes, as_json)
+        return
+    counts = Counter(o.outcome for o in outcomes)
+    rep.status(", ".join(f"{n} {what}" for what, n in sorted(counts.items())) or "no VMs")
+    if not all(o.ok for o in outcomes):
+        sys.exit(1)
+
+
 @main.command("save-all")
 @click.option("--reboot", is_flag=True, help="Every VM must pass 'check --reboot' first, or none is touched.")
+@click.option(
+    "--shutdown-unsaveable",
+    is_flag=True,
+    help="The host is going down: save each VM that passes 'check --reboot', shut the others down cleanly.",
+)
 @_parallel
 @_suspend
 @_force
 @_json
 @click.pass_obj
 def save_all(
-    state_dir: str | None, reboot: bool, parallel: int | None, suspend: Any, force: bool, as_json: bool
+    state_dir: str | None,
+    reboot: bool,
+    shutdown_unsaveable: bool,
+    parallel: int | None,
+    suspend: Any,
+    force: bool,
+    as_json: bool,
 ) -> None:
     """Save every running VM (before a host reboot or a QEMU upgrade). Exit 1 unless all were saved."""
+    rep = _fleet_reporter(as_json)
     outcomes = run(
         lambda: _api.save_all(
             reboot=reboot,
             parallel=parallel,
             suspend=suspend,
             force=force,
-            reporter=TermReporter(quiet=as_json),
+            shutdown_unsaveable=shutdown_unsaveable,
+            reporter=rep,
             state_dir=state_dir,
         )
     )
-    _summary(outcomes, as_json)
+    _unit_status(rep, outcomes, as_json)
 
 
 @main.command("restore-all")
@@ -358,9 +404,32 @@ def save_all(
 @click.pass_obj
 def restore_all(state_dir: str | None, parallel: int | None, no_sync_time: bool, as_json: bool) -> None:
     """Restore every saved VM (after a host reboot or a QEMU upgrade). Exit 1 unless all came back."""
+    rep = _fleet_reporter(as_json)
     outcomes = run(
-        lambda: _api.restore_all(
-            parallel=parallel, sync_time=not no_sync_time, reporter=TermReporter(quiet=as_json), state_dir=state_dir
+        lambda: _api.restore_all(parallel=parallel, sync_time=not no_sync_time, reporter=rep, state_dir=state_dir)
+    )
+    _unit_status(rep, outcomes, as_json)
+
+
+@main.command("update-all")
+@click.option("--qemu", help="Move every running VM onto this binary [default: VMs whose binary was replaced on disk].")
+@_parallel
+@_suspend
+@_force
+@_json
+@click.pass_obj
+def update_all(
+    state_dir: str | None, qemu: str | None, parallel: int | None, suspend: Any, force: bool, as_json: bool
+) -> None:
+    """Move VMs onto a new QEMU, warm where possible (after a package upgrade). Exit 1 unless all moved."""
+    outcomes = run(
+        lambda: _api.update_all(
+            qemu=qemu,
+            parallel=parallel,
+            suspend=suspend,
+            force=force,
+            reporter=TermReporter(quiet=as_json),
+            state_dir=state_dir,
         )
     )
     _summary(outcomes, as_json)
@@ -405,18 +474,25 @@ def remove(state_dir: str | None, name: str, force: bool) -> None:
 
 
 @main.command("install-units")
-@click.option("--dest", type=click.Path(file_okay=False), default="/etc/systemd/system", show_default=True)
+@click.option(
+    "--dest", type=click.Path(file_okay=False), help="Unit folder [default: /etc/systemd/system; --user: ~/.config]."
+)
+@click.option("--user", is_flag=True, help="A unit of your user's manager (needs lingering to run at boot).")
 @click.option("--no-enable", is_flag=True, help="Only write the unit; do not reload or enable it.")
 @click.pass_obj
-def install_units(state_dir: str | None, dest: str, no_enable: bool) -> None:
-    """Install cprctl-guests.service: save-all --reboot at shutdown, restore-all at boot."""
+def install_units(state_dir: str | None, dest: str | None, user: bool, no_enable: bool) -> None:
+    """Install cprctl-guests.service: save-all at shutdown (others shut down cleanly), restore-all at boot."""
     from pathlib import Path
 
     from . import _units
     from ._store import StateDir
 
-    path = run(lambda: _units.install(StateDir(state_dir), Path(dest), enable=not no_enable))
+    path = run(
+        lambda: _units.install(StateDir(state_dir), Path(dest) if dest else None, enable=not no_enable, user=user)
+    )
     out.print(f"wrote {path}")
+    if user and _units.lingering() is not True:
+        out.print(f"note: it runs at boot only with lingering: loginctl enable-linger {getpass.getuser()}")
 
 
 @main.command()

@@ -28,6 +28,10 @@ description:
   - C(saved) saves one VM, or every running VM of the host (cprctl save-all); a VM that is already
     saved is not changed. For save-all, VMs that could not be saved are left running by cprctl.
   - C(restored) restores one VM, or every saved VM (cprctl restore-all); a running VM is not changed.
+  - C(updated) moves every running VM whose QEMU binary a package upgrade replaced on disk onto the
+    binary now there (cprctl update-all), warm where it can; with O(qemu), every running VM (or the one
+    O(name)d) onto that binary. A binary that cannot take a VM is refused and the VM keeps running.
+    In check mode it says which VMs would move, with the check of the new binary.
   - C(running) is the same as C(restored) (it reads better with O(health)). A VM that is C(stopped)
     (powered off, no checkpoint) is skipped when no O(name) is given, and fails when it is named.
   - With O(health), every running VM's guest agent must answer C(guest-ping); a VM without agent
@@ -37,7 +41,7 @@ options:
     description: What the VMs should be.
     type: str
     required: true
-    choices: [checked, saved, restored, running]
+    choices: [checked, saved, restored, updated, running]
   name:
     description: One VM; default every VM managed in the state directory.
     type: str
@@ -45,6 +49,9 @@ options:
     description: For C(checked) and C(saved), require what a host reboot needs (C(check --reboot)).
     type: bool
     default: false
+  qemu:
+    description: For C(updated), the QEMU binary to move onto; default the binary at each VM's own path.
+    type: path
   state_dir:
     description: cprctl's state directory; default cprctl's own (C($CPRCTL_STATE_DIR), /var/lib/cprctl).
     type: path
@@ -73,6 +80,11 @@ EXAMPLES = r"""
     state: saved
     reboot: true
 
+- name: After "apt upgrade" replaced QEMU, move every VM onto it while they run
+  cprctl_vm:
+    state: updated
+    health: true
+
 - name: Restore every VM and check their guest agents
   cprctl_vm:
     state: restored
@@ -89,11 +101,13 @@ vms:
     name: {description: The VM's name, type: str}
     outcome:
       description: >-
-        ok, refused, saved, restored, already saved, already running, would save, would restore,
-        left running, failed, skipped
+        ok, refused, saved, restored, updated, already saved, already running, up to date, would save,
+        would restore, would update, left running, failed, skipped
       type: str
     detail: {description: Why, or what happened, type: str}
-    findings: {description: The check's findings (checked, and saved/restored in check mode), type: list}
+    findings: {description: The check's findings (checked, and saved/restored/updated in check mode), type: list}
+    warm: {description: For C(updated), whether the VM moved warm, type: bool}
+    pause_ms: {description: For C(updated), the guest's pause, type: float}
 health:
   description: One entry per VM whose health was checked (with O(health)).
   returned: when health is true
@@ -102,7 +116,19 @@ health:
 """
 
 #: VMOutcome.outcome values that mean the VM completed (or needed nothing).
-DONE = ("saved", "restored", "skipped", "already saved", "already running", "ok", "would save", "would restore")
+DONE = (
+    "saved",
+    "restored",
+    "updated",
+    "skipped",
+    "already saved",
+    "already running",
+    "up to date",
+    "ok",
+    "would save",
+    "would restore",
+    "would update",
+)
 
 
 def entry(name: str, outcome: str, detail: str = "", findings: list[Any] | None = None) -> dict[str, Any]:
@@ -199,6 +225,40 @@ class Runner:
             changed, vms = self._fleet(outcomes, "restored", statuses)
         return changed, vms
 
+    def updated(self) -> tuple[bool, list[dict[str, Any]]]:
+        qemu = self.m.params["qemu"]
+        statuses = self.statuses()
+        if self.check_mode or self.name is not None:
+            vms = [self._update_one(st, qemu) for st in statuses]
+            return any(v["outcome"] in ("updated", "would update") for v in vms), vms
+        outcomes = cprctl.update_all(qemu=qemu, parallel=self.parallel, state_dir=self.sd)
+        vms = []
+        for o in outcomes:
+            outcome = "up to date" if o.outcome == "skipped" and o.state == "running" else o.outcome
+            vms.append(entry(o.name, outcome, o.detail) | {"warm": o.warm, "pause_ms": o.pause_ms})
+        return any(o.outcome == "updated" for o in outcomes), vms
+
+    def _update_one(self, st: Any, qemu: str | None) -> dict[str, Any]:
+        """Update one VM (or, in check mode, say whether it would move and whether the binary takes it)."""
+        if st.state != "running":
+            return entry(st.name, "skipped" if self.name is None else "failed", f"{st.state}, not running")
+        if not qemu and not st.binary_replaced:
+            return entry(st.name, "up to date", "runs the binary on disk")
+        target = qemu or st.argv[0]
+        if self.check_mode:
+            findings = cprctl.check(st.name, qemu=target, state_dir=self.sd)
+            why = first_error(findings)
+            return entry(st.name, "refused" if why else "would update", why or f"onto {target}", findings)
+        try:
+            res = cprctl.update(st.name, target, state_dir=self.sd)
+        except cprctl.CprctlError as exc:
+            return entry(st.name, "failed", str(exc))
+        how = "warm" if res.warm else f"cold ({res.cold_reason})"
+        return entry(st.name, "updated", f"{how}, paused {res.pause_ms:.1f} ms") | {
+            "warm": res.warm,
+            "pause_ms": res.pause_ms,
+        }
+
     # -- helpers -------------------------------------------------------------------------------
 
     def _fleet(self, outcomes: list[Any], verb: str, statuses: list[Any]) -> tuple[bool, list[dict[str, Any]]]:
@@ -275,7 +335,12 @@ def ping(name: str, state_dir: str | None, timeout: float) -> tuple[bool, str]:
 def main() -> None:
     module = AnsibleModule(
         argument_spec={
-            "state": {"type": "str", "required": True, "choices": ["checked", "saved", "restored", "running"]},
+            "state": {
+                "type": "str",
+                "required": True,
+                "choices": ["checked", "saved", "restored", "updated", "running"],
+            },
+            "qemu": {"type": "path"},
             "name": {"type": "str"},
             "reboot": {"type": "bool", "default": False},
             "state_dir": {"type": "path"},
@@ -300,6 +365,8 @@ def main() -> None:
             changed, vms = run.checked()
         elif state == "saved":
             changed, vms = run.saved()
+        elif state == "updated":
+            changed, vms = run.updated()
         else:
             changed, vms = run.restored()
         result: dict[str, Any] = {"changed": changed, "vms": vms, "state": state}

@@ -13,16 +13,18 @@ from dataclasses import dataclass
 from typing import Literal
 
 from .._qemu.argv import ram_layout
+from .._qemu.process import Binary
 from .._store import StateDir
 from ..errors import CprctlError, FleetCheckFailed
-from . import inspect
+from . import inspect, lifecycle
 from .plan import Finding, SuspendMode
 from .report import Quiet, Reporter
 from .restore import restore
 from .save import save
+from .update import update
 from .vm import open_vm
 
-Outcome = Literal["saved", "restored", "failed", "left running", "skipped"]
+Outcome = Literal["saved", "restored", "updated", "failed", "left running", "skipped", "shut down", "cold-booted"]
 
 
 @dataclass(frozen=True)
@@ -36,10 +38,12 @@ class VMOutcome:
     state: str = ""
     strategy: str | None = None
     pause_ms: float | None = None
+    #: For ``update-all``: whether the VM moved warm (None: it did not move).
+    warm: bool | None = None
 
     @property
     def ok(self) -> bool:
-        return self.outcome in ("saved", "restored", "skipped")
+        return self.outcome in ("saved", "restored", "updated", "skipped", "cold-booted")
 
 
 def default_parallel() -> int:
@@ -53,13 +57,19 @@ async def save_all(
     parallel: int | None = None,
     suspend: SuspendMode = "auto",
     force: bool = False,
+    shutdown_unsaveable: bool = False,
     reporter: Reporter | None = None,
 ) -> list[VMOutcome]:
     """Save every running VM, *parallel* at a time (default: one per core; VMs whose RAM must be
     written, one at a time); with *reboot*, only if every VM passes ``check --reboot``.
 
-    :raise FleetCheckFailed: with *reboot*, when any VM fails its check (nothing was touched).
+    With *shutdown_unsaveable* (the host is going down: implies *reboot*), every VM that passes
+    ``check --reboot`` is saved and every other running VM, or one whose save fails, is shut down
+    cleanly (`lifecycle.shut_down`) instead of the whole fleet being refused.
+
+    :raise FleetCheckFailed: with *reboot* alone, when any VM fails its check (nothing was touched).
     """
+    reboot = reboot or shutdown_unsaveable
     reporter = reporter or Quiet()
     states = {st.name: st.state for st in await inspect.status(sd, reporter=reporter)}  # finishes interrupted ops
     running = [n for n, s in states.items() if s == "running"]
@@ -79,26 +89,48 @@ async def save_all(
                 found = await inspect.check(sd, name, reboot=True, suspend=suspend)
                 if any(f.blocking and not (force and f.forceable) for f in found):
                     refused[name] = found
-        if refused:
+        if refused and not shutdown_unsaveable:
             raise FleetCheckFailed(refused)
+    else:
+        refused = {}
     limit = asyncio.Semaphore(parallel or default_parallel())
     # Saves that write RAM share the disk, and mapped-ram's multifd channels already use every core:
     # by default they go one at a time, beside any number of in-place saves.
     writers = asyncio.Semaphore(parallel or 1)
 
     async def one(name: str) -> VMOutcome:
+        if name in refused:
+            why = next((f.message for f in refused[name] if f.blocking), "it fails 'check --reboot'")
+            return await _shut_down(sd, name, f"cannot be saved ({why})", reporter)
         in_place = all(b.named_shared_file for b in ram_layout(open_vm(sd, name).record.argv).backends)
         async with limit, contextlib.nullcontext() if in_place else writers:
             try:
                 res = await save(sd, name, suspend=suspend, reboot=reboot, force=force, reporter=reporter)
-                return VMOutcome(name, "saved", f"{res.strategy}, {res.size / 1e6:.1f} MB", "saved", res.strategy)
+                outcome = VMOutcome(name, "saved", f"{res.strategy}, {res.size / 1e6:.1f} MB", "saved", res.strategy)
             except CprctlError as exc:
                 state = open_vm(sd, name).state()
-                return VMOutcome(name, "left running" if state == "running" else "failed", str(exc), state)
+                if state == "running" and shutdown_unsaveable:
+                    return await _shut_down(sd, name, f"save failed ({exc})", reporter)
+                outcome = VMOutcome(name, "left running" if state == "running" else "failed", str(exc), state)
+        reporter.step(f"{name}: {outcome.outcome}: {outcome.detail}")
+        return outcome
 
     done = await asyncio.gather(*(one(n) for n in running))
     others = [_untouched(n, s) for n, s in states.items() if n not in running]
     return sorted([*done, *others], key=lambda o: o.name)
+
+
+async def _shut_down(sd: StateDir, name: str, why: str, reporter: Reporter) -> VMOutcome:
+    """Power off a VM the host's shutdown cannot save; it is booted afresh by the next restore-all."""
+    reporter.step(f"{name}: {why}; shutting it down cleanly")
+    try:
+        how = await lifecycle.shut_down(sd, name, reporter=reporter)
+    except CprctlError as exc:
+        outcome = VMOutcome(name, "failed", f"{why}; shutdown failed: {exc}", open_vm(sd, name).state())
+    else:
+        outcome = VMOutcome(name, "shut down", f"{why}; {how}", "stopped")
+    reporter.step(f"{name}: {outcome.outcome}: {outcome.detail}")
+    return outcome
 
 
 def _untouched(name: str, state: str) -> VMOutcome:
@@ -111,20 +143,72 @@ def _untouched(name: str, state: str) -> VMOutcome:
 async def restore_all(
     sd: StateDir, *, parallel: int | None = None, sync_time: bool = True, reporter: Reporter | None = None
 ) -> list[VMOutcome]:
-    """Restore every saved VM."""
+    """Restore every saved VM, and boot afresh every VM a host shutdown powered off (it could not be saved)."""
     reporter = reporter or Quiet()
     states = {st.name: st.state for st in await inspect.status(sd, reporter=reporter)}  # finishes interrupted ops
     saved = [n for n, s in states.items() if s == "saved"]
+    saved += [n for n, s in states.items() if s == "stopped" and open_vm(sd, n).record.boot_pending]
     limit = asyncio.Semaphore(parallel or default_parallel())
 
     async def one(name: str) -> VMOutcome:
         async with limit:
             try:
-                res = await restore(sd, name, sync_time=sync_time, reporter=reporter)
-                return VMOutcome(name, "restored", f"paused {res.pause_ms:.0f} ms", res.status, None, res.pause_ms)
+                if states[name] == "stopped":
+                    rec = await lifecycle.start(sd, name)
+                    outcome = VMOutcome(name, "cold-booted", f"powered off at shutdown; pid {rec.pid}", "running")
+                else:
+                    res = await restore(sd, name, sync_time=sync_time, reporter=reporter)
+                    outcome = VMOutcome(
+                        name, "restored", f"paused {res.pause_ms:.0f} ms", res.status, None, res.pause_ms
+                    )
             except CprctlError as exc:
-                return VMOutcome(name, "failed", str(exc), open_vm(sd, name).state())
+                outcome = VMOutcome(name, "failed", str(exc), open_vm(sd, name).state())
+        reporter.step(f"{name}: {outcome.outcome}: {outcome.detail}")
+        return outcome
 
     done = await asyncio.gather(*(one(n) for n in saved))
     others = [_untouched(n, s) for n, s in states.items() if n not in saved]
+    return sorted([*done, *others], key=lambda o: o.name)
+
+
+async def update_all(
+    sd: StateDir,
+    *,
+    qemu: str | None = None,
+    parallel: int | None = None,
+    suspend: SuspendMode = "auto",
+    force: bool = False,
+    reporter: Reporter | None = None,
+) -> list[VMOutcome]:
+    """Move every running VM whose QEMU executable was replaced on disk (a package upgrade) onto the
+    binary now at its path; with *qemu*, every running VM onto *qemu*. Warm where it can (see `update`).
+
+    :raise UsageError: *qemu* is not an executable (no VM touched).
+    """
+    reporter = reporter or Quiet()
+    binary = Binary.find(qemu).path if qemu else None
+    statuses = await inspect.status(sd, reporter=reporter)  # finishes interrupted ops
+    moving = [st for st in statuses if st.state == "running" and (binary or st.binary_replaced)]
+    limit = asyncio.Semaphore(parallel or default_parallel())
+
+    async def one(name: str, target: str) -> VMOutcome:
+        async with limit:
+            try:
+                res = await update(sd, name, target, suspend=suspend, force=force, reporter=reporter)
+            except CprctlError as exc:
+                state = open_vm(sd, name).state()
+                return VMOutcome(name, "left running" if state == "running" else "failed", str(exc), state)
+            how = "warm" if res.warm else f"cold ({res.cold_reason})"
+            detail = f"{how} onto {target}, paused {res.pause_ms:.1f} ms"
+            return VMOutcome(name, "updated", detail, "running", None, res.pause_ms, res.warm)
+
+    done = await asyncio.gather(*(one(st.name, binary or st.argv[0]) for st in moving))
+    moved = {st.name for st in moving}
+    others = [
+        VMOutcome(st.name, "skipped", "runs the binary on disk", st.state)
+        if st.state == "running"
+        else _untouched(st.name, st.state)
+        for st in statuses
+        if st.name not in moved
+    ]
     return sorted([*done, *others], key=lambda o: o.name)

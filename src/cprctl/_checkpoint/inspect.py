@@ -7,14 +7,17 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .._host import systemd
 from .._qemu import process
 from .._qemu.argv import ram_layout
+from .._qemu.process import Binary
 from .._qemu.qmp import Monitor
 from .._store import StateDir, VMLock
 from ..errors import BusyError, CprctlError, QemuError
 from . import disks, statefile
-from .facts import gather, mount_of, ram_fact
-from .plan import VOLATILE_FS, Finding, Strategy, SuspendMode, direct_io, findings
+from .compat import binary_findings
+from .facts import binary_info, gather, mount_of, ram_fact
+from .plan import VOLATILE_FS, Finding, Strategy, SuspendMode, choose, direct_io, findings
 from .report import Quiet, Reporter
 from .update import warm_blockers
 from .vm import VM, open_vm, recover
@@ -37,6 +40,13 @@ class VMStatus:
     strategy: str | None
     last_pause_ms: float | None
     operation: str | None
+    #: The running QEMU's executable was replaced or deleted on disk since it started (a package upgrade):
+    #: ``update-all`` moves it onto the binary now there.
+    binary_replaced: bool = False
+    #: The systemd unit (scope) its QEMU runs in; None without systemd or when not running.
+    unit: str | None = None
+    #: A host shutdown powered it off (it could not be saved); the next restore-all boots it.
+    boot_pending: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -63,6 +73,9 @@ def vm_status(vm: VM) -> VMStatus:
         cp.strategy if cp else None,
         r.last_pause_ms,
         op,
+        bool(r.pid) and vm.running() and process.exe_replaced(r.pid or 0, r.argv[0]),
+        systemd.unit_of(r.pid) if vm.running() else None,
+        r.boot_pending,
     )
 
 
@@ -87,14 +100,30 @@ async def status(sd: StateDir, name: str | None = None, reporter: Reporter | Non
 
 
 async def check(
-    sd: StateDir, name: str, *, reboot: bool = False, suspend: SuspendMode = "auto", strategy: Strategy = "auto"
+    sd: StateDir,
+    name: str,
+    *,
+    reboot: bool = False,
+    suspend: SuspendMode = "auto",
+    strategy: Strategy = "auto",
+    qemu: str | None = None,
 ) -> list[Finding]:
     """The preflight check of VM *name*, without touching it.
 
     A running VM is checked as `save` would; a saved one has its checkpoint
-    verified (state file, disks, RAM kept in place).
+    verified (state file, disks, RAM kept in place). With *qemu*, also whether
+    that binary can take the VM (as ``update`` and ``restore --qemu`` check).
+
+    :raise UsageError: *qemu* is not an executable.
     """
     vm = open_vm(sd, name)
+    binary = Binary.find(qemu).path if qemu else None
+    found = await _check(vm, reboot, suspend, strategy, binary)
+    return found + host_findings(vm) if reboot else found
+
+
+async def _check(vm: VM, reboot: bool, suspend: SuspendMode, strategy: Strategy, binary: str | None) -> list[Finding]:
+    name = vm.name
     if vm.running() and vm.record.checkpoint is None:
         try:
             async with Monitor(vm.record.qmp, name, vm.record.pid) as mon:
@@ -102,6 +131,9 @@ async def check(
         except QemuError as exc:
             return [Finding("qmp", "error", str(exc), "check that QEMU is healthy")]
         found = findings(facts, reboot=reboot, suspend=suspend, strategy=strategy)
+        if binary:
+            plan = choose(facts, suspend, strategy)
+            found = [*await _binary(vm, binary, plan.capabilities, plan.parameters), *found]
         blockers = warm_blockers(vm.record.argv, facts)
         if blockers:
             found.append(
@@ -116,12 +148,74 @@ async def check(
             found.append(Finding("update-warm", "info", "'update' can run warm: the new QEMU starts beside this one"))
         return found
     if vm.record.checkpoint is not None:
-        return _check_saved(vm, reboot)
+        found = _check_saved(vm, reboot)
+        if binary:
+            cp = vm.record.checkpoint
+            found = [*await _binary(vm, binary, cp.capabilities, cp.parameters), *found]
+        return found
     return [
         Finding(
             "not-running", "error", f"{name} is {vm.state()}: nothing to check", "launch it again with 'cprctl launch'"
         )
     ]
+
+
+async def _binary(vm: VM, binary: str, caps: dict[str, bool], params: dict[str, str | int | bool]) -> list[Finding]:
+    """What *binary* lacks to take *vm* (or that it can)."""
+    try:
+        info = await binary_info(binary)
+    except CprctlError as exc:
+        return [Finding("binary", "error", str(exc), "pick a working QEMU binary")]
+    r = vm.record
+    found = binary_findings(info, [binary, *r.argv[1:]], r.machine, caps, params, r.cwd)
+    return found or [Finding("binary-ok", "info", f"{binary} (QEMU {'.'.join(map(str, info.version))}) can take it")]
+
+
+def host_findings(vm: VM) -> list[Finding]:
+    """What the host's init will do to VM *vm* at shutdown (``check --reboot``)."""
+    if not systemd.booted():
+        return [
+            Finding(
+                "init",
+                "info",
+                "the host's init is not systemd: no unit saves VMs at shutdown",
+                "run 'cprctl save-all --reboot' before rebooting",
+            )
+        ]
+    manager = "user" if systemd.user_manager() else "system"
+    installed, enabled = systemd.unit_state(systemd.GUESTS_UNIT)
+    unit = systemd.GUESTS_UNIT
+    found = [Finding("init", "info", f"the host's init is systemd (the {manager} manager runs cprctl's units)")]
+    if installed and enabled:
+        found.append(Finding("unit", "info", f"{unit} is installed and enabled: it saves this VM at shutdown"))
+    else:
+        why = "enabled" if installed else "installed"
+        flag = " --user" if systemd.user_manager() else ""
+        found.append(
+            Finding(
+                "unit",
+                "warning",
+                f"{unit} is not {why}: a host shutdown would not save this VM",
+                f"cprctl install-units{flag}",
+            )
+        )
+    if vm.running():
+        found.append(_scope_finding(vm))
+    return found
+
+
+def _scope_finding(vm: VM) -> Finding:
+    unit = systemd.unit_of(vm.record.pid)
+    if unit is None:
+        return Finding("scope", "warning", f"cannot tell which systemd unit QEMU (pid {vm.record.pid}) runs in")
+    if systemd.waits_for_save(unit):
+        return Finding("scope", "info", f"QEMU runs in {unit}, which systemd stops only after the save at shutdown")
+    return Finding(
+        "scope",
+        "warning",
+        f"QEMU runs in {unit}: at shutdown systemd would stop it without a save",
+        f"'cprctl update {vm.name} --qemu {vm.record.binary}' moves it into a scope of its own",
+    )
 
 
 def _check_saved(vm: VM, reboot: bool) -> list[Finding]:

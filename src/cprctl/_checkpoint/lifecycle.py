@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -11,13 +12,16 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from .._host import systemd
 from .._qemu import argv as qargv
 from .._qemu import process
+from .._qemu.agent import Agent
 from .._qemu.process import Binary
 from .._qemu.qmp import Monitor
 from .._store import StateDir, VMLock
-from ..errors import QemuError, UsageError, VMStateError
+from ..errors import AgentError, QemuError, UsageError, VMStateError
 from .record import VMRecord
+from .report import Quiet, Reporter
 from .vm import LOG_FILE, VM, open_vm
 
 #: sun_path holds 108 bytes, the last a NUL.
@@ -97,7 +101,7 @@ async def launch(sd: StateDir, name: str, argv: Sequence[str], agent: bool = Fal
             cwd=os.getcwd(),
             created=time.time(),
         )
-        rec.pid = process.spawn(full, log, cwd=rec.cwd)
+        rec.pid = process.spawn(full, log, cwd=rec.cwd, scope=name)
         vm = VM(name, folder, rec)
         try:
             vm.commit()
@@ -163,6 +167,8 @@ async def adopt(sd: StateDir, name: str, qmp: str, qga: str | None = None) -> VM
             cwd=cwd,
             created=time.time(),
         )
+        # Out of the unit that started it (which systemd would stop at shutdown without a save).
+        systemd.attach(pid, name)
         VM(name, folder, rec).commit()
         return rec
 
@@ -195,7 +201,59 @@ async def stop(sd: StateDir, name: str) -> None:
             if not process.wait_gone(pid, 10):
                 process.kill(pid)
         vm.record.pid = None
+        vm.record.boot_pending = False  # the operator wants it off: restore-all leaves it so
         vm.commit()
+
+
+#: Seconds a guest is given to power off, after guest-shutdown and again after the ACPI button.
+SHUTDOWN_GRACE = 60.0
+
+
+async def shut_down(sd: StateDir, name: str, grace: float | None = None, reporter: Reporter | None = None) -> str:
+    """Power VM *name* off the clean way, as at a host shutdown it cannot be saved for: the guest
+    agent's ``guest-shutdown``, else ACPI ``system_powerdown``, each given *grace* seconds; only
+    then QMP ``quit`` and signals (default *grace*: `SHUTDOWN_GRACE`). Marks the VM to be booted
+    afresh by the next ``restore-all``. Returns how it went (one line).
+
+    :raise VMStateError: the VM is not running.
+    """
+    reporter = reporter or Quiet()
+    grace = SHUTDOWN_GRACE if grace is None else grace
+    vm = open_vm(sd, name)
+    with VMLock(vm.folder, name, "shutdown"):
+        pid = vm.record.pid
+        if vm.state() != "running" or not pid:
+            raise VMStateError(f"{name} is {vm.state()}, not running")
+        how = await _power_off(vm, pid, grace, reporter)
+        vm.record.pid = None
+        vm.record.boot_pending = True
+        vm.commit()
+        return how
+
+
+async def _power_off(vm: VM, pid: int, grace: float, reporter: Reporter) -> str:
+    if vm.record.qga:
+        reporter.step(f"{vm.name}: asking the guest agent to shut the guest down")
+        try:
+            async with Agent(vm.record.qga, vm.name, timeout=10) as agent:
+                await agent.shutdown()
+            if await asyncio.to_thread(process.wait_gone, pid, grace):
+                return "shut down by its guest agent"
+        except AgentError as exc:
+            reporter.step(f"{vm.name}: {exc}")
+    reporter.step(f"{vm.name}: pressing the ACPI power button (system_powerdown)")
+    with contextlib.suppress(QemuError):
+        async with Monitor(vm.record.qmp, vm.name, pid) as mon:
+            await mon.execute("system_powerdown")
+        if await asyncio.to_thread(process.wait_gone, pid, grace):
+            return "shut down on the ACPI power button"
+    reporter.step(f"{vm.name}: the guest did not power off in {grace:.0f} s; stopping QEMU")
+    with contextlib.suppress(QemuError):
+        async with Monitor(vm.record.qmp, vm.name, pid) as mon:
+            await mon.quit()
+    if not await asyncio.to_thread(process.wait_gone, pid, 10):
+        await asyncio.to_thread(process.kill, pid)
+    return f"the guest did not power off in {grace:.0f} s; QEMU was stopped (the guest was not shut down)"
 
 
 def remove(sd: StateDir, name: str, force: bool = False) -> None:
@@ -225,7 +283,8 @@ async def start(sd: StateDir, name: str) -> VMRecord:
         for path in (vm.record.qmp, vm.record.qga):
             if path:
                 Path(path).unlink(missing_ok=True)
-        vm.record.pid = process.spawn(qargv.for_relaunch(vm.record.argv), vm.log_path, cwd=vm.record.cwd)
+        vm.record.pid = process.spawn(qargv.for_relaunch(vm.record.argv), vm.log_path, cwd=vm.record.cwd, scope=name)
+        vm.record.boot_pending = False
         vm.commit()
         await wait_qmp(vm, vm.record.pid)
         return vm.record

@@ -96,6 +96,11 @@ class VMRecord(msgspec.Struct, forbid_unknown_fields=True):
     operation: Operation | None = None
     last_pause_ms: float | None = None
     created: float = 0.0
+    #: The systemd unit QEMU runs in (``cprctl-NAME.scope``), read from ``/proc/PID/cgroup`` at each
+    #: write; None without systemd or while no QEMU runs.
+    unit: str | None = None
+    #: A host shutdown powered the VM off (it could not be saved): the next ``restore-all`` boots it.
+    boot_pending: bool = False
 
     @property
     def binary(self) -> str:

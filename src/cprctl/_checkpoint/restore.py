@@ -34,6 +34,8 @@ from .._qemu.qmp import Monitor
 from .._store import StateDir, VMLock
 from ..errors import AgentError, CheckpointError, CprctlError, QemuError, VMStateError
 from . import disks, statefile
+from .compat import binary_findings, require
+from .facts import binary_info
 from .plan import direct_io
 from .record import Checkpoint, Operation
 from .report import Quiet, Reporter
@@ -122,8 +124,9 @@ async def restore(
 
     :raise VMStateError: there is no checkpoint; `CheckpointError`: it failed
         verification (the new QEMU, if started, is killed; the guest never ran);
-        `QemuError`: the new QEMU failed (the checkpoint is kept; the log tail
-        is in the message).
+        `CheckFailed`: binary *qemu* cannot run the VM or load its state (nothing
+        started); `QemuError`: the new QEMU failed (the checkpoint is kept; the
+        log tail is in the message).
     """
     reporter = reporter or Quiet()
     vm = open_vm(sd, name)
@@ -138,6 +141,8 @@ async def restore(
             binary = Binary.find(qemu)
             binary.require_cpr()
             argv[0] = binary.path
+            info = await binary_info(binary.path)
+            require(name, binary_findings(info, argv, vm.record.machine, cp.capabilities, cp.parameters, vm.record.cwd))
         timings = {"check": (time.perf_counter() - t0) * 1000}
         vm.record.operation = op = Operation("restore", os.getpid(), time.time())
         vm.commit()
@@ -148,7 +153,7 @@ async def restore(
         with contextlib.suppress(FileNotFoundError):
             os.unlink(vm.record.qmp)
         t = time.perf_counter()
-        pid = process.spawn([*qargv.incoming(argv), "-S"], vm.log_path, cwd=vm.record.cwd)
+        pid = process.spawn([*qargv.incoming(argv), "-S"], vm.log_path, cwd=vm.record.cwd, scope=name)
         op.new_pid = pid
         op.mark("started")
         vm.commit()

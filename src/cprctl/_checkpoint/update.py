@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import secrets
 import time
 from collections.abc import Sequence
@@ -38,9 +39,10 @@ from .._qemu.process import Binary
 from .._qemu.qmp import Monitor
 from .._store import StateDir, VMLock
 from ..errors import CheckFailed, CprctlError, QemuError, VMStateError
-from .facts import gather
+from .compat import binary_findings, require
+from .facts import binary_info, gather
 from .lifecycle import SOCKET_PATH_MAX
-from .plan import Facts, Plan, SuspendMode, choose, findings
+from .plan import Facts, Finding, Plan, SuspendMode, choose, findings
 from .record import Operation
 from .report import Quiet, Reporter
 from .restore import restore
@@ -48,6 +50,14 @@ from .save import save, suspend_guest
 from .vm import VM, open_vm, recover, settle_update
 
 MIGRATION_SOCKET = "migrate.sock"
+#: A copy of the running QEMU's executable, kept during a cold update when a package replaced it on disk.
+PREVIOUS_BINARY = "qemu.previous"
+#: What a QEMU says when a host resource is held by the QEMU beside it (the two cannot run side by side).
+RESOURCE_CONFLICTS = re.compile(
+    r"Address already in use|Failed to get .*lock|Is another process using|Device or resource busy"
+    r"|Resource temporarily unavailable|lock pid file|already in use",
+    re.IGNORECASE,
+)
 
 
 @dataclass(frozen=True)
@@ -123,16 +133,23 @@ async def update(
 ) -> UpdateResult:
     """Move running VM *name* onto QEMU binary *qemu*: warm standby when possible, else save + restore.
 
+    The new binary is checked first (`compat.binary_findings`): one that cannot
+    run the VM's argv or load its state is refused while the guest runs on. The
+    cold path runs only when the two QEMUs cannot run side by side; if its restore
+    on the new binary fails, the VM is restored on its previous binary at once.
+
     :raise CheckFailed: the preflight check refused (nothing touched); `QemuError`:
         the warm update failed and the guest runs on the old QEMU again, or the cold
-        path's restore failed and the checkpoint is kept.
+        path's restore failed (the message says where the VM runs, or that the
+        checkpoint is kept).
     """
     reporter = reporter or Quiet()
     binary = Binary.find(qemu)
     binary.require_cpr()
+    vm = open_vm(sd, name)
+    await preflight(vm, binary.path, suspend)
     reason = "--cold" if not warm else None
     if reason is None:
-        vm = open_vm(sd, name)
         blockers = warm_blockers(vm.record.argv)
         if blockers:
             reason = "; ".join(blockers)
@@ -142,13 +159,78 @@ async def update(
             except _NoStandby as exc:
                 reason = str(exc)
     reporter.step(f"{name}: cold update ({reason})")
+    return await _cold(sd, name, binary.path, reason, suspend, force, sync_time, reporter)
+
+
+async def preflight(vm: VM, binary: str, suspend: SuspendMode = "auto") -> list[Finding]:
+    """The findings on moving running *vm* onto *binary*, as its next save would run.
+
+    :raise VMStateError: the VM is not running; `CheckFailed`: the binary cannot take it;
+        `QemuError`: the binary does not answer what it offers.
+    """
+    r = vm.record
+    if r.checkpoint is not None or not vm.running():
+        raise VMStateError(f"{vm.name} is {vm.state()}, not running; use restore --qemu")
+    async with Monitor(r.qmp, vm.name, r.pid) as mon:
+        plan = choose(await gather(r, mon, vm.folder, suspend), suspend)
+    try:
+        info = await binary_info(binary)
+    except QemuError as exc:
+        raise QemuError(f"{vm.name}: refused, nothing touched: {exc}") from None
+    found = binary_findings(info, [binary, *r.argv[1:]], r.machine, plan.capabilities, plan.parameters, r.cwd)
+    require(vm.name, found)
+    return found
+
+
+async def _cold(
+    sd: StateDir,
+    name: str,
+    binary: str,
+    reason: str,
+    suspend: SuspendMode,
+    force: bool,
+    sync_time: bool,
+    reporter: Reporter,
+) -> UpdateResult:
+    """Save, then restore on *binary*; if that restore fails, restore on the binary the VM ran before."""
     t = time.perf_counter()
+    vm = open_vm(sd, name)
+    previous = _keep_previous(vm)
     await save(sd, name, suspend=suspend, force=force, durable=False, reporter=reporter)
-    res = await restore(
-        sd, name, qemu=binary.path, force=force, sync_time=sync_time, reporter=reporter, trust_identity=True
-    )
+    try:
+        res = await restore(
+            sd, name, qemu=binary, force=force, sync_time=sync_time, reporter=reporter, trust_identity=True
+        )
+    except QemuError as first:
+        reporter.step(f"{name}: the restore on {binary} failed; restoring on {previous}")
+        try:
+            back = await restore(
+                sd, name, qemu=previous, force=force, sync_time=sync_time, reporter=reporter, trust_identity=True
+            )
+        except CprctlError as second:
+            raise QemuError(
+                f"{name}: update failed: {first}; restoring on the previous binary {previous} failed too: {second}"
+            ) from None
+        raise QemuError(
+            f"{name}: update to {binary} failed ({first}); the VM runs again on its previous binary {previous} "
+            f"(pid {back.pid}, paused {back.pause_ms:.0f} ms)"
+        ) from None
+    if previous != vm.record.argv[0]:  # the copy is needed no more
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(previous)
     timings = {"total": (time.perf_counter() - t) * 1000, **res.timings_ms}
     return UpdateResult(name, res.pid, res.pause_ms, False, reason, timings)
+
+
+def _keep_previous(vm: VM) -> str:
+    """The binary the VM runs now, to go back to; a copy of it when a package replaced it on disk
+    (kept in the VM's folder while a VM that went back to it runs on it)."""
+    path, pid = vm.record.argv[0], vm.record.pid
+    if not pid or not process.exe_replaced(pid, path):
+        return path
+    copy = vm.folder / PREVIOUS_BINARY
+    process.copy_exe(pid, copy)
+    return str(copy)
 
 
 class _NoStandby(Exception):
@@ -191,7 +273,7 @@ async def _switch(vm: VM, old: Monitor, plan: Plan, binary: str, reporter: Repor
     suffix = f"~{secrets.token_hex(2)}"
     standby_argv = qargv.incoming(_side_by_side(argv, suffix))
     t = time.perf_counter()
-    new_pid = process.spawn(standby_argv, vm.log_path, cwd=r.cwd)
+    new_pid = process.spawn(standby_argv, vm.log_path, cwd=r.cwd, scope=vm.name)
     r.operation = op = Operation(
         "update", os.getpid(), time.time(), new_pid=new_pid, binary=binary, socket_suffix=suffix
     )
@@ -209,7 +291,7 @@ async def _switch(vm: VM, old: Monitor, plan: Plan, binary: str, reporter: Repor
             r.operation = None
             vm.commit()
             if isinstance(exc, QemuError):
-                raise _NoStandby(f"the new QEMU did not start beside the old one: {exc}") from None
+                raise _standby_failed(vm, binary, exc) from None
             raise
         done = "its outcome is unknown, see 'cprctl status'"
         with contextlib.suppress(QemuError):
@@ -219,6 +301,19 @@ async def _switch(vm: VM, old: Monitor, plan: Plan, binary: str, reporter: Repor
         if isinstance(exc, CprctlError):
             raise QemuError(f"{vm.name}: warm update failed ({exc}); {done}") from None
         raise
+
+
+def _standby_failed(vm: VM, binary: str, exc: QemuError) -> Exception:
+    """Why the new QEMU did not come up: `_NoStandby` (go cold) for a host resource the old QEMU holds,
+    else a refusal: a binary that fails beside the old QEMU would fail a cold restore too."""
+    tail = process.log_tail(vm.log_path)
+    conflict = next((part for part in tail.split(" | ") if RESOURCE_CONFLICTS.search(part)), None)
+    if conflict:
+        return _NoStandby(f"the new QEMU could not share a host resource with the old one: {conflict}")
+    return QemuError(
+        f"{vm.name}: refused: {binary} did not start beside the old QEMU ({exc}"
+        f"{'; QEMU log: ' + tail if tail else ''}); the guest runs on as before (pid {vm.record.pid})"
+    )
 
 
 async def _migrate(

@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .._host import systemd
 from .._qemu import process
 from .._qemu.qmp import Monitor
 from .._store import StateDir
@@ -50,6 +51,8 @@ class VM:
         return Path(self.record.log)
 
     def commit(self) -> None:
+        """Write the record, with the systemd unit its QEMU runs in now."""
+        self.record.unit = systemd.unit_of(self.record.pid) if self.running() else None
         record.save(self.record_path, self.record)
 
     def running(self) -> bool:

@@ -97,6 +97,21 @@ class Agent:
         except (QMPError, EOFError, OSError):
             return
 
+    async def shutdown(self) -> None:
+        """Ask the guest to power itself off. Success has no reply: wait for QEMU to exit.
+
+        :raise AgentError: when the agent refuses (e.g. the guest has no shutdown command).
+        """
+        try:
+            async with asyncio.timeout(2.0):
+                await self._client.execute("guest-shutdown", {"mode": "powerdown"})
+        except TimeoutError:
+            return
+        except ExecuteError as exc:
+            raise AgentError(f"{self.name}: guest agent refused guest-shutdown: {exc}") from None
+        except (QMPError, EOFError, OSError):
+            return
+
     async def set_time(self, ns: int) -> None:
         """Set the guest clock to *ns* nanoseconds since the epoch (``guest-set-time``)."""
         await self.execute("guest-set-time", {"time": ns}, timeout=10)

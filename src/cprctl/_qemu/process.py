@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+from .._host import systemd
 from ..errors import QemuError, UsageError
 
 #: The oldest QEMU whose cpr-reboot cprctl trusts (8.2 has it, 9.0 made it reliable).
@@ -36,7 +38,11 @@ class Binary:
             raise UsageError(f"QEMU binary not found: {name}")
         return cls(os.path.abspath(found))
 
-    def _run(self, *args: str) -> str:
+    def run(self, *args: str) -> str:
+        """The output of the binary run with *args* (``-machine help``...).
+
+        :raise UsageError: it is missing or not executable; `QemuError`: it fails or hangs.
+        """
         try:
             done = subprocess.run([self.path, *args], capture_output=True, text=True, timeout=30, check=False)
         except FileNotFoundError:
@@ -55,7 +61,7 @@ class Binary:
 
         :raise UsageError: when the binary is missing; `QemuError` when it does not say.
         """
-        text = self._run("--version")
+        text = self.run("--version")
         match = re.search(r"version (\d+)\.(\d+)\.(\d+)", text)
         if not match:
             raise QemuError(f"{self.path} --version does not name a QEMU version")
@@ -72,7 +78,7 @@ class Binary:
         """The versioned machine type *requested* (an alias, or None for the default) stands for."""
         aliases: dict[str, str] = {}
         default = None
-        for line in self._run("-machine", "help").splitlines()[1:]:
+        for line in self.run("-machine", "help").splitlines()[1:]:
             name = line.split(" ", 1)[0]
             alias = re.search(r"\(alias of ([^)]+)\)", line)
             if alias:
@@ -86,19 +92,21 @@ class Binary:
         return aliases.get(requested, requested)
 
 
-def spawn(argv: Sequence[str], log: Path, cwd: str = "/") -> int:
+def spawn(argv: Sequence[str], log: Path, cwd: str = "/", scope: str | None = None) -> int:
     """Start *argv* detached (own session, stdin closed, output appended to *log*); its pid.
 
-    Never through a shell.
+    Never through a shell. With *scope* (a VM's name) and systemd as the host's init, the process
+    runs in a systemd scope of its own (see `cprctl._host.systemd`); the pid is still *argv*'s.
 
     :raise UsageError: when the binary does not exist or cannot run.
     """
     with open(log, "ab", buffering=0) as out:
         os.chmod(log, 0o600)
         out.write(f"--- cprctl {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(argv)}\n".encode())
+        prefix = systemd.scope_command(scope) if scope else []
         try:
             proc = subprocess.Popen(
-                list(argv),
+                [*prefix, *argv],
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -109,7 +117,19 @@ def spawn(argv: Sequence[str], log: Path, cwd: str = "/") -> int:
         except OSError as exc:
             raise UsageError(f"cannot run {argv[0]}: {exc.strerror}") from None
     _children[proc.pid] = proc
+    if prefix:
+        _wait_exec(proc, argv[0])
     return proc.pid
+
+
+def _wait_exec(proc: subprocess.Popen[bytes], binary: str, timeout: float = 60.0) -> None:
+    """Wait until the scope's ``systemd-run`` has exec'd *binary* (or failed, saying why in the log)."""
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        with contextlib.suppress(QemuError):
+            if cmdline(proc.pid)[:1] == [binary]:
+                return
+        time.sleep(0.002)
 
 
 #: Processes this cprctl started; reaped when they exit so they do not stay zombies.
@@ -161,6 +181,35 @@ def kill(pid: int, timeout: float = 5.0) -> None:
             return
         if wait_gone(pid, timeout):
             return
+
+
+def exe_replaced(pid: int, path: str) -> bool:
+    """Whether running process *pid*'s executable is no longer the file at *path* (replaced or deleted).
+
+    A package upgrade renames a new binary over the old one: the running QEMU
+    keeps the old file mapped, and ``/proc/PID/exe`` still reaches it.
+    """
+    try:
+        running = os.stat(f"/proc/{pid}/exe")
+    except OSError:
+        return False
+    try:
+        on_disk = os.stat(path)
+    except OSError:
+        return True
+    return (running.st_dev, running.st_ino) != (on_disk.st_dev, on_disk.st_ino)
+
+
+def copy_exe(pid: int, dest: Path) -> None:
+    """Copy the executable process *pid* runs (even one deleted on disk) to *dest*, executable by its owner.
+
+    :raise QemuError: when the process is gone or its executable cannot be read.
+    """
+    try:
+        shutil.copyfile(f"/proc/{pid}/exe", dest)
+    except OSError as exc:
+        raise QemuError(f"cannot copy the executable of process {pid}: {exc.strerror}") from None
+    os.chmod(dest, 0o700)
 
 
 def log_tail(log: Path, lines: int = 5) -> str:

@@ -1,0 +1,121 @@
+"""Deciding, without I/O: can a QEMU binary take this VM? (``update``, ``restore --qemu``, ``check --qemu``)
+
+`binary_findings` compares what the VM's argv and migration plan need with
+what `BinaryInfo` says the binary offers. Any error is a refusal made while
+the guest still runs on its old QEMU (or, for a restore, before anything starts).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping, Sequence
+
+from .._qemu import argv as qargv
+from .._qemu.probe import BinaryInfo
+from .._qemu.process import MIN_VERSION
+from ..errors import CheckFailed
+from .plan import Finding
+
+#: Firmware x86 machines load when the argv names none (SeaBIOS).
+X86_DEFAULT_BIOS = "bios-256k.bin"
+#: ``-nic``/``-net`` values that name no backend.
+NO_BACKEND = frozenset({"none", "nic"})
+
+
+def binary_findings(
+    info: BinaryInfo,
+    argv: Sequence[str],
+    machine: str,
+    capabilities: Mapping[str, bool],
+    parameters: Mapping[str, object],
+    cwd: str = "/",
+) -> list[Finding]:
+    """What binary *info* lacks to run *argv* on machine type *machine* and load its state."""
+    return [
+        Finding(f"binary-{what}", "error", f"{info.path} {lack}", "pick a QEMU that has it; the VM was not touched")
+        for what, lack in _lacks(info, argv, machine, capabilities, parameters, cwd)
+    ]
+
+
+def require(name: str, found: list[Finding]) -> None:
+    """:raise CheckFailed: when *found* has an error (the VM named *name* was not touched)."""
+    if any(f.blocking for f in found):
+        raise CheckFailed(name, found)
+
+
+def _lacks(
+    info: BinaryInfo,
+    argv: Sequence[str],
+    machine: str,
+    capabilities: Mapping[str, bool],
+    parameters: Mapping[str, object],
+    cwd: str,
+) -> Iterator[tuple[str, str]]:
+    if info.version[:2] < MIN_VERSION:
+        have, need = ".".join(map(str, info.version)), ".".join(map(str, MIN_VERSION))
+        yield "version", f"is QEMU {have}; cpr-reboot needs QEMU >= {need}"
+    if parameters.get("mode", "normal") not in info.modes:
+        yield "mode", f"has no migration mode {parameters.get('mode')}"
+    yield from (("capability", f"lacks migration capability {c}") for c in capabilities if c not in info.capabilities)
+    yield from (("parameter", f"lacks migration parameter {p}") for p in parameters if p not in info.parameters)
+    if machine not in info.machines:
+        yield "machine", f"lacks machine type {machine}"
+    for device in _named(argv, "device", "driver"):
+        if device not in info.devices:
+            yield "device", f"lacks device {device}"
+    for obj in _named(argv, "object", "qom-type"):
+        if obj not in info.objects:
+            yield "object", f"lacks object type {obj}"
+    for netdev in _netdevs(argv):
+        if netdev not in info.netdevs:
+            yield "netdev", f"lacks network backend {netdev}"
+    for cpu in _named(argv, "cpu", "model"):
+        if cpu not in info.cpus:
+            yield "cpu", f"lacks CPU model {cpu}"
+    for path in firmware(argv, info.datadirs, cwd):
+        if not os.path.exists(path):
+            yield "file", f"would not find {path}"
+
+
+def _named(argv: Sequence[str], option: str, implied: str) -> list[str]:
+    """The type every *option* of *argv* names (its implied first value)."""
+    values = (qargv.split_keyval(o.value or "", implied).get(implied, "") for o in qargv.options(argv, option))
+    return [v for v in values if v]
+
+
+def _netdevs(argv: Sequence[str]) -> list[str]:
+    found = _named(argv, "netdev", "type")
+    found += [t for t in _named(argv, "nic", "type") + _named(argv, "net", "type") if t not in NO_BACKEND]
+    return found
+
+
+def firmware(argv: Sequence[str], datadirs: Sequence[str], cwd: str = "/") -> list[str]:
+    """The files *argv* makes QEMU load at start-up (firmware, kernel, ROMs), as paths to look for.
+
+    A bare ``-bios``/``romfile`` name is searched in the binary's data dirs (the
+    first dir stands for all when none has it); other paths are taken from *cwd*.
+    """
+    found: list[str] = []
+    for opt in qargv.options(argv, "bios", "pflash", "kernel", "initrd", "dtb"):
+        if opt.value:
+            found.append(_datadir_file(opt.value, datadirs) if opt.name == "bios" else os.path.join(cwd, opt.value))
+    for opt in qargv.options(argv, "drive"):
+        props = qargv.split_keyval(opt.value or "", "file")
+        if props.get("if") == "pflash" and props.get("file"):
+            found.append(os.path.join(cwd, props["file"]))
+    for opt in qargv.options(argv, "device"):
+        rom = qargv.split_keyval(opt.value or "", "driver").get("romfile")
+        if rom:
+            found.append(_datadir_file(rom, datadirs))
+    x86 = os.path.basename(argv[0]).startswith(("qemu-system-x86_64", "qemu-system-i386")) if argv else False
+    pflash = any(p.endswith("pflash") or "if=pflash" in p for p in argv)
+    if x86 and not qargv.options(argv, "bios") and not pflash:
+        found.append(_datadir_file(X86_DEFAULT_BIOS, datadirs))
+    return found
+
+
+def _datadir_file(name: str, datadirs: Sequence[str]) -> str:
+    if os.sep in name or not datadirs:
+        return name
+    paths = [os.path.join(d, name) for d in datadirs]
+    return next((p for p in paths if os.path.exists(p)), paths[0])
