@@ -19,7 +19,7 @@ import cprctl
 from cprctl import BusyError, CheckFailed, CheckpointError, MigrationError, QemuError
 from cprctl._qemu import process
 
-from .guestvm import QEMU, GuestVM, cli, op_step, short_tmp, spawn_cli, wait_record
+from .guestvm import QEMU, GuestVM, cli, op_step, record_of, short_tmp, spawn_cli, wait_record
 
 pytestmark = pytest.mark.qemu
 
@@ -165,20 +165,89 @@ def test_truncated_state_file_refused_before_qemu_starts(state_dir: Path) -> Non
     vm.stop()
 
 
-def test_flipped_byte_refused_before_qemu_starts(state_dir: Path) -> None:
+def test_flipped_byte_refused_and_the_guest_never_runs(state_dir: Path) -> None:
     vm, mark, path = _saved(state_dir, "flip")
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01
     path.write_bytes(bytes(data))
-    starts = _qemu_starts(vm)
     with pytest.raises(CheckpointError, match="corrupt: digest"):
         cprctl.restore("flip", state_dir=state_dir)
-    assert _qemu_starts(vm) == starts and path.exists()
+    # QEMU may have started (paused, -S) while the digest ran: it is gone, the checkpoint is kept.
+    assert vm.status().state == "saved" and path.exists()
+    assert not _new_qemus(vm), "the refused restore left a QEMU running"
     data[len(data) // 2] ^= 0x01
     path.write_bytes(bytes(data))
     cprctl.restore("flip", state_dir=state_dir)
-    vm.assert_continued(mark, fill=32)
+    vm.assert_continued(mark, fill=32)  # no tick between: the guest never ran on the corrupt file
     vm.stop()
+
+
+class SlowVerify:
+    """A reporter that holds the digest's last chunk for *hold* seconds (QEMU meanwhile finishes the
+    load) and records what it heard."""
+
+    def __init__(self, hold: float) -> None:
+        self.hold, self.steps, self.seen = hold, list[str](), set[str]()
+
+    def step(self, message: str) -> None:
+        self.steps.append(message)
+
+    def progress(self, done: int, total: int, what: str = "saving") -> None:
+        self.seen.add(what)
+        if what == "verifying" and done >= total:
+            time.sleep(self.hold)
+
+
+def _data_offset(path: Path) -> int:
+    """An offset in the middle of the file's data (not a hole): a byte of guest RAM."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        middle = os.lseek(fd, path.stat().st_size // 2, os.SEEK_DATA)
+    finally:
+        os.close(fd)
+    return middle + 4096 + 123
+
+
+def test_corrupt_ram_is_caught_after_qemu_loaded_it_and_the_guest_never_runs(state_dir: Path) -> None:
+    vm = GuestVM.launch("late", state_dir, ram="anon", ram_mib=256, fill=96)
+    mark = vm.mark()
+    path = Path(cprctl.save("late", state_dir=state_dir).state_file)
+    at = _data_offset(path)
+    with open(path, "r+b") as f:
+        f.seek(at)
+        good = f.read(1)
+        f.seek(at)
+        f.write(bytes([good[0] ^ 0x40]))
+    starts = _qemu_starts(vm)
+    reporter = SlowVerify(hold=10.0)
+    with pytest.raises(CheckpointError, match="corrupt: digest"):
+        cprctl.restore("late", reporter=reporter, state_dir=state_dir)
+    assert _qemu_starts(vm) == starts + 1, "QEMU did not start while the digest ran"
+    assert "loading" in reporter.seen, "QEMU did not load while the digest ran"
+    assert not [s for s in reporter.steps if "again after" in s], reporter.steps
+    assert vm.status().state == "saved" and path.exists()
+    assert not _new_qemus(vm), "the refused restore left a QEMU running"
+    with open(path, "r+b") as f:
+        f.seek(at)
+        f.write(good)
+    cprctl.restore("late", state_dir=state_dir)
+    vm.assert_continued(mark, fill=96)  # a tick during the hold would break the counter
+    vm.stop()
+
+
+def _new_qemus(vm: GuestVM) -> list[int]:
+    """QEMU processes (not zombies) whose command line names this VM's QMP socket."""
+    sock = str(record_of(vm.state_dir, vm.name)["qmp"])
+    found = []
+    for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if "qemu-system" in cmd and sock in cmd and state != "Z":
+            found.append(pid)
+    return found
 
 
 def test_disk_written_between_save_and_restore(state_dir: Path) -> None:

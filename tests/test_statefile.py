@@ -32,6 +32,8 @@ def test_digest_is_the_same_read_any_way_and_sparse_or_not(tmp_path: Path) -> No
     want = statefile.digest(dense)
     assert statefile.digest(sparse) == want
     assert statefile.digest(sparse, direct=True) == want
+    assert statefile.digest(sparse, direct=True, pace=statefile.BESIDE_LOAD) == want  # 1 MiB requests
+    assert statefile.digest(sparse, direct=True, pace=statefile.Pace(3, 64 << 10)) == want
     assert statefile.digest(dense, fsync=True, direct=True) == want
 
 
@@ -46,3 +48,18 @@ def test_any_flipped_byte_changes_the_digest(tmp_path: Path, offset: int) -> Non
     for direct in (False, True):
         with pytest.raises(CheckpointError):
             statefile.verify(path, size, digest, direct=direct)
+
+
+def test_progress_raising_stops_the_digest_early(tmp_path: Path) -> None:
+    path = tmp_path / "big.state"
+    chunks = 8 * statefile.THREADS
+    path.write_bytes(os.urandom(chunks * statefile.CHUNK))
+    calls = []
+
+    def stop(done: int, total: int) -> None:
+        calls.append(done)
+        raise CheckpointError("stopped")
+
+    with pytest.raises(CheckpointError, match="stopped"):
+        statefile.digest(path, direct=True, progress=stop)
+    assert len(calls) <= 2 * statefile.THREADS < chunks, "chunks went on being read after the stop"

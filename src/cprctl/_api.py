@@ -7,26 +7,34 @@ subclasses on purpose (see `cprctl.errors`).
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from ._checkpoint import fleet, inspect, lifecycle
-from ._checkpoint import restore as _restore
-from ._checkpoint import save as _save
-from ._checkpoint import update as _update
-from ._checkpoint.fleet import VMOutcome
-from ._checkpoint.inspect import VMStatus
-from ._checkpoint.plan import Finding, Strategy, SuspendMode
-from ._checkpoint.record import VMRecord
-from ._checkpoint.report import Reporter
-from ._checkpoint.restore import RestoreResult
-from ._checkpoint.save import SaveResult
-from ._checkpoint.update import UpdateResult
 from ._store import StateDir
 
+# Each function imports the operation module it runs: a ``cprctl restore`` process then loads only what
+# a restore needs (its start-up falls inside the guest's pause), not the fleet, update and inspection
+# machinery, and ``import cprctl`` stays cheap.
+if TYPE_CHECKING:
+    from ._checkpoint.fleet import VMOutcome
+    from ._checkpoint.inspect import VMStatus
+    from ._checkpoint.plan import Finding, Strategy, SuspendMode
+    from ._checkpoint.record import VMRecord
+    from ._checkpoint.report import Reporter
+    from ._checkpoint.restore import RestoreResult
+    from ._checkpoint.save import SaveResult
+    from ._checkpoint.update import UpdateResult
+
+T = TypeVar("T")
+
 PathLike = Path | str | None
+
+
+def _run(operation: Coroutine[Any, Any, T]) -> T:
+    import asyncio
+
+    return asyncio.run(operation)
 
 
 def launch(name: str, argv: Sequence[str], *, agent: bool = False, state_dir: PathLike = None) -> VMRecord:
@@ -35,12 +43,16 @@ def launch(name: str, argv: Sequence[str], *, agent: bool = False, state_dir: Pa
     The machine type is pinned, a QMP socket (and with *agent* a guest agent
     channel) added, and the exact argv recorded.
     """
-    return asyncio.run(lifecycle.launch(StateDir(state_dir), name, argv, agent))
+    from ._checkpoint import lifecycle
+
+    return _run(lifecycle.launch(StateDir(state_dir), name, argv, agent))
 
 
 def adopt(name: str, qmp: str, *, qga: str | None = None, state_dir: PathLike = None) -> VMRecord:
     """Manage a running QEMU that something else started, reachable at QMP socket *qmp*."""
-    return asyncio.run(lifecycle.adopt(StateDir(state_dir), name, qmp, qga))
+    from ._checkpoint import lifecycle
+
+    return _run(lifecycle.adopt(StateDir(state_dir), name, qmp, qga))
 
 
 def save(
@@ -59,7 +71,9 @@ def save(
     *reboot* also requires what a host reboot needs (RAM kept in place on
     non-volatile storage) and flushes RAM files to disk.
     """
-    return asyncio.run(
+    from ._checkpoint import save as _save
+
+    return _run(
         _save.save(
             StateDir(state_dir),
             name,
@@ -83,7 +97,9 @@ def restore(
     state_dir: PathLike = None,
 ) -> RestoreResult:
     """Resume VM *name* from its checkpoint, optionally on QEMU binary *qemu*."""
-    return asyncio.run(
+    from ._checkpoint import restore as _restore
+
+    return _run(
         _restore.restore(StateDir(state_dir), name, qemu=qemu, force=force, sync_time=sync_time, reporter=reporter)
     )
 
@@ -106,7 +122,9 @@ def update(
     allows two QEMUs side by side; otherwise, or with ``warm=False``, save +
     restore. ``UpdateResult.cold_reason`` says why the cold path ran.
     """
-    return asyncio.run(
+    from ._checkpoint import update as _update
+
+    return _run(
         _update.update(
             StateDir(state_dir),
             name,
@@ -133,23 +151,29 @@ def check(
 
     With *qemu*, also what that binary lacks to take the VM (as ``update`` checks).
     """
-    return asyncio.run(
-        inspect.check(StateDir(state_dir), name, reboot=reboot, suspend=suspend, strategy=strategy, qemu=qemu)
-    )
+    from ._checkpoint import inspect
+
+    return _run(inspect.check(StateDir(state_dir), name, reboot=reboot, suspend=suspend, strategy=strategy, qemu=qemu))
 
 
 def status(name: str | None = None, *, reporter: Reporter | None = None, state_dir: PathLike = None) -> list[VMStatus]:
     """Status of VM *name*, or of every managed VM (finishing what a killed cprctl left undone)."""
-    return asyncio.run(inspect.status(StateDir(state_dir), name, reporter))
+    from ._checkpoint import inspect
+
+    return _run(inspect.status(StateDir(state_dir), name, reporter))
 
 
 def stop(name: str, *, state_dir: PathLike = None) -> None:
     """Power VM *name* off (the guest is not saved); it stays managed, as ``stopped``."""
-    asyncio.run(lifecycle.stop(StateDir(state_dir), name))
+    from ._checkpoint import lifecycle
+
+    _run(lifecycle.stop(StateDir(state_dir), name))
 
 
 def remove(name: str, *, force: bool = False, state_dir: PathLike = None) -> None:
     """Stop managing VM *name* (not running; saved only with *force*) and delete its folder."""
+    from ._checkpoint import lifecycle
+
     lifecycle.remove(StateDir(state_dir), name, force)
 
 
@@ -171,7 +195,9 @@ def save_all(
     (guest agent, else ACPI) and booted afresh by the next `restore_all`.
     Returns one `VMOutcome` per managed VM.
     """
-    return asyncio.run(
+    from ._checkpoint import fleet
+
+    return _run(
         fleet.save_all(
             StateDir(state_dir),
             reboot=reboot,
@@ -188,9 +214,9 @@ def restore_all(
     *, parallel: int | None = None, sync_time: bool = True, reporter: Reporter | None = None, state_dir: PathLike = None
 ) -> list[VMOutcome]:
     """Restore every saved VM, *parallel* at a time; one `VMOutcome` per managed VM."""
-    return asyncio.run(
-        fleet.restore_all(StateDir(state_dir), parallel=parallel, sync_time=sync_time, reporter=reporter)
-    )
+    from ._checkpoint import fleet
+
+    return _run(fleet.restore_all(StateDir(state_dir), parallel=parallel, sync_time=sync_time, reporter=reporter))
 
 
 def update_all(
@@ -204,7 +230,9 @@ def update_all(
 ) -> list[VMOutcome]:
     """Move every VM whose QEMU binary a package replaced on disk onto the binary now there (warm where
     it can); with *qemu*, every running VM onto *qemu*. One `VMOutcome` per managed VM."""
-    return asyncio.run(
+    from ._checkpoint import fleet
+
+    return _run(
         fleet.update_all(
             StateDir(state_dir), qemu=qemu, parallel=parallel, suspend=suspend, force=force, reporter=reporter
         )
@@ -213,9 +241,13 @@ def update_all(
 
 def start(name: str, *, state_dir: PathLike = None) -> VMRecord:
     """Boot stopped VM *name* afresh from its recorded argv (a cold boot: its old running state is gone)."""
-    return asyncio.run(lifecycle.start(StateDir(state_dir), name))
+    from ._checkpoint import lifecycle
+
+    return _run(lifecycle.start(StateDir(state_dir), name))
 
 
 def ping(name: str, *, timeout: float = 10.0, state_dir: PathLike = None) -> float:
     """Round-trip time (ms) of the guest agent's ``guest-ping``; raises `AgentError` if it does not answer."""
-    return asyncio.run(lifecycle.ping(StateDir(state_dir), name, timeout))
+    from ._checkpoint import lifecycle
+
+    return _run(lifecycle.ping(StateDir(state_dir), name, timeout))

@@ -6,23 +6,47 @@ import getpass
 import json
 import signal
 import sys
+import threading
 from collections import Counter
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
-from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
-from rich.table import Table
 
 from . import _api
-from ._checkpoint.fleet import VMOutcome
 from ._host import systemd
 from .errors import CheckFailed, CprctlError
 
-err = Console(stderr=True, highlight=False)
-out = Console(highlight=False)
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from ._checkpoint.fleet import VMOutcome
+
 T = TypeVar("T")
+
+
+class _LazyConsole:
+    """A rich `Console`, imported and made on first use: rich costs ~25 ms of start-up, which a
+    ``cprctl restore`` would pay inside the guest's pause (its steps are printed with click)."""
+
+    def __init__(self, stderr: bool) -> None:
+        self._stderr = stderr
+        self._console: Console | None = None
+
+    def get(self) -> Console:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(stderr=self._stderr, highlight=False)
+        return self._console
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.get(), name)
+
+
+err = _LazyConsole(stderr=True)
+out = _LazyConsole(stderr=False)
 
 
 class TermReporter:
@@ -32,28 +56,32 @@ class TermReporter:
         self.quiet = quiet
         self._bar: Progress | None = None
         self._tasks: dict[str, Any] = {}
+        self._lock = threading.Lock()  # the digest reports from worker threads, the load from the loop
 
     def step(self, message: str) -> None:
         if not self.quiet:
-            err.print(f"[dim]•[/] {message}")
+            click.echo(f"{click.style('•', dim=True)} {message}", err=True)
 
     def progress(self, done: int, total: int, what: str = "saving") -> None:
-        if self.quiet or not err.is_terminal or total < (256 << 20):
+        if self.quiet or total < (256 << 20) or not sys.stderr.isatty():
             return
-        if self._bar is None:
-            self._bar = Progress(
-                "[progress.description]{task.description}",
-                BarColumn(),
-                DownloadColumn(),
-                TransferSpeedColumn(),
-                TimeRemainingColumn(),
-                console=err,
-                transient=True,
-            )
-            self._bar.start()
-        if what not in self._tasks:
-            self._tasks[what] = self._bar.add_task(what, total=total)
-        self._bar.update(self._tasks[what], completed=done, total=total)
+        with self._lock:
+            if self._bar is None:
+                from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
+                self._bar = Progress(
+                    "[progress.description]{task.description}",
+                    BarColumn(),
+                    DownloadColumn(),
+                    TransferSpeedColumn(),
+                    TimeRemainingColumn(),
+                    console=err.get(),
+                    transient=True,
+                )
+                self._bar.start()
+            if what not in self._tasks:
+                self._tasks[what] = self._bar.add_task(what, total=total)
+            self._bar.update(self._tasks[what], completed=done, total=total)
 
     def close(self) -> None:
         if self._bar is not None:
@@ -252,6 +280,8 @@ def status(state_dir: str | None, name: str | None, as_json: bool) -> None:
         data = [{**r.to_dict(), "last_pause_ms": r.last_pause_ms} for r in rows]
         out.print_json(json.dumps(data if name is None else data[0]))
         return
+    from rich.table import Table
+
     units = any(r.unit for r in rows)  # a column only where systemd places VMs
     table = Table("VM", "state", "pid", *(["unit"] if units else []), "QMP", "agent", "state file", "last pause")
     for r in rows:
@@ -291,6 +321,8 @@ def _summary(outcomes: list[VMOutcome], as_json: bool) -> None:
     if as_json:
         out.print_json(json.dumps([o.__dict__ | {"ok": o.ok} for o in outcomes]))
     else:
+        from rich.table import Table
+
         table = Table("VM", "outcome", "detail")
         colour = {
             "saved": "green",
@@ -477,4 +509,4 @@ def demo(state_dir: str | None, guest: str, qemu: str) -> None:
     """Launch the demo guest, save it, show QEMU gone, restore it, show it continuing."""
     from ._demo import run_demo
 
-    run(lambda: run_demo(guest, qemu, state_dir, out))
+    run(lambda: run_demo(guest, qemu, state_dir, out.get()))
