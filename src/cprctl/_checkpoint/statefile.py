@@ -10,11 +10,12 @@ are not read at all.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
@@ -84,6 +85,10 @@ def _open(path: Path, direct: bool) -> tuple[int, bool]:
 Progress = Callable[[int, int], None]
 
 
+class _Stopped(Exception):
+    """A digest reader saw that another one failed, and read no further."""
+
+
 def no_progress(done: int, total: int) -> None:
     pass
 
@@ -129,10 +134,27 @@ def digest(
                     break  # the end of the file
             return view[:got]
 
+        failed: list[BaseException] = []  # the first error of any reader (or of *progress*) stops the rest
+
+        @contextlib.contextmanager
+        def noted() -> Iterator[None]:
+            try:
+                yield
+            except _Stopped:
+                raise
+            except BaseException as exc:
+                failed.append(exc)
+                raise
+
         def one(i: int) -> bytes:
             nonlocal done
-            hashed = bytes(xxhash.xxh3_128(read(i)).digest())
-            with lock:
+            if failed:
+                raise _Stopped
+            with noted():
+                hashed = bytes(xxhash.xxh3_128(read(i)).digest())
+            with lock, noted():  # noted() exits first: a failure is noted before the next reader may report
+                if failed:
+                    raise _Stopped
                 done += CHUNK
                 progress(done, to_read)
             return hashed
@@ -140,6 +162,8 @@ def digest(
         pool = ThreadPoolExecutor(threads)
         try:
             found = dict(zip(wanted, pool.map(one, wanted), strict=True))
+        except _Stopped:
+            raise failed[0] from None
         finally:
             pool.shutdown(cancel_futures=True)  # on an error (or *progress* raising), read no further
     finally:
