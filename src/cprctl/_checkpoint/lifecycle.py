@@ -296,9 +296,6 @@ async def ping(sd: StateDir, name: str, timeout: float = 10.0) -> float:
     :raise AgentError: no agent channel, or it does not answer within *timeout*;
         `VMStateError` when the VM is not running.
     """
-    from .._qemu.agent import Agent
-    from ..errors import AgentError
-
     vm = open_vm(sd, name)
     if not vm.running():
         raise VMStateError(f"{name} is {vm.state()}, not running")

@@ -11,7 +11,9 @@ from pathlib import Path
 
 from .._host import systemd
 from .._qemu import process
+from .._qemu.argv import served_sockets
 from .._qemu.qmp import Monitor
+from .._qemu.sockets import drop_sockets, take_over_sockets
 from .._store import StateDir
 from .._store.statedir import RECORD_FILE
 from ..errors import QemuError, VMNotFound
@@ -152,9 +154,6 @@ async def settle_update(vm: VM, old: Monitor | None = None) -> str:
     the same shared file), so the new QEMU's real runstate decides. *old* is an
     open connection to the old QEMU, if the caller has one.
     """
-    from .._qemu.argv import served_sockets
-    from .update import drop_sockets, take_over_sockets
-
     r, op = vm.record, vm.record.operation
     assert op is not None and op.binary
     argv = [op.binary, *r.argv[1:]]
