@@ -18,7 +18,7 @@ from .._store import StateDir
 from .._store.statedir import RECORD_FILE
 from ..errors import QemuError, VMNotFound
 from . import disks, record
-from .record import VMRecord
+from .record import GUEST_RESUMED, VMRecord
 from .report import Reporter
 
 STATE_FILE = "state.cpr"
@@ -136,7 +136,7 @@ async def _recover_restore(vm: VM) -> str:
                 if op.step == "resuming" and r.checkpoint is not None:
                     await resume_guest(mon, r.checkpoint.suspended)  # it was being woken: go on
                     status = await mon.status()
-        if status == "running" or op.step in ("resuming", "resumed"):
+        if status == "running" or op.step in GUEST_RESUMED:
             retire_checkpoint(vm, op.new_pid, None)
             return f"finished it (the guest was already resumed, now {status}); the checkpoint is retired"
         await asyncio.to_thread(process.kill, op.new_pid)
