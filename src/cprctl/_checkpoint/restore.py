@@ -184,16 +184,18 @@ async def restore(
                 raise QemuError(
                     f"{name}: the guest was resumed on the new QEMU (pid {pid}), but then: {exc}; "
                     "it is kept running, see 'cprctl status'"
-                ) from None
+                ) from exc
             await asyncio.to_thread(process.kill, pid)
             vm.record.operation = None
             vm.commit()
             if isinstance(exc, CprctlError):
                 tail = "" if isinstance(exc, CheckpointError) else process.log_tail(vm.log_path)
-                raise type(exc)(
+                again = type(exc)(
                     f"{exc}; the checkpoint is kept, restore can be retried"
                     f"{' (QEMU log: ' + tail + ')' if tail else ''}"
-                ) from None
+                )
+                again.__dict__.update(vars(exc))  # what it carries, e.g. `QemuError.error_class`
+                raise again from exc
             raise
         if sync_time and vm.record.qga and result.status == "running":
             await _sync_time(vm, reporter)

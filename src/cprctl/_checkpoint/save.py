@@ -101,7 +101,7 @@ async def save(
                 if isinstance(exc, CprctlError) and not vm.running():
                     raise QemuError(
                         f"{name}: QEMU died during the save ({exc}); the VM is stopped and its running state is lost"
-                    ) from None
+                    ) from exc
                 raise
             reporter.step(f"{name}: checkpoint recorded ({checkpoint.size / 1e6:.1f} MB); stopping QEMU")
             t1 = time.perf_counter()

@@ -156,7 +156,7 @@ async def preflight(vm: VM, binary: str, suspend: SuspendMode = "auto") -> list[
     try:
         info = await binary_info(binary)
     except QemuError as exc:
-        raise QemuError(f"{vm.name}: refused, nothing touched: {exc}") from None
+        raise QemuError(f"{vm.name}: refused, nothing touched: {exc}", error_class=exc.error_class) from exc
     found = binary_findings(info, [binary, *r.argv[1:]], r.machine, plan.capabilities, plan.parameters, r.cwd)
     require(vm.name, found)
     return found
@@ -190,11 +190,11 @@ async def _cold(
         except CprctlError as second:
             raise QemuError(
                 f"{name}: update failed: {first}; restoring on the previous binary {previous} failed too: {second}"
-            ) from None
+            ) from first
         raise QemuError(
             f"{name}: update to {binary} failed ({first}); the VM runs again on its previous binary {previous} "
             f"(pid {back.pid}, paused {back.pause_ms:.0f} ms)"
-        ) from None
+        ) from first
     if previous != vm.record.argv[0]:  # the copy is needed no more
         with contextlib.suppress(FileNotFoundError):
             os.unlink(previous)
@@ -281,7 +281,7 @@ async def _switch(vm: VM, old: Monitor, plan: Plan, binary: str, reporter: Repor
             r.operation = None
             vm.commit()
             if isinstance(exc, QemuError):
-                raise _standby_failed(vm, binary, exc) from None
+                raise _standby_failed(vm, binary, exc) from exc
             raise
         done = "its outcome is unknown, see 'cprctl status'"
         with contextlib.suppress(QemuError):
@@ -289,7 +289,8 @@ async def _switch(vm: VM, old: Monitor, plan: Plan, binary: str, reporter: Repor
         r.operation = None
         vm.commit()
         if isinstance(exc, CprctlError):
-            raise QemuError(f"{vm.name}: warm update failed ({exc}); {done}") from None
+            error_class = exc.error_class if isinstance(exc, QemuError) else None
+            raise QemuError(f"{vm.name}: warm update failed ({exc}); {done}", error_class=error_class) from exc
         raise
 
 
