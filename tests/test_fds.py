@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cprctl._checkpoint.update import warm_blockers
+from cprctl._checkpoint.plan import warm_blockers
 from cprctl._qemu import fds
 from cprctl._qemu.argv import served_sockets
 

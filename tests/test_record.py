@@ -7,6 +7,7 @@ import fcntl
 import json
 import os
 import threading
+import typing
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,30 @@ def test_roundtrip_with_checkpoint_and_journal(tmp_path: Path) -> None:
     assert back.operation is not None and back.operation.step == "migrating"
     assert (tmp_path / "vm.json").stat().st_mode & 0o777 == 0o600
     assert [p.name for p in tmp_path.iterdir()] == ["vm.json"]  # no temp file left
+
+
+@pytest.mark.parametrize(
+    ("kind", "steps"),
+    [("save", record.SaveStep), ("restore", record.RestoreStep), ("update", record.UpdateStep)],
+)
+def test_every_journal_step_round_trips_as_its_string(kind: record.OpKind, steps: object) -> None:
+    rec = _rec()
+    rec.operation = op = Operation(kind, 1, 3.0)
+    for step in typing.get_args(steps):
+        op.mark(step)
+    data = record.encode(rec)
+    written = [s for s, _ in json.loads(data)["operation"]["steps"]]
+    assert written == list(typing.get_args(steps))  # the strings records on disk hold
+    back = record.decode(data, "vm.json")
+    assert back.operation is not None and back.operation.steps == op.steps
+
+
+def test_an_unknown_journal_step_is_a_clear_error() -> None:
+    rec = _rec()
+    rec.operation = Operation("update", 1, 3.0)
+    rec.operation.mark("standby")
+    with pytest.raises(RecordError, match="malformed record"):
+        record.decode(record.encode(rec).replace(b'"standby"', b'"standbye"'), "vm.json")
 
 
 @pytest.mark.parametrize(

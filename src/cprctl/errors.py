@@ -124,7 +124,16 @@ class CheckpointError(CprctlError):
 
 
 class QemuError(CprctlError):
-    """QEMU failed: it would not start, is too old, stopped answering, or died."""
+    """QEMU failed: it would not start, is too old, stopped answering, or died.
+
+    When QEMU refused a QMP command, `error_class` is QMP's error class (``GenericError``,
+    ``DeviceNotFound``, ...) and ``__cause__`` is qemu.qmp's error (what was sent and received).
+    """
+
+    def __init__(self, message: str, *, error_class: str | None = None) -> None:
+        super().__init__(message)
+        #: QMP's error class when QEMU refused a command, else None.
+        self.error_class = error_class
 
 
 class MigrationError(QemuError):

@@ -17,10 +17,9 @@ from ..errors import BusyError, CprctlError, QemuError
 from . import disks, statefile
 from .compat import binary_findings
 from .facts import binary_info, gather, mount_of, ram_fact
-from .plan import VOLATILE_FS, Finding, Strategy, SuspendMode, choose, direct_io, findings
+from .plan import VOLATILE_FS, Finding, Strategy, SuspendMode, choose, direct_io, findings, warm_blockers
 from .precopy import warm_path
 from .report import Quiet, Reporter
-from .update import warm_blockers
 from .vm import VM, open_vm, recover
 
 

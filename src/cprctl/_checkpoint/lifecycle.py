@@ -120,7 +120,7 @@ async def wait_qmp(vm: VM, pid: int) -> None:
     except QemuError as exc:
         process.kill(pid)
         tail = process.log_tail(vm.log_path)
-        raise QemuError(f"{exc}{': ' + tail if tail else ''}") from None
+        raise QemuError(f"{exc}{': ' + tail if tail else ''}", error_class=exc.error_class) from exc
 
 
 def socket_peer_pid(path: str) -> int:
@@ -129,7 +129,7 @@ def socket_peer_pid(path: str) -> int:
         try:
             s.connect(path)
         except OSError as exc:
-            raise QemuError(f"cannot connect to {path}: {exc.strerror}") from None
+            raise QemuError(f"cannot connect to {path}: {exc.strerror}") from exc
         creds = s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     return int(struct.unpack("3i", creds)[0])
 
@@ -296,9 +296,6 @@ async def ping(sd: StateDir, name: str, timeout: float = 10.0) -> float:
     :raise AgentError: no agent channel, or it does not answer within *timeout*;
         `VMStateError` when the VM is not running.
     """
-    from .._qemu.agent import Agent
-    from ..errors import AgentError
-
     vm = open_vm(sd, name)
     if not vm.running():
         raise VMStateError(f"{name} is {vm.state()}, not running")

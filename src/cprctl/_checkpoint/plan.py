@@ -1,17 +1,19 @@
 """Deciding, without I/O: what the preflight check finds, and how a save will run.
 
 `gather` (in ``facts.py``) collects `Facts` about a live VM; the functions here
-turn them into `Finding` lists and a `Plan`. Keeping this pure makes every rule
-unit-testable.
+turn them into `Finding` lists and a `Plan`, and `warm_blockers` says whether a warm
+update can run. Keeping this pure makes every rule unit-testable.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .._qemu.argv import RamBackend, size_bytes
+from .._qemu import fds
+from .._qemu.argv import RamBackend, ram_layout, size_bytes
 
 Severity = Literal["error", "warning", "info"]
 SuspendMode = Literal["auto", "always", "never"]
@@ -171,6 +173,21 @@ def findings(
 def direct_io(parameters: dict[str, str | int | bool]) -> bool:
     """QEMU writes (and loads) the state file with O_DIRECT: cprctl reads it back that way too."""
     return parameters.get("direct-io") is True
+
+
+def warm_blockers(argv: Sequence[str], facts: Facts | None = None) -> list[str]:
+    """Why two QEMUs of this VM cannot run side by side (empty: a warm update can run).
+
+    Taps, TCP servers (chardevs, monitors, QMP, VNC) and the pidfile are handed over by a warm
+    update (see `fds`); what cannot be is named here. Pure: argv and *facts* only.
+    """
+    why = fds.unhandable(argv)
+    for b in ram_layout(argv).backends:
+        if b.prealloc and b.share:
+            why.append(f"RAM backend {b.id!r} has prealloc=on: the new QEMU would touch RAM the guest is using")
+    if facts is not None and facts.vfio:
+        why.append("VFIO devices are held by the running QEMU")
+    return sorted(set(why))
 
 
 def _how(facts: Facts, strategy: Strategy) -> Finding:

@@ -23,6 +23,16 @@ VERSION = 1
 Origin = Literal["launch", "adopt"]
 OpKind = Literal["save", "restore", "update"]
 
+# The journal steps of an operation, in order, per kind; "started" is its step before any is marked.
+# Recovery (`vm.recover`) decides by them, so they are typed: mypy refuses a step that is none of these.
+# The strings are what records on disk hold.
+SaveStep = Literal["started", "planned", "suspending", "migrating", "saved"]
+RestoreStep = Literal["started", "verified", "resuming", "resumed"]
+UpdateStep = Literal["started", "standby", "migrating", "switched"]
+Step = Literal[SaveStep, RestoreStep, UpdateStep]
+#: Restore steps from which the guest may have run on the new QEMU: recovery only goes forward.
+GUEST_RESUMED: tuple[RestoreStep, ...] = ("resuming", "resumed")
+
 
 class DiskPrint(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """What a disk image looked like when the VM was saved."""
@@ -63,7 +73,7 @@ class Operation(msgspec.Struct, forbid_unknown_fields=True):
     kind: OpKind
     pid: int
     started: float
-    steps: list[tuple[str, float]] = []
+    steps: list[tuple[Step, float]] = []
     state_file: str | None = None
     suspended_by_us: bool = False
     new_pid: int | None = None
@@ -72,10 +82,10 @@ class Operation(msgspec.Struct, forbid_unknown_fields=True):
     socket_suffix: str = "~"
 
     @property
-    def step(self) -> str:
+    def step(self) -> Step:
         return self.steps[-1][0] if self.steps else "started"
 
-    def mark(self, step: str) -> None:
+    def mark(self, step: Step) -> None:
         self.steps.append((step, time.time()))
 
 

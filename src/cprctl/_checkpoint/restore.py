@@ -37,7 +37,7 @@ from . import disks, statefile
 from .compat import binary_findings, require
 from .facts import binary_info
 from .plan import direct_io
-from .record import Checkpoint, Operation
+from .record import GUEST_RESUMED, Checkpoint, Operation
 from .report import Quiet, Reporter
 from .vm import VM, open_vm, recover, retire_checkpoint
 
@@ -174,7 +174,7 @@ async def restore(
             result = await _load(vm, cp, pid, argv, timings, t, reporter, start_verifying)
         except BaseException as exc:
             stop.set()  # a digest still running stops at its next chunk (Ctrl-C need not wait for it)
-            if op.step in ("resuming", "resumed") and process.alive(pid):
+            if op.step in GUEST_RESUMED and process.alive(pid):
                 # The guest may have run on the new QEMU: its RAM and disks have moved on from the
                 # checkpoint, so going back would corrupt it. Keep the new QEMU.
                 vm.record.argv = qargv.for_relaunch(argv)
@@ -184,16 +184,18 @@ async def restore(
                 raise QemuError(
                     f"{name}: the guest was resumed on the new QEMU (pid {pid}), but then: {exc}; "
                     "it is kept running, see 'cprctl status'"
-                ) from None
+                ) from exc
             await asyncio.to_thread(process.kill, pid)
             vm.record.operation = None
             vm.commit()
             if isinstance(exc, CprctlError):
                 tail = "" if isinstance(exc, CheckpointError) else process.log_tail(vm.log_path)
-                raise type(exc)(
+                again = type(exc)(
                     f"{exc}; the checkpoint is kept, restore can be retried"
                     f"{' (QEMU log: ' + tail + ')' if tail else ''}"
-                ) from None
+                )
+                again.__dict__.update(vars(exc))  # what it carries, e.g. `QemuError.error_class`
+                raise again from exc
             raise
         if sync_time and vm.record.qga and result.status == "running":
             await _sync_time(vm, reporter)

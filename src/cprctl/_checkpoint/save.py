@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from .._qemu.agent import Agent
+from .._qemu.argv import ram_layout
 from .._qemu.qmp import Monitor
 from .._store import StateDir, VMLock
 from ..errors import AgentError, CheckFailed, CprctlError, QemuError, VMStateError
@@ -100,7 +101,7 @@ async def save(
                 if isinstance(exc, CprctlError) and not vm.running():
                     raise QemuError(
                         f"{name}: QEMU died during the save ({exc}); the VM is stopped and its running state is lost"
-                    ) from None
+                    ) from exc
                 raise
             reporter.step(f"{name}: checkpoint recorded ({checkpoint.size / 1e6:.1f} MB); stopping QEMU")
             t1 = time.perf_counter()
@@ -195,8 +196,6 @@ async def _checkpoint(
 
 def _fsync_ram(argv: list[str]) -> None:
     """Flush RAM kept in files to disk, so a host crash after the save loses nothing."""
-    from .._qemu.argv import ram_layout
-
     for b in ram_layout(argv).backends:
         if b.named_shared_file and b.path and os.path.isfile(b.path):
             fd = os.open(b.path, os.O_RDONLY | os.O_CLOEXEC)

@@ -19,7 +19,7 @@ What this needs, from QEMU's source and tried here:
   bound, so each update needs a name of its own).
 
 Configurations that cannot run two QEMUs side by side fall back to the cold
-path (save to a file, quit, restore), and ``check`` says why: see `warm_blockers`.
+path (save to a file, quit, restore), and ``check`` says why: see `plan.warm_blockers`.
 """
 
 from __future__ import annotations
@@ -38,13 +38,14 @@ from .._qemu import argv as qargv
 from .._qemu import fds, process
 from .._qemu.process import Binary
 from .._qemu.qmp import Monitor
+from .._qemu.sockets import drop_sockets, take_over_sockets
 from .._store import StateDir, VMLock
 from ..errors import CheckFailed, CprctlError, QemuError, VMStateError
 from . import precopy
 from .compat import binary_findings, require
 from .facts import binary_info, gather
 from .lifecycle import SOCKET_PATH_MAX
-from .plan import Facts, Finding, Plan, SuspendMode, choose, findings
+from .plan import Finding, Plan, SuspendMode, choose, findings, warm_blockers
 from .record import Operation
 from .report import Quiet, Reporter
 from .restore import restore
@@ -73,34 +74,6 @@ class UpdateResult:
     #: Why the cold path was taken, when it was.
     cold_reason: str | None
     timings_ms: dict[str, float]
-
-
-def warm_blockers(argv: Sequence[str], facts: Facts | None = None) -> list[str]:
-    """Why two QEMUs of this VM cannot run side by side (empty: a warm update can run).
-
-    Taps, TCP servers (chardevs, monitors, QMP, VNC) and the pidfile are handed over
-    (see `fds`); what cannot be is named here.
-    """
-    why = fds.unhandable(argv)
-    for b in qargv.ram_layout(argv).backends:
-        if b.prealloc and b.share:
-            why.append(f"RAM backend {b.id!r} has prealloc=on: the new QEMU would touch RAM the guest is using")
-    if facts is not None and facts.vfio:
-        why.append("VFIO devices are held by the running QEMU")
-    return sorted(set(why))
-
-
-def take_over_sockets(paths: list[str], suffix: str) -> None:
-    """Point each served socket path at the new QEMU (which bound ``PATH + suffix``)."""
-    for path in paths:
-        with contextlib.suppress(FileNotFoundError):
-            os.replace(path + suffix, path)
-
-
-def drop_sockets(paths: list[str], suffix: str) -> None:
-    for path in paths:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path + suffix)
 
 
 def _side_by_side(argv: Sequence[str], suffix: str) -> list[str]:
@@ -183,7 +156,7 @@ async def preflight(vm: VM, binary: str, suspend: SuspendMode = "auto") -> list[
     try:
         info = await binary_info(binary)
     except QemuError as exc:
-        raise QemuError(f"{vm.name}: refused, nothing touched: {exc}") from None
+        raise QemuError(f"{vm.name}: refused, nothing touched: {exc}", error_class=exc.error_class) from exc
     found = binary_findings(info, [binary, *r.argv[1:]], r.machine, plan.capabilities, plan.parameters, r.cwd)
     require(vm.name, found)
     return found
@@ -217,11 +190,11 @@ async def _cold(
         except CprctlError as second:
             raise QemuError(
                 f"{name}: update failed: {first}; restoring on the previous binary {previous} failed too: {second}"
-            ) from None
+            ) from first
         raise QemuError(
             f"{name}: update to {binary} failed ({first}); the VM runs again on its previous binary {previous} "
             f"(pid {back.pid}, paused {back.pause_ms:.0f} ms)"
-        ) from None
+        ) from first
     if previous != vm.record.argv[0]:  # the copy is needed no more
         with contextlib.suppress(FileNotFoundError):
             os.unlink(previous)
@@ -308,7 +281,7 @@ async def _switch(vm: VM, old: Monitor, plan: Plan, binary: str, reporter: Repor
             r.operation = None
             vm.commit()
             if isinstance(exc, QemuError):
-                raise _standby_failed(vm, binary, exc) from None
+                raise _standby_failed(vm, binary, exc) from exc
             raise
         done = "its outcome is unknown, see 'cprctl status'"
         with contextlib.suppress(QemuError):
@@ -316,7 +289,8 @@ async def _switch(vm: VM, old: Monitor, plan: Plan, binary: str, reporter: Repor
         r.operation = None
         vm.commit()
         if isinstance(exc, CprctlError):
-            raise QemuError(f"{vm.name}: warm update failed ({exc}); {done}") from None
+            error_class = exc.error_class if isinstance(exc, QemuError) else None
+            raise QemuError(f"{vm.name}: warm update failed ({exc}); {done}", error_class=error_class) from exc
         raise
 
 

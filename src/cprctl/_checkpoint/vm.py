@@ -11,12 +11,14 @@ from pathlib import Path
 
 from .._host import systemd
 from .._qemu import process
+from .._qemu.argv import served_sockets
 from .._qemu.qmp import Monitor
+from .._qemu.sockets import drop_sockets, take_over_sockets
 from .._store import StateDir
 from .._store.statedir import RECORD_FILE
 from ..errors import QemuError, VMNotFound
 from . import disks, record
-from .record import VMRecord
+from .record import GUEST_RESUMED, VMRecord
 from .report import Reporter
 
 STATE_FILE = "state.cpr"
@@ -134,7 +136,7 @@ async def _recover_restore(vm: VM) -> str:
                 if op.step == "resuming" and r.checkpoint is not None:
                     await resume_guest(mon, r.checkpoint.suspended)  # it was being woken: go on
                     status = await mon.status()
-        if status == "running" or op.step in ("resuming", "resumed"):
+        if status == "running" or op.step in GUEST_RESUMED:
             retire_checkpoint(vm, op.new_pid, None)
             return f"finished it (the guest was already resumed, now {status}); the checkpoint is retired"
         await asyncio.to_thread(process.kill, op.new_pid)
@@ -152,9 +154,6 @@ async def settle_update(vm: VM, old: Monitor | None = None) -> str:
     the same shared file), so the new QEMU's real runstate decides. *old* is an
     open connection to the old QEMU, if the caller has one.
     """
-    from .._qemu.argv import served_sockets
-    from .update import drop_sockets, take_over_sockets
-
     r, op = vm.record, vm.record.operation
     assert op is not None and op.binary
     argv = [op.binary, *r.argv[1:]]

@@ -54,7 +54,7 @@ class Agent:
             async with asyncio.timeout(self.timeout):  # not wait_for: on 3.11 it can swallow a cancellation
                 await self._client.connect(self.path)
         except (QMPError, OSError, TimeoutError) as exc:
-            raise AgentError(f"{self.name}: guest agent socket {self.path}: cannot connect ({exc})") from None
+            raise AgentError(f"{self.name}: guest agent socket {self.path}: cannot connect ({exc})") from exc
         await self.sync()
         return self
 
@@ -71,9 +71,9 @@ class Agent:
                 f"{self.name}: guest agent did not answer {cmd} in {timeout or self.timeout:.0f} s"
             ) from None
         except ExecuteError as exc:
-            raise AgentError(f"{self.name}: guest agent refused {cmd}: {exc}") from None
+            raise AgentError(f"{self.name}: guest agent refused {cmd}: {exc}") from exc
         except (QMPError, EOFError, OSError) as exc:
-            raise AgentError(f"{self.name}: guest agent connection broke during {cmd}: {exc}") from None
+            raise AgentError(f"{self.name}: guest agent connection broke during {cmd}: {exc}") from exc
 
     async def sync(self) -> None:
         token = random.randrange(1, 2**31)
@@ -93,7 +93,7 @@ class Agent:
         except TimeoutError:
             return  # expected: the guest went to sleep before answering
         except ExecuteError as exc:
-            raise AgentError(f"{self.name}: guest agent refused guest-suspend-ram: {exc}") from None
+            raise AgentError(f"{self.name}: guest agent refused guest-suspend-ram: {exc}") from exc
         except (QMPError, EOFError, OSError):
             return
 
@@ -108,7 +108,7 @@ class Agent:
         except TimeoutError:
             return
         except ExecuteError as exc:
-            raise AgentError(f"{self.name}: guest agent refused guest-shutdown: {exc}") from None
+            raise AgentError(f"{self.name}: guest agent refused guest-shutdown: {exc}") from exc
         except (QMPError, EOFError, OSError):
             return
 

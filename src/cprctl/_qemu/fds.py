@@ -69,7 +69,7 @@ def getfd(pid: int, target: int) -> int:
     try:
         pidfd = os.pidfd_open(pid)
     except OSError as exc:
-        raise HandoverError(f"cannot open process {pid}: {exc.strerror}") from None
+        raise HandoverError(f"cannot open process {pid}: {exc.strerror}") from exc
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         fd = int(libc.syscall(_SYS_PIDFD_GETFD, pidfd, target, 0))
@@ -125,7 +125,7 @@ def _fdinfos(pid: int) -> list[Path]:
     try:
         return list(Path(f"/proc/{pid}/fdinfo").iterdir())
     except OSError as exc:
-        raise HandoverError(f"cannot read the fds of QEMU pid {pid}: {exc.strerror}") from None
+        raise HandoverError(f"cannot read the fds of QEMU pid {pid}: {exc.strerror}") from exc
 
 
 # -- what can be handed over, and the argv that receives it (pure) ----------------------------------

@@ -97,7 +97,7 @@ def qmp_answers(binary: Binary, *commands: str) -> dict[str, Any]:
     except subprocess.TimeoutExpired:
         raise QemuError(f"{binary.path} did not answer QMP in {PROBE_TIMEOUT:.0f} s") from None
     except OSError as exc:
-        raise QemuError(f"cannot run {binary.path}: {exc.strerror}") from None
+        raise QemuError(f"cannot run {binary.path}: {exc.strerror}") from exc
     replies = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     answers = {r["id"]: r["return"] for r in replies if r.get("id") in commands and "return" in r}
     if missing := [c for c in commands if c not in answers]:

@@ -119,7 +119,7 @@ def spawn(
                 cwd=cwd,
             )
         except OSError as exc:
-            raise UsageError(f"cannot run {argv[0]}: {exc.strerror}") from None
+            raise UsageError(f"cannot run {argv[0]}: {exc.strerror}") from exc
     _children[proc.pid] = proc
     if prefix:
         _wait_exec(proc, argv[0])
@@ -212,7 +212,7 @@ def copy_exe(pid: int, dest: Path) -> None:
     try:
         shutil.copyfile(f"/proc/{pid}/exe", dest)
     except OSError as exc:
-        raise QemuError(f"cannot copy the executable of process {pid}: {exc.strerror}") from None
+        raise QemuError(f"cannot copy the executable of process {pid}: {exc.strerror}") from exc
     os.chmod(dest, 0o700)
 
 

@@ -16,6 +16,28 @@ from . import process
 PAUSED_BY_MIGRATION = frozenset({"postmigrate", "finish-migrate", "paused", "inmigrate", "prelaunch"})
 
 
+#: How each failure of a QMP command reads (after ``NAME: COMMAND: ``), first match first: ``{exc}`` is
+#: the failure, ``{kind}`` its type's name, ``{timeout}`` the seconds waited.
+FAILURES: tuple[tuple[tuple[type[BaseException], ...], str], ...] = (
+    ((ExecuteError,), "{exc}"),  # QEMU refused it: its own message
+    ((ExecInterruptedError, EOFError, ConnectionError), "QEMU hung up ({kind})"),
+    ((TimeoutError,), "no answer in {timeout:.0f} s"),
+    ((QMPError,), "{exc}"),
+)
+_FAILURE_TYPES = tuple(t for types, _ in FAILURES for t in types)
+
+
+def command_error(name: str, cmd: str, exc: BaseException, timeout: float) -> QemuError:
+    """The one-line `QemuError` for failure *exc* of QMP command *cmd* of VM *name* (see `FAILURES`).
+
+    It keeps QMP's error class when QEMU refused the command; the caller chains *exc* as its cause.
+    """
+    text = next((text for types, text in FAILURES if isinstance(exc, types)), "{exc}")
+    error_class = exc.error_class if isinstance(exc, ExecuteError) else None
+    message = text.format(exc=exc, kind=type(exc).__name__, timeout=timeout)
+    return QemuError(f"{name}: {cmd}: {message}", error_class=error_class)
+
+
 class Monitor:
     """One QMP connection. Use as ``async with Monitor(path, name) as mon:``.
 
@@ -52,11 +74,11 @@ class Monitor:
                 raise QemuError(
                     f"{self.name}: QMP at {self.path} is not answering (no greeting in {timeout:.0f} s)"
                 ) from None
-            except ConnectError as exc:
+            except ConnectError as exc:  # exc.exc: the socket's own error
                 if self.pid is not None and not process.alive(self.pid):
-                    raise QemuError(f"{self.name}: QEMU (pid {self.pid}) exited") from None
+                    raise QemuError(f"{self.name}: QEMU (pid {self.pid}) exited") from exc
                 if time.monotonic() > deadline:
-                    raise QemuError(f"{self.name}: QMP at {self.path} is not answering: {exc}") from None
+                    raise QemuError(f"{self.name}: QMP at {self.path} is not answering: {exc}") from exc
                 await asyncio.sleep(0.002)
 
     async def close(self) -> None:
@@ -67,19 +89,14 @@ class Monitor:
     async def execute(self, cmd: str, args: dict[str, Any] | None = None, timeout: float = 60.0) -> Any:
         """Run one QMP command; its return value.
 
-        :raise QemuError: when QEMU refuses it (with QEMU's message), or does not answer in time.
+        :raise QemuError: when QEMU refuses it (with QEMU's message and `QemuError.error_class`),
+            hangs up, or does not answer in time; chained from qemu.qmp's error.
         """
         try:
             async with asyncio.timeout(timeout):  # not wait_for: on 3.11 it can swallow a cancellation
                 return await self._qmp.execute(cmd, args)
-        except ExecuteError as exc:
-            raise QemuError(f"{self.name}: {cmd}: {exc}") from None
-        except (ExecInterruptedError, EOFError, ConnectionError) as exc:
-            raise QemuError(f"{self.name}: {cmd}: QEMU hung up ({type(exc).__name__})") from None
-        except TimeoutError:
-            raise QemuError(f"{self.name}: {cmd}: no answer in {timeout:.0f} s") from None
-        except QMPError as exc:
-            raise QemuError(f"{self.name}: {cmd}: {exc}") from None
+        except _FAILURE_TYPES as exc:
+            raise command_error(self.name, cmd, exc, timeout) from exc
 
     async def status(self) -> str:
         """The VM's runstate (``running``, ``paused``, ``suspended``, ``postmigrate``, ...)."""
