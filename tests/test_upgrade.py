@@ -4,6 +4,7 @@ binary a package upgrade replaced move onto the new one warm (update-all)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import cprctl
+from cprctl._checkpoint.facts import binary_info
 
 from .guestvm import GuestVM, cli, qemu_copy, upgrade_binary, wrapper
 
@@ -143,3 +145,18 @@ def test_update_all_moves_vms_off_a_replaced_binary_warm(state_dir: Path) -> Non
     assert out.returncode == 0 and {o["outcome"] for o in json.loads(out.stdout)} == {"skipped"}
     for v in vms:
         v.stop()
+
+
+def test_a_binary_is_probed_once_until_it_is_replaced(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    binary = wrapper(tmp_path / "bin", "qemu-system-x86_64", f'echo "$@" >> {runs}')
+    first = asyncio.run(binary_info(str(binary)))
+    probed = runs.read_text()
+    assert "-machine help" in probed and asyncio.run(binary_info(str(binary))) == first
+    assert runs.read_text() == probed, "the same file was probed again"
+    new = binary.with_name("new")
+    new.write_text(binary.read_text())
+    new.chmod(0o755)
+    os.rename(new, binary)  # replaced, as a package does
+    asyncio.run(binary_info(str(binary)))
+    assert runs.read_text() == probed * 2, "a replaced binary was not probed again"

@@ -146,6 +146,21 @@ async def gather(record: VMRecord, mon: Monitor, state_dir: Path, suspend: Suspe
     )
 
 
+#: Probes of this process, by the binary file's identity: a cold update checks the binary before the
+#: guest stops and its restore checks it again (with the guest stopped); update-all checks it per VM.
+_probed: dict[tuple[str, int, int, int, int], BinaryInfo] = {}
+
+
 async def binary_info(path: str) -> BinaryInfo:
-    """What the QEMU binary at *path* offers (see `probe`); about 0.3 s, the VM untouched."""
-    return await asyncio.to_thread(probe, Binary(path))
+    """What the QEMU binary at *path* offers (see `probe`); about 0.3 s the first time, the VM untouched.
+
+    A file already probed by this process (same path, device, inode, size and mtime) is not run again.
+    """
+    try:
+        st = os.stat(path)
+        key = (path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    except OSError:
+        return await asyncio.to_thread(probe, Binary(path))  # probe says why it cannot run
+    if key not in _probed:
+        _probed[key] = await asyncio.to_thread(probe, Binary(path))
+    return _probed[key]
