@@ -31,12 +31,10 @@ left); the result says so and how long the stop was.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
 from .._qemu.qmp import Monitor
-from ..errors import MigrationError
 from .plan import Facts, Plan, ram_in_place
 from .report import Reporter
 
@@ -47,6 +45,8 @@ MAX_PASSES = 30
 MAX_PRECOPY_S = 120.0
 #: ``downtime-limit`` once pre-copy gave up converging (QEMU's maximum: 2000 s).
 STOP_AND_COPY_MS = 2_000_000
+#: The whole migration, pre-copy and stop-and-copy, as for the in-place handover.
+MIGRATION_TIMEOUT_S = 3600.0
 #: Warm-update pause measured here with all RAM in place (benchmarks/RESULTS.md).
 IN_PLACE_PAUSE = "5-15 ms"
 
@@ -91,15 +91,9 @@ async def run(old: Monitor, reporter: Reporter, name: str) -> dict[str, float]:
     """
     t = time.monotonic()
     forced = False
-    info: dict[str, Any] = {}
-    poll = 0.001
-    while True:
-        info = await old.execute("query-migrate")
-        state = info.get("status", "none")
-        if state == "completed":
-            break
-        if state in ("failed", "cancelled", "cancelling"):
-            raise MigrationError(f"{name}: migration {state}: {info.get('error-desc', state)}")
+
+    async def converging(info: dict[str, Any]) -> None:
+        nonlocal forced
         passes = int(info.get("ram", {}).get("dirty-sync-count", 0))
         if not forced and (passes > MAX_PASSES or time.monotonic() - t > MAX_PRECOPY_S):
             forced = True
@@ -109,8 +103,8 @@ async def run(old: Monitor, reporter: Reporter, name: str) -> dict[str, float]:
                 f"finishing with the guest stopped ({left / (1 << 20):.0f} MiB left)"
             )
             await old.execute("migrate-set-parameters", {"downtime-limit": STOP_AND_COPY_MS})
-        await asyncio.sleep(poll)
-        poll = min(poll * 2, 0.02)
+
+    info = await old.wait_migration(MIGRATION_TIMEOUT_S, on_progress=converging)
     ram = info.get("ram", {})
     return {
         "precopy": (time.monotonic() - t) * 1000,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from qemu.qmp import ConnectError, ExecInterruptedError, ExecuteError, QMPClient, QMPError
@@ -135,8 +136,11 @@ class Monitor:
         if parameters:
             await self.execute("migrate-set-parameters", parameters)
 
-    async def wait_migration(self, timeout: float, on_progress: Any = None) -> dict[str, Any]:
-        """Poll ``query-migrate`` until ``completed``; its last answer.
+    async def wait_migration(
+        self, timeout: float, on_progress: Callable[[dict[str, Any]], Awaitable[None] | None] | None = None
+    ) -> dict[str, Any]:
+        """Poll ``query-migrate`` until ``completed``; its last answer. *on_progress* hears every other
+        answer (awaited when it is a coroutine function).
 
         :raise MigrationError: when it fails or is cancelled (with QEMU's reason), or times out.
         """
@@ -150,8 +154,8 @@ class Monitor:
             if state in ("failed", "cancelled", "cancelling"):
                 reason = info.get("error-desc", state)
                 raise MigrationError(f"{self.name}: migration {state}: {reason}")
-            if on_progress is not None:
-                on_progress(info)
+            if on_progress is not None and (pending := on_progress(info)) is not None:
+                await pending
             if time.monotonic() > deadline:
                 raise MigrationError(f"{self.name}: migration still {state!r} after {timeout:.0f} s")
             await asyncio.sleep(poll)
