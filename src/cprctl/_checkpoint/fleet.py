@@ -108,10 +108,9 @@ async def save_all(
                 res = await save(sd, name, suspend=suspend, reboot=reboot, force=force, reporter=reporter)
                 outcome = VMOutcome(name, "saved", f"{res.strategy}, {res.size / 1e6:.1f} MB", "saved", res.strategy)
             except CprctlError as exc:
-                state = open_vm(sd, name).state()
-                if state == "running" and shutdown_unsaveable:
+                outcome = _not_done(sd, name, exc)
+                if outcome.state == "running" and shutdown_unsaveable:
                     return await _shut_down(sd, name, f"save failed ({exc})", reporter)
-                outcome = VMOutcome(name, "left running" if state == "running" else "failed", str(exc), state)
         reporter.step(f"{name}: {outcome.outcome}: {outcome.detail}")
         return outcome
 
@@ -131,6 +130,12 @@ async def _shut_down(sd: StateDir, name: str, why: str, reporter: Reporter) -> V
         outcome = VMOutcome(name, "shut down", f"{why}; {how}", "stopped")
     reporter.step(f"{name}: {outcome.outcome}: {outcome.detail}")
     return outcome
+
+
+def _not_done(sd: StateDir, name: str, exc: CprctlError) -> VMOutcome:
+    """A VM whose operation failed: ``left running`` when its guest still runs, else ``failed``."""
+    state = open_vm(sd, name).state()
+    return VMOutcome(name, "left running" if state == "running" else "failed", str(exc), state)
 
 
 def _untouched(name: str, state: str) -> VMOutcome:
@@ -196,8 +201,7 @@ async def update_all(
             try:
                 res = await update(sd, name, target, suspend=suspend, force=force, reporter=reporter)
             except CprctlError as exc:
-                state = open_vm(sd, name).state()
-                return VMOutcome(name, "left running" if state == "running" else "failed", str(exc), state)
+                return _not_done(sd, name, exc)
             how = "warm" if res.warm else f"cold ({res.cold_reason})"
             detail = f"{how} onto {target}, paused {res.pause_ms:.1f} ms"
             return VMOutcome(name, "updated", detail, "running", None, res.pause_ms, res.warm)

@@ -59,10 +59,11 @@ def vm_status(vm: VM) -> VMStatus:
         with contextlib.suppress(OSError):
             size = os.stat(cp.state_file).st_size
     op = f"{r.operation.kind} at '{r.operation.step}' (pid {r.operation.pid})" if r.operation else None
+    pid = r.pid if vm.running() else None
     return VMStatus(
         r.name,
         vm.state(),
-        r.pid if vm.running() else None,
+        pid,
         r.qmp,
         r.qga,
         r.argv,
@@ -73,8 +74,8 @@ def vm_status(vm: VM) -> VMStatus:
         cp.strategy if cp else None,
         r.last_pause_ms,
         op,
-        bool(r.pid) and vm.running() and process.exe_replaced(r.pid or 0, r.argv[0]),
-        systemd.unit_of(r.pid) if vm.running() else None,
+        pid is not None and process.exe_replaced(pid, r.argv[0]),
+        systemd.unit_of(pid) if pid is not None else None,
         r.boot_pending,
     )
 
