@@ -5,7 +5,9 @@ set -euo pipefail
 dest=${1:?usage: old-qemu.sh DEST}
 bin="$dest/usr/bin/qemu-system-x86_64"
 if [ -x "$bin" ]; then exit 0; fi
-version=$(apt-cache madison qemu-system-x86 | awk -F'|' '$2 ~ /7\.2/ {gsub(/ /, "", $2); print $2; exit}')
+find_version() { apt-cache madison qemu-system-x86 | awk -F'|' '$2 ~ /7\.2/ {gsub(/ /, "", $2); print $2; exit}'; }
+version=$(find_version)
+if [ -z "$version" ]; then apt-get update -q >/dev/null && version=$(find_version); fi
 [ -n "$version" ] || { echo "old-qemu: no QEMU 7.2 in the apt sources (apt-get update?)" >&2; exit 1; }
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
