@@ -37,6 +37,16 @@ def binary_findings(
     ]
 
 
+def fallback_binary(failed: str, home: str, home_wrote_it: bool, kept: str | None) -> str | None:
+    """Where a restore goes when binary *failed* could not load the checkpoint: the VM's own binary *home*
+    while it is still the build that wrote the checkpoint (*home_wrote_it*), else the *kept* build's
+    launcher; None when neither is left to try (it is the one that failed, or nothing was kept)."""
+    for candidate in (home if home_wrote_it else None, kept):
+        if candidate and candidate != failed:
+            return candidate
+    return None
+
+
 def require(name: str, found: list[Finding]) -> None:
     """:raise CheckFailed: when *found* has an error (the VM named *name* was not touched)."""
     if any(f.blocking for f in found):

@@ -163,8 +163,9 @@ async def restore_all(
                     outcome = VMOutcome(name, "cold-booted", f"powered off at shutdown; pid {rec.pid}", "running")
                 else:
                     res = await restore(sd, name, sync_time=sync_time, reporter=reporter)
+                    how = f"; {res.fallback}" if res.fallback else ""
                     outcome = VMOutcome(
-                        name, "restored", f"paused {res.pause_ms:.0f} ms", res.status, None, res.pause_ms
+                        name, "restored", f"paused {res.pause_ms:.0f} ms{how}", res.status, None, res.pause_ms
                     )
             except CprctlError as exc:
                 outcome = VMOutcome(name, "failed", str(exc), open_vm(sd, name).state())
@@ -206,7 +207,7 @@ async def update_all(
             detail = f"{how} onto {target}, paused {res.pause_ms:.1f} ms"
             return VMOutcome(name, "updated", detail, "running", None, res.pause_ms, res.warm)
 
-    done = await asyncio.gather(*(one(st.name, binary or st.argv[0]) for st in moving))
+    done = await asyncio.gather(*(one(st.name, binary or st.kept_from or st.argv[0]) for st in moving))
     moved = {st.name for st in moving}
     others = [
         VMOutcome(st.name, "skipped", "runs the binary on disk", st.state)

@@ -47,6 +47,12 @@ class VMStatus:
     unit: str | None = None
     #: A host shutdown powered it off (it could not be saved); the next restore-all boots it.
     boot_pending: bool = False
+    #: The kept QEMU build (`cprctl._store.builds`) it runs on, and the one that wrote its checkpoint.
+    build: str | None = None
+    checkpoint_build: str | None = None
+    #: It runs on a kept build because the binary at this path could not take it (``binary_replaced`` is
+    #: then set too: ``update-all`` tries this path again).
+    kept_from: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -74,9 +80,12 @@ def vm_status(vm: VM) -> VMStatus:
         cp.strategy if cp else None,
         r.last_pause_ms,
         op,
-        pid is not None and process.exe_replaced(pid, r.argv[0]),
+        pid is not None and (r.kept_from is not None or process.exe_replaced(pid, r.argv[0])),
         systemd.unit_of(pid) if pid is not None else None,
         r.boot_pending,
+        r.build,
+        cp.build if cp else None,
+        r.kept_from,
     )
 
 

@@ -65,6 +65,8 @@ class Checkpoint(msgspec.Struct, forbid_unknown_fields=True):
     mtime_ns: int = 0
     ram_files: list[str] = []
     timings_ms: dict[str, float] = {}
+    #: The kept QEMU build (`cprctl._store.builds`) that wrote it: restore falls back to it.
+    build: str | None = None
 
 
 class Operation(msgspec.Struct, forbid_unknown_fields=True):
@@ -111,6 +113,11 @@ class VMRecord(msgspec.Struct, forbid_unknown_fields=True):
     unit: str | None = None
     #: A host shutdown powered the VM off (it could not be saved): the next ``restore-all`` boots it.
     boot_pending: bool = False
+    #: The kept QEMU build (`cprctl._store.builds`) the running QEMU is; None until one is kept.
+    build: str | None = None
+    #: When the VM runs on a kept build's launcher (argv[0]) because the binary at this path could not
+    #: take it: that path, which ``update-all`` tries again.
+    kept_from: str | None = None
 
     @property
     def binary(self) -> str:

@@ -24,7 +24,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .._qemu import argv as qargv
 from .._qemu import process
@@ -32,9 +32,9 @@ from .._qemu.agent import Agent
 from .._qemu.process import Binary
 from .._qemu.qmp import Monitor
 from .._store import StateDir, VMLock
-from ..errors import AgentError, CheckpointError, CprctlError, QemuError, VMStateError
-from . import disks, statefile
-from .compat import binary_findings, require
+from ..errors import AgentError, CheckFailed, CheckpointError, CprctlError, QemuError, UsageError, VMStateError
+from . import disks, kept, statefile
+from .compat import binary_findings, fallback_binary, require
 from .facts import binary_info
 from .plan import direct_io
 from .record import GUEST_RESUMED, Checkpoint, Operation
@@ -52,6 +52,9 @@ class RestoreResult:
     status: str
     woke: bool
     timings_ms: dict[str, float]
+    #: Set when the binary the restore would use could not load the checkpoint and the build that wrote it
+    #: took the VM instead: that, in one line.
+    fallback: str | None = None
 
 
 def verify(
@@ -116,19 +119,68 @@ async def restore(
     sync_time: bool = True,
     reporter: Reporter | None = None,
     trust_identity: bool = False,
+    fallback: bool = True,
 ) -> RestoreResult:
     """Resume VM *name* from its checkpoint, optionally on another QEMU binary.
 
     *trust_identity* (for ``update``, in the process that just saved): an
-    unchanged state file (inode, mtime) is not hashed a second time.
+    unchanged state file (inode, mtime) is not hashed a second time. When the
+    binary (*qemu*, else the VM's own) cannot load the checkpoint (refused by the
+    preflight, or its load fails) and *fallback* is set, the VM is restored on the
+    build that wrote the checkpoint (its own binary while that is still the same
+    build, else the kept copy, see `kept`); ``RestoreResult.fallback`` says so.
 
     :raise VMStateError: there is no checkpoint; `CheckpointError`: it failed
         verification (the new QEMU, if started, is killed; the guest never ran);
         `CheckFailed`: binary *qemu* cannot run the VM or load its state (nothing
-        started); `QemuError`: the new QEMU failed (the checkpoint is kept; the
-        log tail is in the message).
+        started); `QemuError`: the new QEMU failed (the checkpoint is kept; QEMU's
+        own error line is in the message). With a fallback, the error says both failures.
     """
     reporter = reporter or Quiet()
+    try:
+        result = await _restore_on(sd, name, qemu, force, sync_time, reporter, trust_identity)
+    except (CheckFailed, QemuError, UsageError) as first:
+        target = _fallback(sd, name, qemu) if fallback else None
+        if target is None:
+            raise
+        note = f"{name}: restoring on {target} (the build that wrote the checkpoint): {first}"
+        reporter.step(note)
+        try:
+            result = await _restore_on(sd, name, target, force, sync_time, reporter, trust_identity)
+        except CprctlError as second:
+            raise QemuError(
+                f"{first}; restoring on {target}, the build that wrote the checkpoint, failed too: {second}"
+            ) from first
+        result = replace(result, fallback=note)
+    kept.collect(sd.path)
+    return result
+
+
+def _fallback(sd: StateDir, name: str, qemu: str | None) -> str | None:
+    """The binary to restore on after *qemu* (default: the VM's own) failed, or None."""
+    try:
+        vm = open_vm(sd, name)
+        cp, home = vm.record.checkpoint, vm.record.argv[0]
+        if cp is None or vm.running() or vm.record.operation is not None:
+            return None
+        failed = Binary.find(qemu).path if qemu else home
+        launcher = kept.builds(vm).launcher(cp.build) if cp.build else None
+        home_wrote_it = cp.build is None or kept.same_build(vm, home, cp.build)
+        return fallback_binary(failed, home, home_wrote_it, str(launcher) if launcher else None)
+    except CprctlError:
+        return None
+
+
+async def _restore_on(
+    sd: StateDir,
+    name: str,
+    qemu: str | None,
+    force: bool,
+    sync_time: bool,
+    reporter: Reporter,
+    trust_identity: bool,
+) -> RestoreResult:
+    """One restore of VM *name* on binary *qemu* (default: its argv[0]); see `restore`."""
     vm = open_vm(sd, name)
     with VMLock(vm.folder, name, "restore"):
         await recover(vm, reporter)
@@ -136,9 +188,9 @@ async def restore(
         if vm.record.checkpoint is not None:
             reporter.step(f"{name}: checking the state file and the disks")
         cp = await asyncio.to_thread(verify, vm, force, digest=False)
-        argv = list(vm.record.argv)
-        if qemu:
-            binary = Binary.find(qemu)
+        argv, previous = list(vm.record.argv), vm.record.argv[0]
+        if qemu or not await asyncio.to_thread(kept.same_build, vm, argv[0], cp.build):
+            binary = Binary.find(qemu or argv[0])
             binary.require_cpr()
             argv[0] = binary.path
             info = await binary_info(binary.path)
@@ -189,14 +241,15 @@ async def restore(
             vm.record.operation = None
             vm.commit()
             if isinstance(exc, CprctlError):
-                tail = "" if isinstance(exc, CheckpointError) else process.log_tail(vm.log_path)
+                said = "" if isinstance(exc, CheckpointError) else process.qemu_error(vm.log_path)
                 again = type(exc)(
-                    f"{exc}; the checkpoint is kept, restore can be retried"
-                    f"{' (QEMU log: ' + tail + ')' if tail else ''}"
+                    f"{said + ' (' + str(exc) + ')' if said else exc}; the checkpoint is kept, restore can be retried"
                 )
                 again.__dict__.update(vars(exc))  # what it carries, e.g. `QemuError.error_class`
                 raise again from exc
             raise
+        await asyncio.to_thread(kept.settle, vm, previous, reporter)
+        vm.commit()
         if sync_time and vm.record.qga and result.status == "running":
             await _sync_time(vm, reporter)
         return result
