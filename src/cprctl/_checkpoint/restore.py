@@ -119,16 +119,18 @@ async def restore(
     sync_time: bool = True,
     reporter: Reporter | None = None,
     trust_identity: bool = False,
-    fallback: bool = True,
+    fallback: bool | None = None,
 ) -> RestoreResult:
     """Resume VM *name* from its checkpoint, optionally on another QEMU binary.
 
     *trust_identity* (for ``update``, in the process that just saved): an
     unchanged state file (inode, mtime) is not hashed a second time. When the
     binary (*qemu*, else the VM's own) cannot load the checkpoint (refused by the
-    preflight, or its load fails) and *fallback* is set, the VM is restored on the
-    build that wrote the checkpoint (its own binary while that is still the same
-    build, else the kept copy, see `kept`); ``RestoreResult.fallback`` says so.
+    preflight, or its load fails) and *fallback* is set (by default: when no *qemu*
+    was asked for; an operator's explicit binary is refused, not replaced), the VM
+    is restored on the build that wrote the checkpoint (its own binary while that is
+    still the same build, else the kept copy, see `kept`); ``RestoreResult.fallback``
+    says so.
 
     :raise VMStateError: there is no checkpoint; `CheckpointError`: it failed
         verification (the new QEMU, if started, is killed; the guest never ran);
@@ -140,7 +142,7 @@ async def restore(
     try:
         result = await _restore_on(sd, name, qemu, force, sync_time, reporter, trust_identity)
     except (CheckFailed, QemuError, UsageError) as first:
-        target = _fallback(sd, name, qemu) if fallback else None
+        target = _fallback(sd, name, qemu) if (qemu is None if fallback is None else fallback) else None
         if target is None:
             raise
         note = f"{name}: restoring on {target} (the build that wrote the checkpoint): {first}"

@@ -174,7 +174,9 @@ async def _cold(
     the checkpoint (the binary the VM ran before, or its kept copy when a package replaced it)."""
     t = time.perf_counter()
     await save(sd, name, suspend=suspend, force=force, durable=False, reporter=reporter)
-    res = await restore(sd, name, qemu=binary, force=force, sync_time=sync_time, reporter=reporter, trust_identity=True)
+    res = await restore(
+        sd, name, qemu=binary, force=force, sync_time=sync_time, reporter=reporter, trust_identity=True, fallback=True
+    )
     if res.fallback:
         back = open_vm(sd, name).record.argv[0]
         raise QemuError(
