@@ -145,7 +145,8 @@ async def restore(
         target = _fallback(sd, name, qemu) if (qemu is None if fallback is None else fallback) else None
         if target is None:
             raise
-        note = f"{name}: restoring on {target} (the build that wrote the checkpoint): {first}"
+        why = str(first).removeprefix(f"{name}: ")
+        note = f"{name}: on the build that wrote the checkpoint ({target}): {qemu or 'its binary'} could not: {why}"
         reporter.step(note)
         try:
             result = await _restore_on(sd, name, target, force, sync_time, reporter, trust_identity)

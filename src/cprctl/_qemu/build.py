@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import struct
 from dataclasses import dataclass
 
 from ..errors import QemuError
@@ -92,7 +93,8 @@ def running_build(pid: int) -> RunningBuild:
     for m in _elf_mappings(pid):
         if m.path == exe_path:
             continue
-        part = Part(os.path.basename(m.path), _source(pid, m), m.path)
+        source = _source(pid, m)
+        part = Part(soname(source) or os.path.basename(m.path), source, m.path)
         if _is_loader(part.name):
             loader = part
         elif part.name.startswith(MODULE_PREFIXES) and os.path.basename(os.path.dirname(m.path)) == "qemu":
@@ -102,6 +104,34 @@ def running_build(pid: int) -> RunningBuild:
     if loader is None:
         raise QemuError(f"process {pid} maps no dynamic loader (a static QEMU needs no kept libraries)")
     return RunningBuild(pid, exe, loader, tuple(libs), tuple(modules))
+
+
+def soname(path: str) -> str | None:
+    """The ``DT_SONAME`` of the 64-bit little-endian ELF shared object at *path* (the name the dynamic
+    loader looks it up by, e.g. ``libglib-2.0.so.0``), or None when it has none or cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+            if head[:6] != b"\x7fELF\x02\x01":
+                return None
+            phoff, phentsize, phnum = struct.unpack_from("<Q", head, 32)[0], *struct.unpack_from("<HH", head, 54)
+            f.seek(phoff)
+            table = f.read(phentsize * phnum)
+            headers = [struct.unpack_from("<IIQQQQQQ", table, i * phentsize) for i in range(phnum)]
+            loads = [(h[3], h[2], h[5]) for h in headers if h[0] == 1]  # PT_LOAD: vaddr, offset, filesz
+            dyn = next((h for h in headers if h[0] == 2), None)  # PT_DYNAMIC
+            if dyn is None:
+                return None
+            f.seek(dyn[2])
+            raw = f.read(dyn[5])
+            entries = dict(reversed([struct.unpack_from("<qQ", raw, i) for i in range(0, len(raw) - 15, 16)]))
+            if 14 not in entries or 5 not in entries:  # DT_SONAME, DT_STRTAB
+                return None
+            strtab = next(off + entries[5] - va for va, off, size in loads if va <= entries[5] < va + size)
+            f.seek(strtab + entries[14])
+            return f.read(256).split(b"\0", 1)[0].decode() or None
+    except (OSError, struct.error, StopIteration, UnicodeDecodeError):
+        return None
 
 
 def _exe_path(pid: int) -> str:
