@@ -20,7 +20,7 @@ import pytest
 import cprctl
 from cprctl._checkpoint import kept
 
-from .guestvm import QEMU, GuestVM, cli, qemu_copy, wrapper
+from .guestvm import QEMU, GuestVM, cli, qemu_copy
 
 pytestmark = pytest.mark.qemu
 
