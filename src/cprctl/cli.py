@@ -290,6 +290,12 @@ def status(state_dir: str | None, name: str | None, as_json: bool) -> None:
         pause = f"{r.last_pause_ms:.0f} ms" if r.last_pause_ms is not None else "-"
         state = f"{r.state} [yellow](binary replaced)[/]" if r.binary_replaced else r.state
         state = f"{state} [yellow](kept build)[/]" if r.kept_from else state
+        if r.loads == "fails":
+            state += (
+                " [yellow](state fails on disk QEMU; kept build takes it)[/]"
+                if r.fallback_build
+                else " [red](state fails on disk QEMU, no kept build)[/]"
+            )
         state = f"{state} (powered off at shutdown; restore-all boots it)" if r.boot_pending else state
         unit = [r.unit or "-"] if units else []
         table.add_row(r.name, state, str(r.pid or "-"), *unit, r.qmp, r.qga or "-", size, pause)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 from dataclasses import asdict, dataclass
@@ -14,8 +15,8 @@ from .._qemu.process import Binary
 from .._qemu.qmp import Monitor
 from .._store import StateDir, VMLock
 from ..errors import BusyError, CprctlError, QemuError
-from . import disks, statefile
-from .compat import binary_findings
+from . import disks, kept, statefile
+from .compat import binary_findings, load_finding
 from .facts import binary_info, gather, mount_of, ram_fact
 from .plan import VOLATILE_FS, Finding, Strategy, SuspendMode, choose, direct_io, findings, warm_blockers
 from .precopy import warm_path
@@ -53,6 +54,11 @@ class VMStatus:
     #: It runs on a kept build because the binary at this path could not take it (``binary_replaced`` is
     #: then set too: ``update-all`` tries this path again).
     kept_from: str | None = None
+    #: Whether its state loads into the binary a restore would use (`compat.LoadVerdict`: ``same-build``,
+    #: ``proven``, ``fails``, ``unproven``, ``unknown``), why, and the kept build a restore falls back to.
+    loads: str | None = None
+    loads_detail: str = ""
+    fallback_build: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -86,7 +92,15 @@ def vm_status(vm: VM) -> VMStatus:
         r.build,
         cp.build if cp else None,
         r.kept_from,
+        *_loads(vm, pid is not None),
     )
+
+
+def _loads(vm: VM, running: bool) -> tuple[str | None, str, str | None]:
+    if not running and vm.record.checkpoint is None:
+        return None, "", None
+    load = kept.loadability(vm)
+    return load.verdict, load.reason, load.kept
 
 
 async def status(sd: StateDir, name: str | None = None, reporter: Reporter | None = None) -> list[VMStatus]:
@@ -129,6 +143,8 @@ async def check(
     vm = open_vm(sd, name)
     binary = Binary.find(qemu).path if qemu else None
     found = await _check(vm, reboot, suspend, strategy, binary)
+    if (reboot or binary) and (vm.running() or vm.record.checkpoint is not None):
+        found.append(load_finding(name, await asyncio.to_thread(kept.loadability, vm, binary)))
     return found + host_findings(vm) if reboot else found
 
 

@@ -27,7 +27,9 @@ from .._qemu.process import Binary
 from .._store.builds import GRACE, BuildMeta, Builds, File
 from .._store.statedir import RECORD_FILE
 from ..errors import CprctlError, QemuError
-from . import record
+from . import compat, record
+from .compat import Loadability
+from .record import Proof, ProofHow
 from .report import Quiet, Reporter
 from .vm import VM
 
@@ -47,17 +49,50 @@ def launcher_build(vm: VM, binary: str | None = None) -> str | None:
     return None
 
 
+def binary_build(vm: VM, binary: str) -> str | None:
+    """The build id of *binary* (a path, or a kept build's launcher); None when it cannot be read.
+    Hashed once per file version in this process."""
+    if (launched := launcher_build(vm, binary)) is not None:
+        return launched
+    try:
+        st = os.stat(binary)
+    except OSError:
+        return None
+    key = (binary, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _hashed:
+        try:
+            _hashed[key] = file_build_id(binary)
+        except QemuError:
+            return None
+    return _hashed[key]
+
+
+_hashed: dict[tuple[str, int, int, int, int], str] = {}
+
+
 def same_build(vm: VM, binary: str, build: str | None) -> bool:
     """Whether *binary* (a path, or a kept build's launcher) is *build*; True when *build* is unknown
     (a checkpoint written before builds were kept)."""
-    if build is None:
-        return True
-    if (launched := launcher_build(vm, binary)) is not None:
-        return launched == build
-    try:
-        return file_build_id(binary) == build
-    except QemuError:
-        return False
+    return build is None or binary_build(vm, binary) == build
+
+
+def loadability(vm: VM, binary: str | None = None) -> Loadability:
+    """What is known about loading *vm*'s state (its checkpoint's, else its running QEMU's) into *binary*
+    (default: the one a restore would use, its argv[0])."""
+    r = vm.record
+    source = r.checkpoint.build if r.checkpoint is not None else r.build
+    binary = binary or r.argv[0]
+    target = binary_build(vm, binary)
+    proof = r.proof(source, target) if source and target else None
+    launcher = builds(vm).launcher(source) if source else None
+    return compat.loadability(source, target, binary, proof, launcher.parent.parent.name if launcher else None)
+
+
+def learn(vm: VM, source: str | None, binary: str, loads: bool, how: ProofHow, reason: str = "") -> None:
+    """Record on *vm* (not committed) whether its state as build *source* writes it loaded into *binary*."""
+    target = binary_build(vm, binary)
+    if source and target and source != target:
+        vm.record.learn(Proof(source, target, loads, how, time.time(), reason))
 
 
 def settle(vm: VM, previous: str, reporter: Reporter | None = None) -> None:

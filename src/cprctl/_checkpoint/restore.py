@@ -191,13 +191,7 @@ async def _restore_on(
         if vm.record.checkpoint is not None:
             reporter.step(f"{name}: checking the state file and the disks")
         cp = await asyncio.to_thread(verify, vm, force, digest=False)
-        argv, previous = list(vm.record.argv), vm.record.argv[0]
-        if qemu or not await asyncio.to_thread(kept.same_build, vm, argv[0], cp.build):
-            binary = Binary.find(qemu or argv[0])
-            binary.require_cpr()
-            argv[0] = binary.path
-            info = await binary_info(binary.path)
-            require(name, binary_findings(info, argv, vm.record.machine, cp.capabilities, cp.parameters, vm.record.cwd))
+        argv, previous = await _preflight(vm, cp, qemu), vm.record.argv[0]
         timings = {"check": (time.perf_counter() - t0) * 1000}
         vm.record.operation = op = Operation("restore", os.getpid(), time.time())
         vm.commit()
@@ -245,17 +239,45 @@ async def _restore_on(
             vm.commit()
             if isinstance(exc, CprctlError):
                 said = "" if isinstance(exc, CheckpointError) else process.qemu_error(vm.log_path)
+                if said and isinstance(exc, QemuError):
+                    kept.learn(vm, cp.build, argv[0], False, "restore", said)
+                    vm.commit()
                 again = type(exc)(
                     f"{said + ' (' + str(exc) + ')' if said else exc}; the checkpoint is kept, restore can be retried"
                 )
                 again.__dict__.update(vars(exc))  # what it carries, e.g. `QemuError.error_class`
                 raise again from exc
             raise
+        await asyncio.to_thread(kept.learn, vm, cp.build, argv[0], True, "restore")
         await asyncio.to_thread(kept.settle, vm, previous, reporter)
         vm.commit()
         if sync_time and vm.record.qga and result.status == "running":
             await _sync_time(vm, reporter)
         return result
+
+
+async def _preflight(vm: VM, cp: Checkpoint, qemu: str | None) -> list[str]:
+    """The argv to restore on: the VM's own, or on binary *qemu*. Another binary than the build that wrote the
+    checkpoint is checked first (`compat.binary_findings`); a refusal is recorded as a failed proof.
+
+    :raise CheckFailed: the binary cannot take the VM (nothing started); `UsageError`: it is missing.
+    """
+    argv = list(vm.record.argv)
+    if not qemu and await asyncio.to_thread(kept.same_build, vm, argv[0], cp.build):
+        return argv
+    binary = Binary.find(qemu or argv[0])
+    binary.require_cpr()
+    argv[0] = binary.path
+    info = await binary_info(binary.path)
+    found = binary_findings(info, argv, vm.record.machine, cp.capabilities, cp.parameters, vm.record.cwd)
+    try:
+        require(vm.name, found)
+    except CheckFailed:
+        reason = "; ".join(f.message for f in found if f.blocking)
+        await asyncio.to_thread(kept.learn, vm, cp.build, argv[0], False, "restore", reason)
+        vm.commit()
+        raise
+    return argv
 
 
 async def _load(

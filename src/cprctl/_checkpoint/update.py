@@ -261,19 +261,23 @@ async def _switch(vm: VM, old: Monitor, plan: Plan, binary: str, reporter: Repor
         with contextlib.suppress(QemuError):
             done = await settle_update(vm, old)  # the `new` connection is closed here, so it can ask
         r.operation = None
+        why = _new_qemu_error(vm, binary, new_pid, exc) if isinstance(exc, CprctlError) else ""
         vm.commit()
         if isinstance(exc, CprctlError):
             error_class = exc.error_class if isinstance(exc, QemuError) else None
-            why = _new_qemu_error(vm, binary, new_pid, exc)
             raise QemuError(f"{vm.name}: warm update failed: {why}; {done}", error_class=error_class) from exc
         raise
 
 
 def _new_qemu_error(vm: VM, binary: str, new_pid: int, exc: CprctlError) -> str:
     """Why a warm update failed: the new QEMU's own error line when it died (e.g. it could not load the
-    state), with the QMP error in brackets; else the QMP error alone."""
+    state), with the QMP error in brackets; else the QMP error alone. A load QEMU refused is recorded as a
+    failed proof (committed with the record)."""
     said = process.qemu_error(vm.log_path) if not process.alive(new_pid) else ""
-    return f"{binary} could not take the VM: {said} ({exc})" if said else str(exc)
+    if not said:
+        return str(exc)
+    kept.learn(vm, vm.record.build, binary, False, "update", said)
+    return f"{binary} could not take the VM: {said} ({exc})"
 
 
 def _standby_failed(vm: VM, binary: str, exc: QemuError) -> Exception:
@@ -340,9 +344,10 @@ async def _migrate(
     if old_pid and not await asyncio.to_thread(process.wait_gone, old_pid, 30):
         await asyncio.to_thread(process.kill, old_pid)
     take_over_sockets(sockets, suffix)  # only now: an exiting QEMU unlinks the path it bound
-    previous = r.argv[0]
+    previous, source = r.argv[0], r.build
     r.argv, r.pid, r.last_pause_ms, r.operation = argv, new.pid, pause_ms, None
     vm.commit()
+    await asyncio.to_thread(kept.learn, vm, source, argv[0], True, "update")
     await asyncio.to_thread(kept.settle, vm, previous, reporter)
     vm.commit()
     how = f"pre-copy: {timings['precopy'] / 1000:.1f} s, {timings['passes']:.0f} passes" if "precopy" in timings else ""
