@@ -128,6 +128,40 @@ def test_a_failed_standby_names_qemus_own_error_line(tree: tuple[Path, Path], st
     vm.assert_continued(mark, fill=8)
 
 
+def test_a_state_known_not_to_load_is_reported_and_without_a_kept_build_save_all_reboot_refuses(
+    state_dir: Path,
+) -> None:
+    binary = qemu_copy(state_dir.parent / "pkg2" / "bin")
+    with open(binary, "ab") as f:
+        f.write(b"k2 build")
+    vm = GuestVM.launch("k2", state_dir, ram="file", fill=0, qemu=str(binary), work=state_dir.parent / "k2-w")
+    own = vm.status().build
+    new = binary.with_name("new")
+    small_bios(new)
+    os.rename(new, binary)  # the upgrade: a QEMU that cannot load k2's state
+    out = cli("update", "k2", "--qemu", str(binary), state_dir=state_dir)
+    assert out.returncode == 1 and "mismatch: pc.bios" in out.stderr, out.stderr  # a failed proof, learnt
+    st = vm.status()
+    assert st.state == "running" and st.loads == "fails" and st.fallback_build == own, st
+    assert "mismatch: pc.bios" in st.loads_detail and "update at" in st.loads_detail
+    out = cli("check", "k2", "--reboot", "--json", state_dir=state_dir)
+    found = {f["code"]: f for f in json.loads(out.stdout)}
+    assert found["state-load-fails"]["severity"] == "warning" and own in found["state-load-fails"]["message"]
+    # Without a kept build (kept by an older cprctl, or the copy failed) no QEMU after a reboot loads it.
+    shutil.rmtree(state_dir / "builds" / str(own))
+    out = cli("check", "k2", "--reboot", "--json", state_dir=state_dir)
+    found = {f["code"]: f for f in json.loads(out.stdout)}
+    assert out.returncode == 1 and found["state-load-fails"]["severity"] == "error", out.stdout
+    assert "would stay down" in found["state-load-fails"]["message"]
+    pids = {s.name: s.pid for s in cprctl.status(state_dir=state_dir)}
+    out = cli("save-all", "--reboot", state_dir=state_dir)
+    assert out.returncode != 0 and "would stay down" in out.stderr, out.stderr
+    after = cprctl.status(state_dir=state_dir)
+    assert all(s.state == "running" and s.pid == pids[s.name] for s in after), after  # nothing touched
+    cprctl.stop("k2", state_dir=state_dir)
+    cprctl.remove("k2", state_dir=state_dir)
+
+
 def test_once_a_fixed_qemu_is_installed_update_all_moves_the_vm_off_the_kept_build(
     tree: tuple[Path, Path], state_dir: Path
 ) -> None:
