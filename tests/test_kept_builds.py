@@ -162,6 +162,28 @@ def test_a_state_known_not_to_load_is_reported_and_without_a_kept_build_save_all
     cprctl.remove("k2", state_dir=state_dir)
 
 
+def test_a_trial_load_proves_or_disproves_a_saved_state_and_the_guest_never_runs_there(state_dir: Path) -> None:
+    vm = GuestVM.launch("k3", state_dir, ram="file", fill=0, work=state_dir.parent / "k3-w")
+    assert cli("save", "k3", state_dir=state_dir).returncode == 0
+    mark = vm.mark()
+    bad = small_bios(state_dir.parent / "bad" / "qemu-system-x86_64")
+    other = qemu_copy(state_dir.parent / "other")
+    with open(other, "ab") as f:
+        f.write(b"another build that loads it")
+    out = cli("check", "k3", "--trial", "--qemu", str(bad), "--json", state_dir=state_dir)
+    found = {f["code"]: f for f in json.loads(out.stdout)}
+    assert found["state-load-fails"]["severity"] == "warning", out.stdout  # the kept build takes it instead
+    assert "mismatch: pc.bios" in found["state-load-fails"]["message"] and "trial at" in out.stdout
+    out = cli("check", "k3", "--trial", "--qemu", str(other), "--json", state_dir=state_dir)
+    found = {f["code"]: f for f in json.loads(out.stdout)}
+    assert out.returncode == 0 and "proven to load" in found["state-loads"]["message"], out.stdout
+    assert vm.status().state == "saved" and vm.mark() == mark, "the guest ran during a trial"
+    assert cli("restore", "k3", state_dir=state_dir).returncode == 0
+    vm.assert_continued(mark, fill=0)
+    cprctl.stop("k3", state_dir=state_dir)
+    cprctl.remove("k3", state_dir=state_dir)
+
+
 def test_once_a_fixed_qemu_is_installed_update_all_moves_the_vm_off_the_kept_build(
     tree: tuple[Path, Path], state_dir: Path
 ) -> None:

@@ -307,11 +307,14 @@ def status(state_dir: str | None, name: str | None, as_json: bool) -> None:
 @click.option("--reboot", is_flag=True, help="Also require what a host reboot needs.")
 @_suspend
 @click.option("--qemu", help="Also check that this QEMU binary can take the VM (as update does).")
+@click.option("--trial", is_flag=True, help="Saved VM: load its checkpoint into the restore's binary (-S), kill it.")
 @_json
 @click.pass_obj
-def check(state_dir: str | None, name: str, reboot: bool, suspend: Any, qemu: str | None, as_json: bool) -> None:
+def check(
+    state_dir: str | None, name: str, reboot: bool, suspend: Any, qemu: str | None, trial: bool, as_json: bool
+) -> None:
     """Preflight check: would a save (and a reboot, or a move onto --qemu BINARY) keep this VM? Exit 1 on errors."""
-    found = run(lambda: _api.check(name, reboot=reboot, suspend=suspend, qemu=qemu, state_dir=state_dir))
+    found = run(lambda: _api.check(name, reboot=reboot, suspend=suspend, qemu=qemu, trial=trial, state_dir=state_dir))
     bad = [f for f in found if f.blocking]
     if as_json:
         out.print_json(json.dumps([f.__dict__ | {"blocking": f.blocking} for f in found]))

@@ -21,6 +21,7 @@ from .facts import binary_info, gather, mount_of, ram_fact
 from .plan import VOLATILE_FS, Finding, Strategy, SuspendMode, choose, direct_io, findings, warm_blockers
 from .precopy import warm_path
 from .report import Quiet, Reporter
+from .trial import trial as trial_load
 from .vm import VM, open_vm, recover
 
 
@@ -131,8 +132,9 @@ async def check(
     suspend: SuspendMode = "auto",
     strategy: Strategy = "auto",
     qemu: str | None = None,
+    trial: bool = False,
 ) -> list[Finding]:
-    """The preflight check of VM *name*, without touching it.
+    """The preflight check of VM *name*, without touching it (but for a *trial*, see `trial.trial`).
 
     A running VM is checked as `save` would; a saved one has its checkpoint
     verified (state file, disks, RAM kept in place). With *qemu*, also whether
@@ -140,12 +142,21 @@ async def check(
 
     :raise UsageError: *qemu* is not an executable.
     """
-    vm = open_vm(sd, name)
     binary = Binary.find(qemu).path if qemu else None
-    found = await _check(vm, reboot, suspend, strategy, binary)
-    if (reboot or binary) and (vm.running() or vm.record.checkpoint is not None):
+    tried = await _trial(sd, name, binary) if trial else []
+    vm = open_vm(sd, name)
+    found = [*tried, *await _check(vm, reboot, suspend, strategy, binary)]
+    if (reboot or binary or trial) and (vm.running() or vm.record.checkpoint is not None):
         found.append(load_finding(name, await asyncio.to_thread(kept.loadability, vm, binary)))
     return found + host_findings(vm) if reboot else found
+
+
+async def _trial(sd: StateDir, name: str, binary: str | None) -> list[Finding]:
+    """A trial load of a saved VM's checkpoint (its outcome is then a proof `load_finding` reports)."""
+    if open_vm(sd, name).record.checkpoint is None:
+        return [Finding("trial", "info", "a running VM has no checkpoint to try: a warm 'update' is its trial")]
+    await trial_load(sd, name, binary)
+    return []
 
 
 async def _check(vm: VM, reboot: bool, suspend: SuspendMode, strategy: Strategy, binary: str | None) -> list[Finding]:

@@ -303,7 +303,7 @@ async def _load(
         # From here on, not while QEMU itself starts: after a reboot it reads its binary and libraries.
         hashing = start_verifying()
         t = time.perf_counter()
-        await mon.set_migration({**cp.capabilities, **await _late_block_activate(mon)}, cp.parameters)
+        await mon.set_migration({**cp.capabilities, **await late_block_activate(mon)}, cp.parameters)
         # An incoming query-migrate has no RAM counters: QEMU's own read count tells how far the load is.
         start = process.bytes_read(pid) or 0
         total = min(cp.size, statefile.stored_bytes(vm.checkpoint_file()))
@@ -354,7 +354,7 @@ async def _load(
         return RestoreResult(vm.name, pid, pause_ms, status, woke, timings)
 
 
-async def _late_block_activate(mon: Monitor) -> dict[str, bool]:
+async def late_block_activate(mon: Monitor) -> dict[str, bool]:
     """``{"late-block-activate": True}`` where QEMU has that capability (before 10.0 it keeps disks
     inactive after the load until ``cont``; from 10.0 on, QEMU does so always and may drop it)."""
     caps = await mon.execute("query-migrate-capabilities")
