@@ -180,6 +180,15 @@ def test_a_trial_load_proves_or_disproves_a_saved_state_and_the_guest_never_runs
     assert vm.status().state == "saved" and vm.mark() == mark, "the guest ran during a trial"
     assert cli("restore", "k3", state_dir=state_dir).returncode == 0
     vm.assert_continued(mark, fill=0)
+    # save-all --trial: every checkpoint tried on the binary its restore will use (k1: its kept build).
+    k1 = GuestVM("k1", state_dir, state_dir.parent / "k1-w")
+    marks = {v.name: v.mark() for v in (vm, k1)}
+    out = cli("save-all", "--trial", "--json", state_dir=state_dir)
+    got = {o["name"]: o for o in json.loads(out.stdout)}
+    assert out.returncode == 0 and all("loads into" in got[n]["detail"] for n in marks), got
+    assert cli("restore-all", state_dir=state_dir).returncode == 0
+    for v in (vm, k1):
+        v.assert_continued(marks[v.name], fill=8 if v is k1 else 0)
     cprctl.stop("k3", state_dir=state_dir)
     cprctl.remove("k3", state_dir=state_dir)
 

@@ -191,6 +191,7 @@ def save_all(
     suspend: SuspendMode = "auto",
     force: bool = False,
     shutdown_unsaveable: bool = False,
+    trial: bool = False,
     reporter: Reporter | None = None,
     state_dir: PathLike = None,
 ) -> list[VMOutcome]:
@@ -200,6 +201,7 @@ def save_all(
     touched (`FleetCheckFailed`). With *shutdown_unsaveable* (the host is going
     down), each VM that passes is saved and each other one is shut down cleanly
     (guest agent, else ACPI) and booted afresh by the next `restore_all`.
+    With *trial*, each checkpoint is then loaded into the binary a restore will use, as ``check --trial``.
     Returns one `VMOutcome` per managed VM.
     """
     from ._checkpoint import fleet
@@ -212,6 +214,7 @@ def save_all(
             suspend=suspend,
             force=force,
             shutdown_unsaveable=shutdown_unsaveable,
+            trial=trial,
             reporter=reporter,
         )
     )

@@ -378,6 +378,7 @@ def _unit_status(rep: TermReporter | systemd.Notifier, outcomes: list[VMOutcome]
     is_flag=True,
     help="The host is going down: save each VM that passes 'check --reboot', shut the others down cleanly.",
 )
+@click.option("--trial", is_flag=True, help="Then load each checkpoint into the restore's binary (-S) and kill it.")
 @_parallel
 @_suspend
 @_force
@@ -387,6 +388,7 @@ def save_all(
     state_dir: str | None,
     reboot: bool,
     shutdown_unsaveable: bool,
+    trial: bool,
     parallel: int | None,
     suspend: Any,
     force: bool,
@@ -401,6 +403,7 @@ def save_all(
             suspend=suspend,
             force=force,
             shutdown_unsaveable=shutdown_unsaveable,
+            trial=trial,
             reporter=rep,
             state_dir=state_dir,
         )
