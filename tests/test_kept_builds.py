@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import cprctl
-from cprctl._checkpoint import kept
+from cprctl._checkpoint import kept, record
 
 from .guestvm import QEMU, GuestVM, cli, qemu_copy
 
@@ -193,6 +193,33 @@ def test_a_trial_load_proves_or_disproves_a_saved_state_and_the_guest_never_runs
     cprctl.remove("k3", state_dir=state_dir)
 
 
+def test_a_build_not_kept_at_launch_is_kept_from_proc_before_the_save(state_dir: Path) -> None:
+    binary = qemu_copy(state_dir.parent / "pkg4" / "bin")
+    with open(binary, "ab") as f:
+        f.write(b"k4 build")
+    vm = GuestVM.launch("k4", state_dir, ram="file", fill=0, qemu=str(binary), work=state_dir.parent / "k4-w")
+    own = vm.status().build
+    # As if an older cprctl had launched it: no build kept, none recorded.
+    shutil.rmtree(state_dir / "builds" / str(own))
+    path = state_dir / "vms" / "k4" / "vm.json"
+    rec = record.load(path)
+    rec.build = None
+    record.save(path, rec)
+    binary.unlink()  # the package removed, the running QEMU maps a deleted executable
+    small_bios(binary)
+    mark = vm.mark()
+    assert cli("save", "k4", state_dir=state_dir).returncode == 0
+    st = vm.status()
+    assert st.checkpoint_build == own and (state_dir / "builds" / own / "bin" / "qemu-system-x86_64").exists()
+    meta = kept.Builds(state_dir).meta(own)
+    assert meta is not None and meta.late  # taken from /proc/PID/exe and /proc/PID/map_files
+    out = cli("restore", "k4", "--json", state_dir=state_dir)
+    assert out.returncode == 0 and json.loads(out.stdout)["fallback"], out.stderr
+    vm.assert_continued(mark, fill=0)
+    cprctl.stop("k4", state_dir=state_dir)
+    cprctl.remove("k4", state_dir=state_dir)
+
+
 def test_once_a_fixed_qemu_is_installed_update_all_moves_the_vm_off_the_kept_build(
     tree: tuple[Path, Path], state_dir: Path
 ) -> None:
@@ -211,7 +238,7 @@ def test_once_a_fixed_qemu_is_installed_update_all_moves_the_vm_off_the_kept_bui
     # No VM or checkpoint refers to the private tree's build any more: it is collected; the running one stays.
     assert old_build in kept.Builds(state_dir).ids()
     assert kept.collect(state_dir, grace=3600) == []  # just used: spared for a while
-    assert kept.collect(state_dir, grace=0) == [old_build]
+    assert old_build in kept.collect(state_dir, grace=0)  # with those of VMs removed above
     assert kept.Builds(state_dir).ids() == [st.build]
     cprctl.stop("k1", state_dir=state_dir)
     cprctl.remove("k1", state_dir=state_dir)

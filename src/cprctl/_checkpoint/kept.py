@@ -72,8 +72,17 @@ _hashed: dict[tuple[str, int, int, int, int], str] = {}
 
 def same_build(vm: VM, binary: str, build: str | None) -> bool:
     """Whether *binary* (a path, or a kept build's launcher) is *build*; True when *build* is unknown
-    (a checkpoint written before builds were kept)."""
-    return build is None or binary_build(vm, binary) == build
+    (a checkpoint written before builds were kept). Without hashing when the kept executable is a hard
+    link of *binary* (the usual case until a package replaces it)."""
+    return build is None or _linked(vm, binary, build) or binary_build(vm, binary) == build
+
+
+def _linked(vm: VM, binary: str, build: str) -> bool:
+    meta = builds(vm).meta(build)
+    try:
+        return meta is not None and os.path.samefile(binary, builds(vm).folder(build) / "exe" / Path(meta.path).name)
+    except OSError:
+        return False
 
 
 def loadability(vm: VM, binary: str | None = None) -> Loadability:
@@ -82,7 +91,7 @@ def loadability(vm: VM, binary: str | None = None) -> Loadability:
     r = vm.record
     source = r.checkpoint.build if r.checkpoint is not None else r.build
     binary = binary or r.argv[0]
-    target = binary_build(vm, binary)
+    target = source if source and _linked(vm, binary, source) else binary_build(vm, binary)
     proof = r.proof(source, target) if source and target else None
     launcher = builds(vm).launcher(source) if source else None
     return compat.loadability(source, target, binary, proof, launcher.parent.parent.name if launcher else None)
