@@ -18,11 +18,13 @@ from cprctl._store.builds import BuildMeta, Builds, File
 
 
 def test_fallback_goes_to_the_own_binary_while_it_is_the_writing_build_else_to_the_kept_copy() -> None:
-    assert fallback_binary("/new", "/usr/bin/q", True, "/k/bin/q") == "/usr/bin/q"
-    assert fallback_binary("/usr/bin/q", "/usr/bin/q", True, "/k/bin/q") == "/k/bin/q"
-    assert fallback_binary("/usr/bin/q", "/usr/bin/q", False, "/k/bin/q") == "/k/bin/q"
-    assert fallback_binary("/usr/bin/q", "/usr/bin/q", False, None) is None
-    assert fallback_binary("/k/bin/q", "/k/bin/q", True, "/k/bin/q") is None  # the kept build itself failed
+    assert fallback_binary("/new", False, "/usr/bin/q", True, "/k/bin/q") == "/usr/bin/q"
+    assert fallback_binary("/usr/bin/q", False, "/usr/bin/q", False, "/k/bin/q") == "/k/bin/q"
+    assert fallback_binary("/usr/bin/q", False, "/usr/bin/q", False, None) is None
+    assert fallback_binary("/k/bin/q", True, "/k/bin/q", True, "/k/bin/q") is None  # the kept build itself failed
+    # The binary that failed is the build that wrote the checkpoint: a copy of it would fail the same way.
+    assert fallback_binary("/usr/bin/q", True, "/usr/bin/q", True, "/k/bin/q") is None
+    assert fallback_binary("/opt/q", True, "/usr/bin/q", True, "/k/bin/q") is None
 
 
 def proof(loads: bool, reason: str = "") -> Proof:

@@ -41,10 +41,13 @@ def binary_findings(
     ]
 
 
-def fallback_binary(failed: str, home: str, home_wrote_it: bool, kept: str | None) -> str | None:
+def fallback_binary(failed: str, failed_wrote_it: bool, home: str, home_wrote_it: bool, kept: str | None) -> str | None:
     """Where a restore goes when binary *failed* could not load the checkpoint: the VM's own binary *home*
     while it is still the build that wrote the checkpoint (*home_wrote_it*), else the *kept* build's
-    launcher; None when neither is left to try (it is the one that failed, or nothing was kept)."""
+    launcher. None when the binary that failed is itself that build (*failed_wrote_it*: another copy of it
+    would fail the same way, e.g. the state file or the host is at fault) or nothing is left to try."""
+    if failed_wrote_it:
+        return None
     for candidate in (home if home_wrote_it else None, kept):
         if candidate and candidate != failed:
             return candidate

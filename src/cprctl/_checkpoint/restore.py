@@ -168,8 +168,11 @@ def _fallback(sd: StateDir, name: str, qemu: str | None) -> str | None:
             return None
         failed = Binary.find(qemu).path if qemu else home
         launcher = kept.builds(vm).launcher(cp.build) if cp.build else None
-        home_wrote_it = cp.build is None or kept.same_build(vm, home, cp.build)
-        return fallback_binary(failed, home, home_wrote_it, str(launcher) if launcher else None)
+        if cp.build is None:  # written before builds were kept: only the VM's own binary is left to try
+            return fallback_binary(failed, False, home, True, None)
+        failed_wrote_it = kept.same_build(vm, failed, cp.build)
+        home_wrote_it = kept.same_build(vm, home, cp.build)
+        return fallback_binary(failed, failed_wrote_it, home, home_wrote_it, str(launcher) if launcher else None)
     except CprctlError:
         return None
 
