@@ -124,11 +124,10 @@ class Builds:
             _write_launcher(tmp / "bin" / name, final, name, loader.name, meta)
             (tmp / META).write_bytes(msgspec.json.encode(meta))
             os.rename(tmp, final)
-        except FileExistsError:  # another cprctl kept it first
-            shutil.rmtree(tmp, ignore_errors=True)
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise StateDirError(f"cannot keep QEMU build {meta.id} in {self.root}: {exc}") from exc
+            if self.meta(meta.id) is None:  # else another cprctl kept it first (the rename found it there)
+                raise StateDirError(f"cannot keep QEMU build {meta.id} in {self.root}: {exc}") from exc
         return self.folder(meta.id) / "bin" / os.path.basename(meta.path)
 
     def collect(self, referenced: Iterable[str], grace: float = GRACE) -> list[str]:
@@ -158,8 +157,11 @@ def _place(f: File, folder: Path, mode: int) -> None:
 
 def _keep_data(datadirs: Sequence[str], share: Path) -> None:
     """Every file of each data dir (symlinks followed, subfolders such as ``keymaps/`` too); first dir wins."""
+    seen: set[str] = set()
     for top in datadirs:
-        for folder, _dirs, names in os.walk(top, followlinks=True):
+        for folder, dirs, names in os.walk(top, followlinks=True):
+            seen.add(os.path.realpath(folder))
+            dirs[:] = [d for d in dirs if os.path.realpath(os.path.join(folder, d)) not in seen]  # no link loops
             rel = os.path.relpath(folder, top)
             for name in names:
                 dest_dir = share / rel
