@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from rich.progress import Progress
 
     from ._checkpoint.fleet import VMOutcome
+    from ._checkpoint.reboot import RebootPlan
 
 T = TypeVar("T")
 
@@ -409,6 +410,76 @@ def restore_all(state_dir: str | None, parallel: int | None, no_sync_time: bool,
         lambda: _api.restore_all(parallel=parallel, sync_time=not no_sync_time, reporter=rep, state_dir=state_dir)
     )
     _unit_status(rep, outcomes, as_json)
+
+
+@main.command()
+@click.option("--kexec", "use_kexec", is_flag=True, help="Load a kernel and reboot into it with kexec (no firmware).")
+@click.option("--kernel", help="Kernel to kexec [default: the newest vmlinuz-VERSION in /boot].")
+@click.option("--initrd", help="Its initrd [default: initrd.img-VERSION beside the kernel].")
+@click.option("--append", help="Its command line [default: the running one, without BOOT_IMAGE= and initrd=].")
+@click.option("--dry-run", is_flag=True, help="Print the plan and each VM's expected downtime; touch nothing.")
+@_suspend
+@_force
+@_json
+@click.pass_obj
+def reboot(
+    state_dir: str | None,
+    use_kexec: bool,
+    kernel: str | None,
+    initrd: str | None,
+    append: str | None,
+    dry_run: bool,
+    suspend: Any,
+    force: bool,
+    as_json: bool,
+) -> None:
+    """Reboot the host (systemctl reboot, or kexec) once its shutdown is sure to save every VM."""
+    plan = run(
+        lambda: _api.reboot(
+            kexec=use_kexec,
+            kernel=kernel,
+            initrd=initrd,
+            append=append,
+            dry_run=dry_run,
+            suspend=suspend,
+            force=force,
+            reporter=TermReporter(quiet=as_json),
+            state_dir=state_dir,
+        )
+    )
+    if as_json:
+        from dataclasses import asdict
+
+        out.print_json(json.dumps(asdict(plan) | {"ok": not plan.refusals}))
+    else:
+        for line in _reboot_lines(plan):
+            click.echo(line)
+    if plan.refusals:
+        sys.exit(1)
+
+
+def _reboot_lines(plan: RebootPlan) -> list[str]:
+    """The plan of ``cprctl reboot``, one line each (whole values: no table to cut them)."""
+    k = plan.kernel
+    how = f"systemctl kexec into {k.kernel} (initrd {k.initrd or 'none'}; {k.cmdline})" if k else "systemctl reboot"
+    lines = [
+        f"{'rebooting' if plan.started else 'plan'}: {how}; cprctl-guests.service saves every VM at shutdown"
+        f" (about {plan.saves_s:.1f} s of saves) and restores them at boot"
+    ]
+    for v in plan.vms:
+        if v.state == "stopped":
+            lines.append(f"{v.name}: stopped, left alone")
+            continue
+        low, high = plan.downtime_s(v)
+        what = (
+            f"saved at shutdown ({v.strategy}, {v.written_bytes / 1e6:.0f} MB of RAM written)"
+            if v.state == "running"
+            else f"{v.state} already"
+        )
+        span = f"{low:.1f} s" if abs(high - low) < 0.05 else f"{low:.1f}-{high:.1f} s"
+        lines.append(f"{v.name}: {what}, restored at boot; expected downtime {span} + the host's own reboot")
+    lines += [f"refused: {r}" for r in plan.refusals]
+    return lines
 
 
 @main.command("update-all")

@@ -77,17 +77,10 @@ async def save_all(
         refused = {}
         for name, state in states.items():
             if state == "broken":
-                refused[name] = [
-                    Finding(
-                        "broken",
-                        "error",
-                        f"{name} is broken (an unfinished operation or a missing state file)",
-                        f"see 'cprctl status {name}'",
-                    )
-                ]
+                refused[name] = [broken_finding(name)]
             elif state != "stopped":
                 found = await inspect.check(sd, name, reboot=True, suspend=suspend)
-                if any(f.blocking and not (force and f.forceable) for f in found):
+                if blocks(found, force):
                     refused[name] = found
         if refused and not shutdown_unsaveable:
             raise FleetCheckFailed(refused)
@@ -117,6 +110,21 @@ async def save_all(
     done = await asyncio.gather(*(one(n) for n in running))
     others = [_untouched(n, s) for n, s in states.items() if n not in running]
     return sorted([*done, *others], key=lambda o: o.name)
+
+
+def broken_finding(name: str) -> Finding:
+    """Why a broken VM refuses a host reboot (the reboot gate)."""
+    return Finding(
+        "broken",
+        "error",
+        f"{name} is broken (an unfinished operation or a missing state file)",
+        f"see 'cprctl status {name}'",
+    )
+
+
+def blocks(found: list[Finding], force: bool = False) -> bool:
+    """Whether *found* refuses the operation (with *force*, only what cannot be overridden does)."""
+    return any(f.blocking and not (force and f.forceable) for f in found)
 
 
 async def _shut_down(sd: StateDir, name: str, why: str, reporter: Reporter) -> VMOutcome:

@@ -17,7 +17,7 @@ from ..errors import BusyError, CprctlError, QemuError
 from . import disks, statefile
 from .compat import binary_findings
 from .facts import binary_info, gather, mount_of, ram_fact
-from .plan import VOLATILE_FS, Finding, Strategy, SuspendMode, choose, direct_io, findings, warm_blockers
+from .plan import VOLATILE_FS, Finding, Plan, Strategy, SuspendMode, choose, direct_io, findings, warm_blockers
 from .precopy import warm_path
 from .report import Quiet, Reporter
 from .vm import VM, open_vm, recover
@@ -119,18 +119,26 @@ async def check(
     """
     vm = open_vm(sd, name)
     binary = Binary.find(qemu).path if qemu else None
-    found = await _check(vm, reboot, suspend, strategy, binary)
+    found, _plan = await _check(vm, reboot, suspend, strategy, binary)
     return found + host_findings(vm) if reboot else found
 
 
-async def _check(vm: VM, reboot: bool, suspend: SuspendMode, strategy: Strategy, binary: str | None) -> list[Finding]:
+async def preview(sd: StateDir, name: str, *, suspend: SuspendMode = "auto") -> tuple[list[Finding], Plan | None]:
+    """``check --reboot`` of VM *name* without the host's findings, and how its save would run
+    (None: it is not running)."""
+    return await _check(open_vm(sd, name), True, suspend, "auto", None)
+
+
+async def _check(
+    vm: VM, reboot: bool, suspend: SuspendMode, strategy: Strategy, binary: str | None
+) -> tuple[list[Finding], Plan | None]:
     name = vm.name
     if vm.running() and vm.record.checkpoint is None:
         try:
             async with Monitor(vm.record.qmp, name, vm.record.pid) as mon:
                 facts = await gather(vm.record, mon, vm.folder, suspend)
         except QemuError as exc:
-            return [Finding("qmp", "error", str(exc), "check that QEMU is healthy")]
+            return [Finding("qmp", "error", str(exc), "check that QEMU is healthy")], None
         found = findings(facts, reboot=reboot, suspend=suspend, strategy=strategy)
         if binary:
             plan = choose(facts, suspend, strategy)
@@ -153,18 +161,18 @@ async def _check(vm: VM, reboot: bool, suspend: SuspendMode, strategy: Strategy,
                     f"'update' can run warm: the new QEMU starts beside this one; {warm_path(facts)}",
                 )
             )
-        return found
+        return found, choose(facts, suspend, strategy)
     if vm.record.checkpoint is not None:
         found = _check_saved(vm, reboot)
         if binary:
             cp = vm.record.checkpoint
             found = [*await _binary(vm, binary, cp.capabilities, cp.parameters), *found]
-        return found
+        return found, None
     return [
         Finding(
             "not-running", "error", f"{name} is {vm.state()}: nothing to check", "launch it again with 'cprctl launch'"
         )
-    ]
+    ], None
 
 
 async def _binary(vm: VM, binary: str, caps: dict[str, bool], params: dict[str, str | int | bool]) -> list[Finding]:
@@ -193,7 +201,16 @@ def host_findings(vm: VM) -> list[Finding]:
     installed, enabled = systemd.unit_state(systemd.GUESTS_UNIT)
     unit = systemd.GUESTS_UNIT
     found = [Finding("init", "info", f"the host's init is systemd (the {manager} manager runs cprctl's units)")]
-    if installed and enabled:
+    if installed and enabled and not systemd.unit_active(unit):
+        found.append(
+            Finding(
+                "unit",
+                "warning",
+                f"{unit} is enabled but not active: systemd runs its save at shutdown only once it has started",
+                f"systemctl{' --user' if systemd.user_manager() else ''} start {unit}",
+            )
+        )
+    elif installed and enabled:
         found.append(Finding("unit", "info", f"{unit} is installed and enabled: it saves this VM at shutdown"))
     else:
         why = "enabled" if installed else "installed"

@@ -152,6 +152,31 @@ def choose(facts: Facts, suspend: SuspendMode = "auto", strategy: Strategy = "au
     return Plan(chosen, suspend_now, caps, params, expected)
 
 
+#: Rough rates for the expected downtime of a host reboot (`estimate`), from the benchmarks here
+#: (benchmarks/RESULTS.md, 2 GiB written): a whole save (QEMU's write and the read-back for the digest)
+#: ~1 GB/s, a whole restore (load and verification) ~0.6 GB/s; a disk slower than that one scales them.
+SAVE_RATE = 1.0e9
+RESTORE_RATE = 0.6e9
+#: What a save or restore of device state alone takes (QEMU's start-up included), from the same benchmarks.
+FIXED_S = 0.3
+
+
+def written_bytes(plan: Plan) -> int:
+    """The guest RAM a save following *plan* writes (its device state apart)."""
+    return max(0, plan.expected_bytes - DEVICE_STATE_BYTES)
+
+
+def estimate(plan: Plan) -> tuple[float, float]:
+    """Rough seconds of a save following *plan*, and of its restore (see `SAVE_RATE`)."""
+    written = written_bytes(plan)
+    return FIXED_S + written / SAVE_RATE, estimate_restore(written)
+
+
+def estimate_restore(state_bytes: int) -> float:
+    """Rough seconds of a restore that loads *state_bytes* from its state file."""
+    return FIXED_S + state_bytes / RESTORE_RATE
+
+
 _VERSIONED = re.compile(r".*-\d+\.\d+$")
 
 
