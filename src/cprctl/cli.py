@@ -25,6 +25,8 @@ if TYPE_CHECKING:
     from ._checkpoint.reboot import RebootPlan
 
 T = TypeVar("T")
+#: The width of a console that is not a terminal: no value is cut.
+UNLIMITED_WIDTH = 100_000
 
 
 class _LazyConsole:
@@ -39,7 +41,12 @@ class _LazyConsole:
         if self._console is None:
             from rich.console import Console
 
-            self._console = Console(stderr=self._stderr, highlight=False)
+            console = Console(stderr=self._stderr, highlight=False)
+            if not console.is_terminal:
+                # Not a terminal (a pipe, a file, the guest agent's guest-exec): rich would cut tables at
+                # 80 columns ("cprctl-g…"); whole values instead, each table as wide as its content.
+                console.width = UNLIMITED_WIDTH
+            self._console = console
         return self._console
 
     def __getattr__(self, name: str) -> Any:
