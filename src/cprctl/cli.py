@@ -296,7 +296,10 @@ def status(state_dir: str | None, name: str | None, as_json: bool) -> None:
         size = f"{r.state_file} ({r.state_file_bytes / 1e6:.1f} MB)" if r.state_file_bytes is not None else "-"
         pause = f"{r.last_pause_ms:.0f} ms" if r.last_pause_ms is not None else "-"
         state = f"{r.state} [yellow](binary replaced)[/]" if r.binary_replaced else r.state
-        state = f"{state} (powered off at shutdown; restore-all boots it)" if r.boot_pending else state
+        if r.boot_pending:
+            state = f"{state} ({r.lost or 'powered off at shutdown'}; restore-all boots it)"
+        elif r.lost:
+            state = f"{state} (cold-booted: {r.lost})"
         unit = [r.unit or "-"] if units else []
         table.add_row(r.name, state, str(r.pid or "-"), *unit, r.qmp, r.qga or "-", size, pause)
     out.print(table)

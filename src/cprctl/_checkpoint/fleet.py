@@ -167,8 +167,9 @@ async def restore_all(
         async with limit:
             try:
                 if states[name] == "stopped":
+                    why = open_vm(sd, name).record.lost or "powered off at shutdown"
                     rec = await lifecycle.start(sd, name)
-                    outcome = VMOutcome(name, "cold-booted", f"powered off at shutdown; pid {rec.pid}", "running")
+                    outcome = VMOutcome(name, "cold-booted", f"{why}; pid {rec.pid}", "running")
                 else:
                     res = await restore(sd, name, sync_time=sync_time, reporter=reporter)
                     outcome = VMOutcome(

@@ -20,7 +20,7 @@ from .facts import binary_info, gather, mount_of, ram_fact
 from .plan import VOLATILE_FS, Finding, Plan, Strategy, SuspendMode, choose, direct_io, findings, warm_blockers
 from .precopy import warm_path
 from .report import Quiet, Reporter
-from .vm import VM, open_vm, recover
+from .vm import VM, note_host_down, open_vm, ran_before_boot, recover
 
 
 @dataclass(frozen=True)
@@ -45,8 +45,12 @@ class VMStatus:
     binary_replaced: bool = False
     #: The systemd unit (scope) its QEMU runs in; None without systemd or when not running.
     unit: str | None = None
-    #: A host shutdown powered it off (it could not be saved); the next restore-all boots it.
+    #: A host shutdown powered it off (it could not be saved), or its running state was lost (`lost`):
+    #: the next restore-all boots it.
     boot_pending: bool = False
+    #: Why its running state was lost, one line (e.g. the host went down during its save), until its
+    #: next save or stop; None otherwise.
+    lost: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -77,6 +81,7 @@ def vm_status(vm: VM) -> VMStatus:
         pid is not None and process.exe_replaced(pid, r.argv[0]),
         systemd.unit_of(pid) if pid is not None else None,
         r.boot_pending,
+        r.lost,
     )
 
 
@@ -92,10 +97,12 @@ async def status(sd: StateDir, name: str | None = None, reporter: Reporter | Non
     out = []
     for n in names:
         vm = open_vm(sd, n)
-        if vm.record.operation is not None and not process.alive(vm.record.operation.pid):
+        stale = vm.record.operation is not None and not vm.alive(vm.record.operation.pid)
+        if stale or ran_before_boot(vm):
             with contextlib.suppress(BusyError), VMLock(vm.folder, n, "recover"):
                 vm = open_vm(sd, n)
                 await recover(vm, reporter or Quiet())
+                note_host_down(vm, reporter or Quiet())
         out.append(vm_status(vm))
     return out
 

@@ -202,6 +202,7 @@ async def stop(sd: StateDir, name: str) -> None:
                 process.kill(pid)
         vm.record.pid = None
         vm.record.boot_pending = False  # the operator wants it off: restore-all leaves it so
+        vm.record.lost = None
         vm.commit()
 
 
@@ -227,6 +228,7 @@ async def shut_down(sd: StateDir, name: str, grace: float | None = None, reporte
         how = await _power_off(vm, pid, grace, reporter)
         vm.record.pid = None
         vm.record.boot_pending = True
+        vm.record.lost = None
         vm.commit()
         return how
 

@@ -109,8 +109,14 @@ class VMRecord(msgspec.Struct, forbid_unknown_fields=True):
     #: The systemd unit QEMU runs in (``cprctl-NAME.scope``), read from ``/proc/PID/cgroup`` at each
     #: write; None without systemd or while no QEMU runs.
     unit: str | None = None
-    #: A host shutdown powered the VM off (it could not be saved): the next ``restore-all`` boots it.
+    #: A host shutdown powered the VM off (it could not be saved), or its running state was lost
+    #: (`lost`): the next ``restore-all`` boots it afresh.
     boot_pending: bool = False
+    #: Why the VM's running state was lost, one line (e.g. the host went down during its save); shown by
+    #: ``status`` and ``restore-all`` until its next save or stop.
+    lost: str | None = None
+    #: The host's boot id when the record was last written: a QEMU pid of an earlier boot is no process of ours.
+    boot_id: str | None = None
 
     @property
     def binary(self) -> str:

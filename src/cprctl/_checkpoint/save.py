@@ -189,6 +189,7 @@ async def _checkpoint(
         timings_ms=timings,
     )
     r.checkpoint = checkpoint
+    r.lost = None
     op.mark("saved")
     vm.commit()
     return checkpoint
@@ -232,7 +233,8 @@ async def _rollback(vm: VM, mon: Monitor, exc: BaseException, reporter: Reporter
             await asyncio.shield(resume_guest(mon, op.suspended_by_us))
             reporter.step(f"{vm.name}: save failed ({reason}); rolled back, the guest runs as before")
         else:
-            reporter.step(f"{vm.name}: save failed ({reason}); QEMU is gone, the VM's state is lost")
+            vm.lose(f"its QEMU died during its save (step {op.step}: {reason})")
+            reporter.step(f"{vm.name}: save failed: {vm.record.lost}; restore-all boots it afresh")
     except (QemuError, OSError) as err:
         reporter.step(f"{vm.name}: save failed ({reason}) and rollback failed too: {err}")
     finally:
