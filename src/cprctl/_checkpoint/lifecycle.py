@@ -19,7 +19,9 @@ from .._qemu.agent import Agent
 from .._qemu.process import Binary
 from .._qemu.qmp import Monitor
 from .._store import StateDir, VMLock
-from ..errors import AgentError, QemuError, UsageError, VMStateError
+from ..errors import AgentError, CheckFailed, QemuError, UsageError, VMStateError
+from .facts import ram_fact
+from .plan import vfio_pin_refusal
 from .record import VMRecord
 from .report import Quiet, Reporter
 from .vm import LOG_FILE, VM, open_vm
@@ -87,6 +89,7 @@ async def launch(sd: StateDir, name: str, argv: Sequence[str], agent: bool = Fal
     :raise UsageError: bad name or argv; `QemuError` when QEMU is too old or does not come up
         (its log tail in the message); `VMStateError` when *name* is taken.
     """
+    refuse_unpinnable(name, argv)
     with _claim(sd, name, "launch") as folder:
         full, qmp, qga, machine = prepare_argv(argv, folder, agent)
         log = folder / LOG_FILE
@@ -110,6 +113,14 @@ async def launch(sd: StateDir, name: str, argv: Sequence[str], agent: bool = Fal
             process.kill(rec.pid)
             raise
         return rec
+
+
+def refuse_unpinnable(name: str, argv: Sequence[str]) -> None:
+    """:raise CheckFailed: *argv* has a VFIO device and RAM the kernel will not let VFIO pin (QEMU would fail)."""
+    if qargv.has_vfio(argv):
+        refusal = vfio_pin_refusal([ram_fact(b) for b in qargv.ram_layout(argv).backends])
+        if refusal:
+            raise CheckFailed(name, [refusal])
 
 
 async def wait_qmp(vm: VM, pid: int) -> None:

@@ -21,6 +21,11 @@ Strategy = Literal["auto", "in-place", "stream", "mapped-ram"]
 
 #: Filesystems whose contents do not survive a host reboot.
 VOLATILE_FS = frozenset({"tmpfs", "ramfs", "hugetlbfs", "devtmpfs"})
+#: Filesystems whose shared file mappings the kernel lets VFIO pin for the long term (shmem and hugetlb
+#: pages; pages of a regular filesystem's files, DAX ones included, it refuses).
+PINNABLE_FS = frozenset({"tmpfs", "hugetlbfs"})
+#: Mount options of a filesystem whose files are DAX (persistent memory mapped directly, no page cache).
+DAX_OPTIONS = frozenset({"dax", "dax=always"})
 #: Migration capabilities that cpr-reboot cannot be combined with.
 INCOMPATIBLE_CAPS = ("postcopy-ram", "background-snapshot", "x-colo")
 #: Room the device state takes in a state file, on top of any RAM written (a generous bound).
@@ -60,8 +65,22 @@ class RamFact:
     backend: RamBackend
     #: ``file``, ``dir``, ``chardev`` (DAX), ``missing``, or None (no path).
     path_kind: str | None = None
+    #: The filesystem of the path (of its folder while it is missing).
     fs_type: str | None = None
+    #: Persistent memory: a device DAX (``/dev/daxN.M``) or a file on a filesystem mounted with ``-o dax``.
     dax: bool = False
+
+    @property
+    def device_dax(self) -> bool:
+        return self.dax and self.path_kind == "chardev"
+
+    @property
+    def vfio_pinnable(self) -> bool:
+        """Whether the kernel lets VFIO pin this RAM for the long term (DMA mappings): not a shared mapping of
+        a regular filesystem's file (DAX included: ``vfio_container_dma_map = -14``)."""
+        b = self.backend
+        shared_file = b.kind == "file" and b.share and self.path_kind in ("file", "dir", "missing")
+        return not shared_file or self.fs_type in PINNABLE_FS
 
     @property
     def in_place(self) -> bool:
@@ -121,6 +140,30 @@ def ram_in_place(facts: Facts) -> bool:
 
 def wants_suspend(facts: Facts, mode: SuspendMode) -> bool:
     return mode == "always" or (mode == "auto" and bool(facts.vfio))
+
+
+def dax_mount(options: str) -> bool:
+    """Whether a filesystem's mount options (``rw,relatime,dax=always``) make its files DAX."""
+    return not DAX_OPTIONS.isdisjoint(options.split(","))
+
+
+def vfio_pin_refusal(ram: Sequence[RamFact]) -> Finding | None:
+    """Why VFIO devices cannot run with this RAM (the kernel refuses to pin it), or None."""
+    bad = [r for r in ram if not r.vfio_pinnable]
+    if not bad:
+        return None
+    where = "; ".join(
+        f"backend {r.backend.id!r} is {r.backend.path} on {r.fs_type or 'a filesystem'}{' (DAX)' if r.dax else ''}"
+        for r in bad
+    )
+    return Finding(
+        "vfio-file-ram",
+        "error",
+        f"VFIO cannot pin RAM kept in a shared file of a regular filesystem ({where}): the kernel refuses "
+        "long-term pins of its pages and QEMU fails (vfio_container_dma_map = -14)",
+        "back that RAM with anonymous or memfd memory (written to the state file at a save), a file on "
+        "hugetlbfs, or a device DAX (/dev/daxN.M)",
+    )
 
 
 def choose(facts: Facts, suspend: SuspendMode = "auto", strategy: Strategy = "auto") -> Plan:
@@ -187,6 +230,7 @@ def findings(
     found = [
         *_qemu(facts),
         *_ram(facts, reboot, strategy),
+        *_vfio(facts),
         *_suspend(facts, suspend),
         *_space(facts, reboot, suspend, strategy),
         _how(facts, strategy),
@@ -326,6 +370,16 @@ def _ram(facts: Facts, reboot: bool, strategy: Strategy) -> list[Finding]:
                     "use memory-backend-file,share=on,mem-path=FILE to keep RAM in place",
                 )
             )
+        if reboot and r.in_place and r.dax and keeps_shared:
+            where = f"device DAX {b.path}" if r.device_dax else f"{b.path} on {r.fs_type} mounted with -o dax"
+            out.append(
+                Finding(
+                    f"ram-dax-{b.id}",
+                    "info",
+                    f"RAM backend {b.id!r} stays in place on persistent memory ({where}): it survives a "
+                    "reboot, nothing of it is written and it has no page cache to flush",
+                )
+            )
         if reboot and r.in_place and not r.non_volatile and keeps_shared:
             out.append(
                 Finding(
@@ -356,6 +410,11 @@ def _ram(facts: Facts, reboot: bool, strategy: Strategy) -> list[Finding]:
             )
         )
     return out
+
+
+def _vfio(facts: Facts) -> list[Finding]:
+    refusal = vfio_pin_refusal(facts.ram) if facts.vfio else None
+    return [refusal] if refusal else []
 
 
 def _suspend(facts: Facts, mode: SuspendMode) -> list[Finding]:
