@@ -9,12 +9,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 from dataclasses import dataclass
 from typing import Literal
 
 from .._qemu.argv import ram_layout
 from .._qemu.process import Binary
-from .._store import StateDir
+from .._store import StateDir, VMLock
 from ..errors import CprctlError, FleetCheckFailed
 from . import inspect, lifecycle
 from .plan import Finding, SuspendMode
@@ -108,8 +109,20 @@ async def save_all(
         return outcome
 
     done = await asyncio.gather(*(one(n) for n in running))
+    _mark_fleet_done(sd, [o.name for o in done if o.outcome == "saved"], time.time())
     others = [_untouched(n, s) for n, s in states.items() if n not in running]
     return sorted([*done, *others], key=lambda o: o.name)
+
+
+def _mark_fleet_done(sd: StateDir, names: list[str], at: float) -> None:
+    """Note in each checkpoint when the save-all ended (the host's shutdown goes on from there: see `timeline`)."""
+    for name in names:
+        vm = open_vm(sd, name)
+        with contextlib.suppress(CprctlError), VMLock(vm.folder, name, "save-all"):
+            vm = open_vm(sd, name)
+            if vm.record.checkpoint is not None and vm.record.operation is None:
+                vm.record.checkpoint.fleet_done_at = at
+                vm.commit()
 
 
 def broken_finding(name: str) -> Finding:

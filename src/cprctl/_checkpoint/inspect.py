@@ -14,7 +14,7 @@ from .._qemu.process import Binary
 from .._qemu.qmp import Monitor
 from .._store import StateDir, VMLock
 from ..errors import BusyError, CprctlError, QemuError
-from . import disks, statefile
+from . import disks, statefile, timeline
 from .compat import binary_findings
 from .facts import binary_info, gather, mount_of, ram_fact
 from .plan import VOLATILE_FS, Finding, Plan, Strategy, SuspendMode, choose, direct_io, findings, warm_blockers
@@ -51,6 +51,10 @@ class VMStatus:
     #: Why its running state was lost, one line (e.g. the host went down during its save), until its
     #: next save or stop; None otherwise.
     lost: str | None = None
+    #: Seconds of its last downtime from a save to a restore, by segment (`timeline.segments`: ``save``,
+    #: across a host reboot ``shutdown``, ``reboot``, ``boot``, ``queue``, else ``saved``; ``restore``;
+    #: ``total``); None before its first restore.
+    downtime: dict[str, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -82,6 +86,7 @@ def vm_status(vm: VM) -> VMStatus:
         systemd.unit_of(pid) if pid is not None else None,
         r.boot_pending,
         r.lost,
+        timeline.segments(r.timeline) if r.timeline else None,
     )
 
 

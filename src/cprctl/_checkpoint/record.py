@@ -65,6 +65,25 @@ class Checkpoint(msgspec.Struct, forbid_unknown_fields=True):
     mtime_ns: int = 0
     ram_files: list[str] = []
     timings_ms: dict[str, float] = {}
+    #: The host's boot id at the save: a restore in another boot came after a host reboot.
+    boot_id: str = ""
+    #: When the ``save-all`` that saved it ended (the host's shutdown goes on from there); None when saved alone.
+    fleet_done_at: float | None = None
+
+
+class Timeline(msgspec.Struct, forbid_unknown_fields=True):
+    """A VM's last downtime, from its guest's stop to its running again (Unix times); see `timeline.segments`."""
+
+    stopped_at: float
+    saved_at: float
+    restore_at: float
+    running_at: float
+    #: The end of the ``save-all`` that saved it, if one did.
+    fleet_done_at: float | None = None
+    #: Across a host reboot: the new kernel's start, and when the cprctl that restored it started (at boot,
+    #: the unit's ``restore-all``); None when restored in the boot that saved it.
+    boot_at: float | None = None
+    cprctl_at: float | None = None
 
 
 class Operation(msgspec.Struct, forbid_unknown_fields=True):
@@ -117,6 +136,8 @@ class VMRecord(msgspec.Struct, forbid_unknown_fields=True):
     lost: str | None = None
     #: The host's boot id when the record was last written: a QEMU pid of an earlier boot is no process of ours.
     boot_id: str | None = None
+    #: Its last downtime from a save to a restore, and where it went.
+    timeline: Timeline | None = None
 
     @property
     def binary(self) -> str:
