@@ -137,6 +137,8 @@ def test_timeline_across_a_reboot(state_dir: Path) -> None:
     assert all(down[k] >= 0 for k in ("save", "shutdown", "queue", "restore")), down
     text = cli("status", state_dir=state_dir).stdout
     assert f"{down['total']:.1f} s: save {down['save']:.1f}, shutdown" in text, text
+    plan = cli("reboot", "--dry-run", state_dir=state_dir).stdout  # the host's part, as last measured
+    assert f"the host's own reboot (last time {down['reboot'] + down['boot']:.1f} s)" in plan, plan
     # Saved and restored within one boot: the time between is "saved".
     cprctl.save("t1", state_dir=state_dir)
     cprctl.restore("t1", state_dir=state_dir)

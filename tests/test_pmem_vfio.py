@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 import cprctl
-from cprctl._checkpoint.facts import is_device_dax, ram_fact
+from cprctl._checkpoint.facts import is_device_dax, ram_fact, running_kernel
 from cprctl._checkpoint.plan import (
+    FILE_PINS_REFUSED_FROM,
     FIXED_S,
     RamFact,
     choose,
@@ -54,10 +55,14 @@ def test_shared_ram_on_tmpfs_is_still_refused_for_a_reboot() -> None:
     assert "ram-volatile-ram0" in {f.code for f in findings(facts(SHM), reboot=True) if f.blocking}
 
 
+NEW, OLD = (6, 12), (6, 1)  # kernels after and before the refusal of pins of regular files (6.5)
+VFIO = ["/machine/peripheral/nic0"]
+
+
 @pytest.mark.parametrize("ram", [SHARED, FS_DAX, DIR, NOT_YET])
 def test_vfio_refuses_ram_in_a_regular_file(ram: RamFact) -> None:
-    assert not ram.vfio_pinnable
-    found = [f for f in findings(facts(ram, vfio=["/machine/peripheral/nic0"])) if f.code == "vfio-file-ram"]
+    assert not ram.vfio_pinnable(NEW)
+    found = [f for f in findings(facts(ram, vfio=VFIO, kernel=NEW)) if f.code == "vfio-file-ram"]
     assert len(found) == 1 and found[0].blocking, found
     f = found[0]
     assert f"backend 'ram0' is {ram.backend.path} on ext4" in f.message and "-14" in f.message, f.message
@@ -66,12 +71,23 @@ def test_vfio_refuses_ram_in_a_regular_file(ram: RamFact) -> None:
 
 @pytest.mark.parametrize("ram", [ANON, MEMFD, HUGE, DEV_DAX, SHM, PRIVATE])
 def test_vfio_takes_ram_it_can_pin(ram: RamFact) -> None:
-    assert ram.vfio_pinnable and vfio_pin_refusal([ram]) is None
-    assert "vfio-file-ram" not in {f.code for f in findings(facts(ram, vfio=["/machine/peripheral/nic0"]))}
+    assert ram.vfio_pinnable(NEW) and vfio_pin_refusal([ram], NEW) is None
+    assert not {f.code for f in findings(facts(ram, vfio=VFIO, kernel=NEW), reboot=True)} & {
+        "vfio-file-ram",
+        "vfio-file-ram-later",
+    }
+
+
+def test_an_older_kernel_pins_regular_files_but_not_dax() -> None:
+    assert SHARED.vfio_pinnable(OLD) and not FS_DAX.vfio_pinnable(OLD)
+    assert "vfio-file-ram" not in {f.code for f in findings(facts(SHARED, vfio=VFIO, kernel=OLD))}
+    later = next(f for f in findings(facts(SHARED, vfio=VFIO, kernel=OLD), reboot=True) if f.code.endswith("later"))
+    assert later.severity == "warning" and "kernels from 6.5 on refuse" in later.message, later
+    assert "vfio-file-ram" in {f.code for f in findings(facts(FS_DAX, vfio=VFIO, kernel=OLD)) if f.blocking}
 
 
 def test_without_vfio_a_file_is_fine() -> None:
-    assert "vfio-file-ram" not in {f.code for f in findings(facts(SHARED))}
+    assert "vfio-file-ram" not in {f.code for f in findings(facts(SHARED, kernel=NEW))}
 
 
 def test_facts_of_this_host(tmp_path: Path) -> None:
@@ -83,11 +99,12 @@ def test_facts_of_this_host(tmp_path: Path) -> None:
     shm.write_bytes(b"")
     try:
         fact = ram_fact(RamBackend("r", "file", True, str(shm), "1G"))
-        assert (fact.path_kind, fact.fs_type, fact.vfio_pinnable) == ("file", "tmpfs", True)
+        assert (fact.path_kind, fact.fs_type, fact.vfio_pinnable(NEW)) == ("file", "tmpfs", True)
     finally:
         shm.unlink()
 
 
+@pytest.mark.skipif(running_kernel() < FILE_PINS_REFUSED_FROM, reason="this kernel pins regular files")
 def test_launch_refuses_vfio_with_ram_in_a_file_at_once(tmp_path: Path) -> None:
     """No VFIO device is needed: the refusal comes before QEMU starts, and nothing is left behind."""
     state = tmp_path / "state"

@@ -491,7 +491,8 @@ def _reboot_lines(plan: RebootPlan) -> list[str]:
             else f"{v.state} already"
         )
         span = f"{low:.1f} s" if abs(high - low) < 0.05 else f"{low:.1f}-{high:.1f} s"
-        lines.append(f"{v.name}: {what}, restored at boot; expected downtime {span} + the host's own reboot")
+        host = f" (last time {plan.last_host_s:.1f} s)" if plan.last_host_s is not None else ""
+        lines.append(f"{v.name}: {what}, restored at boot; expected downtime {span} + the host's own reboot{host}")
     lines += [f"refused: {r}" for r in plan.refusals]
     return lines
 

@@ -16,7 +16,7 @@ from .._qemu.probe import BinaryInfo, probe
 from .._qemu.process import Binary
 from .._qemu.qmp import Monitor
 from ..errors import AgentError, QemuError
-from .plan import Facts, RamFact, SuspendMode, dax_mount, wants_suspend
+from .plan import Facts, Finding, RamFact, SuspendMode, dax_mount, vfio_pin_refusal, wants_suspend
 from .record import VMRecord
 
 
@@ -59,6 +59,19 @@ def is_device_dax(path: str, st: os.stat_result) -> bool:
     with contextlib.suppress(OSError):
         return os.path.basename(os.readlink(subsystem)) == "dax"
     return False
+
+
+def running_kernel() -> tuple[int, int]:
+    """The running kernel's ``(major, minor)`` (``6.12.38+deb13-cloud-amd64`` -> ``(6, 12)``)."""
+    found = re.match(r"(\d+)\.(\d+)", os.uname().release)
+    return (int(found[1]), int(found[2])) if found else (0, 0)
+
+
+def vfio_refusal(argv: list[str]) -> Finding | None:
+    """Why *argv*'s VFIO devices cannot pin its RAM on the running kernel (QEMU would fail), or None."""
+    if not qargv.has_vfio(argv):
+        return None
+    return vfio_pin_refusal([ram_fact(b) for b in qargv.ram_layout(argv).backends], running_kernel())
 
 
 async def has_cpr_mode(mon: Monitor) -> bool:
@@ -159,6 +172,7 @@ async def gather(record: VMRecord, mon: Monitor, state_dir: Path, suspend: Suspe
             "state_dio": supports_direct_io(state_dir),
             "cores": os.cpu_count() or 1,
             "hotplugged": await hotplugged(mon, record.argv),
+            "kernel": running_kernel(),
         }
     )
 

@@ -16,7 +16,7 @@ from .._store import StateDir, VMLock
 from ..errors import BusyError, CprctlError, QemuError
 from . import disks, statefile, timeline
 from .compat import binary_findings
-from .facts import binary_info, gather, mount_of, ram_fact
+from .facts import binary_info, gather, mount_of, ram_fact, vfio_refusal
 from .plan import VOLATILE_FS, Finding, Plan, Strategy, SuspendMode, choose, direct_io, findings, warm_blockers
 from .precopy import warm_path
 from .report import Quiet, Reporter
@@ -290,6 +290,8 @@ def _check_saved(vm: VM, reboot: bool) -> list[Finding]:
                         "do not reboot before restoring this VM",
                     )
                 )
+    if refusal := vfio_refusal(vm.record.argv):  # e.g. saved on an older kernel: its restore would fail here
+        out.append(refusal)
     if reboot and mount_of(str(vm.folder))[1] in VOLATILE_FS:
         out.append(
             Finding(

@@ -20,8 +20,7 @@ from .._qemu.process import Binary
 from .._qemu.qmp import Monitor
 from .._store import StateDir, VMLock
 from ..errors import AgentError, CheckFailed, QemuError, UsageError, VMStateError
-from .facts import ram_fact
-from .plan import vfio_pin_refusal
+from .facts import vfio_refusal
 from .record import VMRecord
 from .report import Quiet, Reporter
 from .vm import LOG_FILE, VM, open_vm
@@ -117,10 +116,9 @@ async def launch(sd: StateDir, name: str, argv: Sequence[str], agent: bool = Fal
 
 def refuse_unpinnable(name: str, argv: Sequence[str]) -> None:
     """:raise CheckFailed: *argv* has a VFIO device and RAM the kernel will not let VFIO pin (QEMU would fail)."""
-    if qargv.has_vfio(argv):
-        refusal = vfio_pin_refusal([ram_fact(b) for b in qargv.ram_layout(argv).backends])
-        if refusal:
-            raise CheckFailed(name, [refusal])
+    refusal = vfio_refusal(list(argv))
+    if refusal:
+        raise CheckFailed(name, [refusal])
 
 
 async def wait_qmp(vm: VM, pid: int) -> None:

@@ -22,8 +22,12 @@ Strategy = Literal["auto", "in-place", "stream", "mapped-ram"]
 #: Filesystems whose contents do not survive a host reboot.
 VOLATILE_FS = frozenset({"tmpfs", "ramfs", "hugetlbfs", "devtmpfs"})
 #: Filesystems whose shared file mappings the kernel lets VFIO pin for the long term (shmem and hugetlb
-#: pages; pages of a regular filesystem's files, DAX ones included, it refuses).
+#: pages need no dirty tracking); a regular filesystem's it refuses from `FILE_PINS_REFUSED_FROM` on, and a
+#: DAX filesystem's always.
 PINNABLE_FS = frozenset({"tmpfs", "hugetlbfs"})
+#: The first kernel that refuses long-term pins of a regular filesystem's shared file pages
+#: (mm/gup: ``writable_file_mapping_allowed``, Linux 6.5): QEMU's VFIO fails ``vfio_container_dma_map = -14``.
+FILE_PINS_REFUSED_FROM = (6, 5)
 #: Mount options of a filesystem whose files are DAX (persistent memory mapped directly, no page cache).
 DAX_OPTIONS = frozenset({"dax", "dax=always"})
 #: Migration capabilities that cpr-reboot cannot be combined with.
@@ -74,13 +78,14 @@ class RamFact:
     def device_dax(self) -> bool:
         return self.dax and self.path_kind == "chardev"
 
-    @property
-    def vfio_pinnable(self) -> bool:
-        """Whether the kernel lets VFIO pin this RAM for the long term (DMA mappings): not a shared mapping of
-        a regular filesystem's file (DAX included: ``vfio_container_dma_map = -14``)."""
+    def vfio_pinnable(self, kernel: tuple[int, int]) -> bool:
+        """Whether *kernel* lets VFIO pin this RAM for the long term (its DMA mappings): not a shared mapping
+        of a regular filesystem's file (from `FILE_PINS_REFUSED_FROM` on; of a DAX filesystem's, never)."""
         b = self.backend
         shared_file = b.kind == "file" and b.share and self.path_kind in ("file", "dir", "missing")
-        return not shared_file or self.fs_type in PINNABLE_FS
+        if not shared_file or self.fs_type in PINNABLE_FS:
+            return True
+        return not self.dax and kernel < FILE_PINS_REFUSED_FROM
 
     @property
     def in_place(self) -> bool:
@@ -121,6 +126,8 @@ class Facts:
     cores: int = 1
     #: Devices and RAM plugged in at run time, which the recorded argv lacks.
     hotplugged: list[str] = field(default_factory=list)
+    #: The running kernel's ``(major, minor)``.
+    kernel: tuple[int, int] = (0, 0)
 
 
 @dataclass(frozen=True)
@@ -147,9 +154,9 @@ def dax_mount(options: str) -> bool:
     return not DAX_OPTIONS.isdisjoint(options.split(","))
 
 
-def vfio_pin_refusal(ram: Sequence[RamFact]) -> Finding | None:
-    """Why VFIO devices cannot run with this RAM (the kernel refuses to pin it), or None."""
-    bad = [r for r in ram if not r.vfio_pinnable]
+def vfio_pin_refusal(ram: Sequence[RamFact], kernel: tuple[int, int]) -> Finding | None:
+    """Why VFIO devices cannot run with this RAM on *kernel* (it refuses to pin it), or None."""
+    bad = [r for r in ram if not r.vfio_pinnable(kernel)]
     if not bad:
         return None
     where = "; ".join(
@@ -230,7 +237,7 @@ def findings(
     found = [
         *_qemu(facts),
         *_ram(facts, reboot, strategy),
-        *_vfio(facts),
+        *_vfio(facts, reboot),
         *_suspend(facts, suspend),
         *_space(facts, reboot, suspend, strategy),
         _how(facts, strategy),
@@ -412,9 +419,25 @@ def _ram(facts: Facts, reboot: bool, strategy: Strategy) -> list[Finding]:
     return out
 
 
-def _vfio(facts: Facts) -> list[Finding]:
-    refusal = vfio_pin_refusal(facts.ram) if facts.vfio else None
-    return [refusal] if refusal else []
+def _vfio(facts: Facts, reboot: bool) -> list[Finding]:
+    if not facts.vfio:
+        return []
+    refusal = vfio_pin_refusal(facts.ram, facts.kernel)
+    if refusal:
+        return [refusal]
+    later = vfio_pin_refusal(facts.ram, FILE_PINS_REFUSED_FROM)
+    if reboot and later:  # it runs on this older kernel; a newer one would refuse it
+        major, minor = FILE_PINS_REFUSED_FROM
+        return [
+            Finding(
+                "vfio-file-ram-later",
+                "warning",
+                f"kernels from {major}.{minor} on refuse this VM's VFIO pins: after a reboot into one, its "
+                f"restore fails ({later.message})",
+                later.fix,
+            )
+        ]
+    return []
 
 
 def _suspend(facts: Facts, mode: SuspendMode) -> list[Finding]:

@@ -55,6 +55,9 @@ class RebootPlan:
     #: Rough seconds the shutdown spends saving (in-place saves run side by side, written ones in turn).
     saves_s: float = 0.0
     started: bool = False
+    #: Seconds of the last host reboot the VMs went through (from the end of the saves to cprctl's start at
+    #: boot: the rest of the shutdown, firmware or kexec, kernel and systemd; see `timeline`); None if none yet.
+    last_host_s: float | None = None
 
     def downtime_s(self, vm: VMPlan) -> tuple[float, float]:
         """Rough seconds of *vm*'s downtime that cprctl accounts for, at least and at most: its own save and
@@ -95,15 +98,19 @@ async def reboot(
             refusals.append(str(exc))
     if refusals and not dry_run:
         raise UsageError(f"reboot refused, nothing touched: {refusals[0]}")
-    vms, refused = await _vm_plans(sd, suspend, force)
-    plan = RebootPlan("kexec" if use_kexec else "reboot", chosen, vms, refusals, _saves_s(vms))
+    statuses = await inspect.status(sd)  # finishes interrupted operations, as save-all does
+    vms, refused = await _vm_plans(sd, statuses, suspend, force)
+    last = [d["reboot"] + d["boot"] for st in statuses if (d := st.downtime) and "boot" in d]
+    plan = RebootPlan(
+        "kexec" if use_kexec else "reboot", chosen, vms, refusals, _saves_s(vms), last_host_s=max(last, default=None)
+    )
     if refused and not dry_run:
         raise FleetCheckFailed(refused, "reboot")
     plan.refusals.extend(f"{v.name}: {v.refused}" for v in vms if v.refused)
     if dry_run:
         return plan
     await asyncio.to_thread(_hand_over, plan, reporter)
-    return RebootPlan(plan.how, plan.kernel, plan.vms, [], plan.saves_s, True)
+    return RebootPlan(plan.how, plan.kernel, plan.vms, [], plan.saves_s, True, plan.last_host_s)
 
 
 def host_refusals(use_kexec: bool) -> list[str]:
@@ -125,10 +132,12 @@ def host_refusals(use_kexec: bool) -> list[str]:
     return out
 
 
-async def _vm_plans(sd: StateDir, suspend: SuspendMode, force: bool) -> tuple[list[VMPlan], dict[str, list[Finding]]]:
+async def _vm_plans(
+    sd: StateDir, statuses: list[inspect.VMStatus], suspend: SuspendMode, force: bool
+) -> tuple[list[VMPlan], dict[str, list[Finding]]]:
     """Each VM's part in the reboot, and the findings of those that refuse it (``save-all --reboot``'s gate)."""
     plans, refused = [], {}
-    for st in await inspect.status(sd):  # finishes interrupted operations, as save-all does
+    for st in statuses:
         if st.state == "broken":
             found: list[Finding] = [broken_finding(st.name)]
             plan = None
