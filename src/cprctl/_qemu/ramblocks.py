@@ -1,0 +1,103 @@
+"""A QEMU's RAM blocks, and reading them from its memory (``/proc/PID/mem``).
+
+QEMU names each RAM block (``pc.ram``, ``pc.bios``, ``0000:00:02.0/virtio-net-pci.rom``,
+...) and reports where it lives in its own address space through HMP ``info ramblock``
+(asked over QMP's ``human-monitor-command``; QEMU >= 6.1 prints the ``HVA`` column).
+Migration carries every block by name, so a block of the saving QEMU and the block of
+the same name in the loading QEMU hold the same bytes once the load completed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from ..errors import QemuError
+from .qmp import Monitor
+
+
+@dataclass(frozen=True)
+class RamBlock:
+    """One RAM block: its name, the bytes in use, and its address in QEMU's address space."""
+
+    name: str
+    used: int
+    host: int
+
+
+def parse(text: str) -> list[RamBlock]:
+    """The blocks of an ``info ramblock`` answer, in QEMU's order.
+
+    :raise QemuError: the answer has no ``HVA`` column (QEMU < 6.1) or a row does not parse.
+    """
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines or "HVA" not in lines[0].split():
+        raise QemuError("info ramblock reports no host addresses (HVA)")
+    head = lines[0].split()
+    # Counted from the right: "Block Name" and a PSize of "4 KiB" are two words each.
+    used_at, hva_at = head.index("Used") - len(head), head.index("HVA") - len(head)
+    blocks = []
+    for line in lines[1:]:
+        cols = line.split()
+        try:
+            blocks.append(RamBlock(cols[0], int(cols[used_at], 16), int(cols[hva_at], 16)))
+        except (IndexError, ValueError):
+            raise QemuError(f"info ramblock: cannot read the row {line.strip()!r}") from None
+    return blocks
+
+
+async def query(mon: Monitor) -> list[RamBlock]:
+    """The RAM blocks of the QEMU behind *mon*.
+
+    :raise QemuError: QEMU refused, or its answer does not say where blocks are.
+    """
+    return parse(str(await mon.execute("human-monitor-command", {"command-line": "info ramblock"})))
+
+
+def shared_file_backed(pid: int, host: int) -> bool:
+    """Whether the mapping at *host* in process *pid* is a shared mapping of a named file (what
+    ``x-ignore-shared`` leaves in place, not written to the state file); False when unknown."""
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            for line in f:
+                fields = line.split(maxsplit=5)
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                if start <= host < end:
+                    path = fields[5].strip() if len(fields) > 5 else ""
+                    return fields[1].endswith("s") and path.startswith("/") and not path.startswith("/memfd:")
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
+class Memory:
+    """Process *pid*'s memory, read through ``/proc/PID/mem`` (needs ptrace access: root, or the
+    process's parent under Yama's default scope).
+
+    :raise OSError: from the constructor when it cannot be opened.
+    """
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+
+    def read_into(self, buf: memoryview, address: int) -> None:
+        """Fill *buf* with the bytes at *address*.
+
+        :raise OSError: the range is not mapped (or the process is gone).
+        """
+        got = 0
+        while got < len(buf):
+            n = os.preadv(self.fd, [buf[got:]], address + got)
+            if n <= 0:
+                raise OSError(f"pid {self.pid}: short read of its memory at {address + got:#x}")
+            got += n
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def __enter__(self) -> Memory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
