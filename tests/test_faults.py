@@ -228,7 +228,7 @@ def test_corrupt_ram_is_caught_after_qemu_loaded_it_and_the_guest_never_runs(sta
     assert check.returncode != 0 and "digest of RAM block pc.ram" in said, said
     starts = _qemu_starts(vm)
     reporter = SlowVerify(hold=10.0)
-    with pytest.raises(CheckpointError, match="corrupt: digest of RAM block pc.ram as QEMU loaded it"):
+    with pytest.raises(CheckpointError, match=r"corrupt: digest of RAM block pc\.ram as QEMU loaded it"):
         cprctl.restore("late", reporter=reporter, state_dir=state_dir)
     assert _qemu_starts(vm) == starts + 1, "QEMU did not start while the digest ran"
     assert "loading" in reporter.seen, "QEMU did not load while the digest ran"
