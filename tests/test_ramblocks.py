@@ -49,3 +49,21 @@ def test_digest_of_memory_is_the_file_digest_of_the_same_bytes() -> None:
     assert got["tail"] == f"xxh3_128c:{xxhash.xxh3_128(xxhash.xxh3_128(data[-4096:]).digest()).hexdigest()}"
     with pytest.raises(OSError):
         ramdigest.digests(os.getpid(), [ramblocks.RamBlock("nowhere", 4096, 4096)])
+
+
+def test_untouched_private_anonymous_chunks_are_zeros_and_not_read() -> None:
+    size = 6 * statefile.CHUNK
+    buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    buf[statefile.CHUNK + 100 : statefile.CHUNK + 104] = b"data"  # chunk 1 touched, the others never
+    host = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    assert ramblocks.anonymous_private(os.getpid(), host, size)
+    with ramblocks.Memory(os.getpid()) as mem:
+        assert mem.populated(host + statefile.CHUNK, statefile.CHUNK)
+        assert not mem.populated(host + 3 * statefile.CHUNK, statefile.CHUNK)
+    got = ramdigest.digests(os.getpid(), [ramblocks.RamBlock("pc.ram", size, host)])
+    data = bytes(buf)
+    del host
+    want = xxhash.xxh3_128()
+    for off in range(0, size, statefile.CHUNK):
+        want.update(xxhash.xxh3_128(data[off : off + statefile.CHUNK]).digest())
+    assert got["pc.ram"] == f"xxh3_128c:{want.hexdigest()}"

@@ -11,7 +11,10 @@ from the file (`statefile.device_digest`).
 
 Each block's digest is ``xxh3_128c`` as for files (`statefile.digest`): the xxh3-128
 of the xxh3-128 digests of its 4 MiB chunks, in order. A page the save did not
-write (a zero page: mapped-ram leaves it out) reads as zeros in both QEMUs.
+write (a zero page: mapped-ram leaves it out) reads as zeros in both QEMUs. In
+private anonymous RAM, a chunk none of whose pages is in memory or swapped out
+(``/proc/PID/pagemap``) was never touched or was discarded: it is zeros and is not
+read (a loading QEMU leaves the pages the save did not write untouched).
 """
 
 from __future__ import annotations
@@ -23,9 +26,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import xxhash
 
+from .._qemu import ramblocks
 from .._qemu.ramblocks import Memory, RamBlock
 from .statefile import ALGORITHM, CHUNK, Progress, no_progress
 
+#: The digest of a chunk of zeros.
+ZERO_CHUNK = bytes(xxhash.xxh3_128(bytes(CHUNK)).digest())
 #: Chunks hashed at once: reading /proc/PID/mem and xxh3 both release the GIL; two cores here.
 THREADS = 2
 
@@ -39,6 +45,7 @@ def digests(pid: int, blocks: Iterable[RamBlock], progress: Progress = no_progre
     :raise OSError: the memory cannot be read (no ptrace access, the process is gone).
     """
     blocks = list(blocks)
+    sparse = {b.name for b in blocks if ramblocks.anonymous_private(pid, b.host, b.used)}
     work = [(b, off) for b in blocks for off in range(0, b.used, CHUNK)]
     total, done, lock = sum(b.used for b in blocks), 0, threading.Lock()
     local = threading.local()
@@ -55,8 +62,11 @@ def digests(pid: int, blocks: Iterable[RamBlock], progress: Progress = no_progre
             length = min(CHUNK, block.used - off)
             view = memoryview(buf)[:length]
             try:
-                mem.read_into(view, block.host + off)
-                hashed = bytes(xxhash.xxh3_128(view).digest())
+                if length == CHUNK and block.name in sparse and not mem.populated(block.host + off, length):
+                    hashed = ZERO_CHUNK  # never touched: zeros, not read
+                else:
+                    mem.read_into(view, block.host + off)
+                    hashed = bytes(xxhash.xxh3_128(view).digest())
                 with lock:
                     done += length
                     progress(done, total)

@@ -70,6 +70,29 @@ def shared_file_backed(pid: int, host: int) -> bool:
     return False
 
 
+def anonymous_private(pid: int, host: int, length: int) -> bool:
+    """Whether ``[host, host + length)`` in process *pid* is all private anonymous memory, where a page
+    that was never touched (or was discarded) reads as zeros; False when unknown."""
+    end, covered = host + length, host
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            for line in f:
+                fields = line.split(maxsplit=5)
+                start, stop = (int(x, 16) for x in fields[0].split("-"))
+                if stop <= host or start >= end:
+                    continue
+                if start > covered or not fields[1].endswith("p") or (len(fields) > 5 and fields[5].strip()):
+                    return False
+                covered = stop
+    except (OSError, ValueError, IndexError):
+        return False
+    return covered >= end
+
+
+#: /proc/PID/pagemap: one 64-bit entry per page; bit 63 present, bit 62 swapped.
+_POPULATED = (1 << 63) | (1 << 62)
+
+
 class Memory:
     """Process *pid*'s memory, read through ``/proc/PID/mem`` (needs ptrace access: root, or the
     process's parent under Yama's default scope).
@@ -80,6 +103,7 @@ class Memory:
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self.fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+        self.pagemap: int | None = None
 
     def read_into(self, buf: memoryview, address: int) -> None:
         """Fill *buf* with the bytes at *address*.
@@ -93,8 +117,21 @@ class Memory:
                 raise OSError(f"pid {self.pid}: short read of its memory at {address + got:#x}")
             got += n
 
+    def populated(self, address: int, length: int, page: int = 4096) -> bool:
+        """Whether any page of ``[address, address + length)`` is in memory or swapped out (else it was
+        never touched, or discarded: private anonymous memory then reads as zeros).
+
+        :raise OSError: the page map cannot be read.
+        """
+        if self.pagemap is None:
+            self.pagemap = os.open(f"/proc/{self.pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        entries = os.pread(self.pagemap, length // page * 8, address // page * 8)
+        return any(e & _POPULATED for e in memoryview(entries).cast("Q"))
+
     def close(self) -> None:
         os.close(self.fd)
+        if self.pagemap is not None:
+            os.close(self.pagemap)
 
     def __enter__(self) -> Memory:
         return self
