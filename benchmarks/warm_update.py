@@ -43,7 +43,7 @@ from cprctl._qemu.agent import Agent
 from cprctl._qemu.argv import agent_args
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import Guest, kill_under, machine_info
+from common import Guest, kill_under, machine_info
 
 #: MiB the dirtier rewrites each round, and the seconds it sleeps after each (--dirty-sleep).
 DIRTY_MIB = 64
@@ -155,6 +155,8 @@ def run_cprctl(case: Case, qemu: str, guest: Path, work: Path, sd: Path, repeat:
             raise RuntimeError(f"{name}: update ran cold: {upd.cold_reason}")
         case.pauses.append(upd.pause_ms)
         t = upd.timings_ms
+        if "downtime" in t:
+            case.notes.append(f"old QEMU {t['downtime']:.0f} ms, warm-up {t.get('warm_up', 0):.0f} ms")
         if "precopy" in t:
             case.notes.append(
                 f"{t['precopy'] / 1000:.1f} s pre-copy, {t['passes']:.0f} passes, QEMU downtime {t['downtime']:.0f} ms"
@@ -236,7 +238,7 @@ async def handover(old: Hand, new: Hand, ram: str, sock: Path) -> tuple[float, s
     while (await new.qmp.execute("query-status"))["status"] != "running":  # type: ignore[index]
         await asyncio.sleep(0.001)
     pause = (new.event("RESUME") - old.event("STOP")) * 1000
-    note = ""
+    note = f"old QEMU {info.get('downtime')} ms" if ram != "anon" else ""  # type: ignore[union-attr]
     if ram == "anon":
         done: dict[str, Any] = info  # type: ignore[assignment]
         passes = done.get("ram", {}).get("dirty-sync-count", 0)
@@ -337,7 +339,8 @@ def first_markdown(cp: Case, hand: Case, machine: dict[str, str], argv: list[str
     def row(c: Case) -> str:
         return (
             f"| {c.who} | {len(c.pauses)} | {statistics.median(c.pauses):.1f} | {max(c.pauses):.1f} | "
-            f"{', '.join(f'{p:.1f}' for p in c.pauses)} | {', '.join(f'{x:.1f}' for x in c.loads)} |"
+            f"{', '.join(f'{p:.1f}' for p in c.pauses)} | {', '.join(f'{x:.1f}' for x in c.loads)} | "
+            f"{'; '.join(c.notes)} |"
         )
 
     p50 = statistics.median(cp.pauses) / statistics.median(hand.pauses)
@@ -356,8 +359,9 @@ def first_markdown(cp: Case, hand: Case, machine: dict[str, str], argv: list[str
             "same binary: `cprctl update` or the by-hand script; cprctl and by hand alternate (and which goes "
             "first). Pause = STOP of the old QEMU to RESUME of the new one.",
             "",
-            "| who | runs | p50 ms | worst ms | pauses ms, in order | load average at boot |",
-            "|---|---|---|---|---|---|",
+            "| who | runs | p50 ms | worst ms | pauses ms, in order | load average at boot | of which the old QEMU's "
+            "downtime (stop, disk flush, device state) |",
+            "|---|---|---|---|---|---|---|",
             row(cp),
             row(hand),
             "",

@@ -343,7 +343,9 @@ async def _migrate(
     if precopy.is_precopy(plan):
         timings.update(await precopy.run(old, reporter, vm.name))
     else:
-        await old.wait_migration(timeout=3600)
+        done = await old.wait_migration(timeout=3600)
+        if isinstance(done.get("downtime"), int):  # the old QEMU's part of the pause: stop, flush, device state
+            timings["downtime"] = float(done["downtime"])
     status = await new.wait_status({"running", "paused", "suspended", "postmigrate"}, 60, poll=0.001)
     timings["switch"] = (time.perf_counter() - t) * 1000
     if status == "suspended" and op.suspended_by_us:
