@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -316,11 +317,15 @@ def markdown(cases: list[Case], machine: dict[str, str], argv: list[str], runtim
 FIRST_SECTION = "## First warm handover of freshly booted realistic guests (issue 17)"
 
 
-def run_first(runs: int, size: int, qemu: str, guest: Path, work: Path) -> tuple[Case, Case]:
+def run_first(
+    runs: int, size: int, qemu: str, guest: Path, work: Path, done: Callable[[Case, Case], None]
+) -> tuple[Case, Case]:
     """*runs* fresh realistic guests each for cprctl and by hand, alternating (which goes first too): boot,
-    fill, start the dirtier, one handover, stop."""
+    fill, start the dirtier, one handover, stop; *done* hears the results after each pair."""
     cp, hand = Case(size, "realistic", "cprctl"), Case(size, "realistic", "hand")
     for i in range(runs):
+        if i:
+            done(cp, hand)
         for who in ("cprctl", "hand") if i % 2 == 0 else ("hand", "cprctl"):
             case = cp if who == "cprctl" else hand
             case.loads.append(os.getloadavg()[0])
@@ -331,7 +336,7 @@ def run_first(runs: int, size: int, qemu: str, guest: Path, work: Path) -> tuple
                 run_by_hand(case, qemu, guest, work, 1, tag=f"-{i}")
             for folder in work.glob(f"*realistic{size}-{i}"):
                 shutil.rmtree(folder, ignore_errors=True)  # its 1 GiB RAM file
-            print(f"  {who}: {case.pauses[-1]:.1f} ms", flush=True)
+            print(f"  {who}: {case.pauses[-1]:.1f} ms ({case.notes[-1] if case.notes else ''})", flush=True)
     return cp, hand
 
 
@@ -435,15 +440,19 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     if args.first:
         size = int(args.sizes.split(",")[0])
+        full = ["benchmarks/bench.py", "--warm-update", *(argv if argv is not None else sys.argv[1:])]
+        machine = machine_info(qemu, Path(args.workdir))
+
+        def write(cp: Case, hand: Case) -> None:  # after every pair: a run cut short keeps what it measured
+            text = first_markdown(cp, hand, machine, full, time.monotonic() - started)
+            print(text, flush=True)
+            write_first(Path(args.out), text)
+
         try:
-            cp, hand = run_first(args.first, size, qemu, guest, work)
+            write(*run_first(args.first, size, qemu, guest, work, write))
         finally:
             kill_under(work)
             shutil.rmtree(work, ignore_errors=True)
-        full = ["benchmarks/bench.py", "--warm-update", *(argv if argv is not None else sys.argv[1:])]
-        text = first_markdown(cp, hand, machine_info(qemu, Path(args.workdir)), full, time.monotonic() - started)
-        print(text)
-        write_first(Path(args.out), text)
         return 0
     cases: list[Case] = []
     try:

@@ -65,7 +65,7 @@ def digests(pid: int, blocks: Iterable[RamBlock], progress: Progress = no_progre
                 if length == CHUNK and block.name in sparse and not mem.populated(block.host + off, length):
                     hashed = ZERO_CHUNK  # never touched: zeros, not read
                 else:
-                    mem.read_into(view, block.host + off)
+                    mem.read_into(buf, length, block.host + off)
                     hashed = bytes(xxhash.xxh3_128(view).digest())
                 with lock:
                     done += length
