@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,7 @@ from cprctl._qemu.agent import Agent
 from cprctl._qemu.argv import agent_args
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import Guest, kill_under, machine_info
+from common import Guest, kill_under, machine_info
 
 #: MiB the dirtier rewrites each round, and the seconds it sleeps after each (--dirty-sleep).
 DIRTY_MIB = 64
@@ -69,6 +70,8 @@ class Case:
     who: str
     pauses: list[float] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: The host's 1-minute load average as each handover's guest was booted (``--first``).
+    loads: list[float] = field(default_factory=list)
 
     @property
     def median(self) -> float | None:
@@ -136,8 +139,8 @@ def case_argv(case: Case, qemu: str, guest: Path, folder: Path) -> list[str]:
 # -- cprctl ------------------------------------------------------------------------------------------
 
 
-def run_cprctl(case: Case, qemu: str, guest: Path, work: Path, sd: Path, repeat: int) -> None:
-    name = f"{case.ram}{case.size}"
+def run_cprctl(case: Case, qemu: str, guest: Path, work: Path, sd: Path, repeat: int, tag: str = "") -> None:
+    name = f"{case.ram}{case.size}{tag}"
     folder = work / name
     folder.mkdir()
     argv = case_argv(case, qemu, guest, folder)
@@ -153,6 +156,8 @@ def run_cprctl(case: Case, qemu: str, guest: Path, work: Path, sd: Path, repeat:
             raise RuntimeError(f"{name}: update ran cold: {upd.cold_reason}")
         case.pauses.append(upd.pause_ms)
         t = upd.timings_ms
+        if "downtime" in t:
+            case.notes.append(f"old QEMU {t['downtime']:.0f} ms, warm-up {t.get('warm_up', 0):.0f} ms")
         if "precopy" in t:
             case.notes.append(
                 f"{t['precopy'] / 1000:.1f} s pre-copy, {t['passes']:.0f} passes, QEMU downtime {t['downtime']:.0f} ms"
@@ -234,7 +239,7 @@ async def handover(old: Hand, new: Hand, ram: str, sock: Path) -> tuple[float, s
     while (await new.qmp.execute("query-status"))["status"] != "running":  # type: ignore[index]
         await asyncio.sleep(0.001)
     pause = (new.event("RESUME") - old.event("STOP")) * 1000
-    note = ""
+    note = f"old QEMU {info.get('downtime')} ms" if ram != "anon" else ""  # type: ignore[union-attr]
     if ram == "anon":
         done: dict[str, Any] = info  # type: ignore[assignment]
         passes = done.get("ram", {}).get("dirty-sync-count", 0)
@@ -243,8 +248,8 @@ async def handover(old: Hand, new: Hand, ram: str, sock: Path) -> tuple[float, s
     return pause, note
 
 
-def run_by_hand(case: Case, qemu: str, guest: Path, work: Path, repeat: int) -> None:
-    folder = work / f"hand-{case.ram}{case.size}"
+def run_by_hand(case: Case, qemu: str, guest: Path, work: Path, repeat: int, tag: str = "") -> None:
+    folder = work / f"hand-{case.ram}{case.size}{tag}"
     folder.mkdir()
     argv = cprctl_pinned(case_argv(case, qemu, guest, folder))
 
@@ -309,6 +314,78 @@ def markdown(cases: list[Case], machine: dict[str, str], argv: list[str], runtim
     return "\n".join(lines) + "\n"
 
 
+FIRST_SECTION = "## First warm handover of freshly booted realistic guests (issue 17)"
+
+
+def run_first(
+    runs: int, size: int, qemu: str, guest: Path, work: Path, done: Callable[[Case, Case], None]
+) -> tuple[Case, Case]:
+    """*runs* fresh realistic guests each for cprctl and by hand, alternating (which goes first too): boot,
+    fill, start the dirtier, one handover, stop; *done* hears the results after each pair."""
+    cp, hand = Case(size, "realistic", "cprctl"), Case(size, "realistic", "hand")
+    for i in range(runs):
+        if i:
+            done(cp, hand)
+        for who in ("cprctl", "hand") if i % 2 == 0 else ("hand", "cprctl"):
+            case = cp if who == "cprctl" else hand
+            case.loads.append(os.getloadavg()[0])
+            print(f"{time.strftime('%H:%M:%S')} first handover {i + 1}/{runs}: {who}", flush=True)
+            if who == "cprctl":
+                run_cprctl(case, qemu, guest, work, work / "state", 1, tag=f"-{i}")
+            else:
+                run_by_hand(case, qemu, guest, work, 1, tag=f"-{i}")
+            for folder in work.glob(f"*realistic{size}-{i}"):
+                shutil.rmtree(folder, ignore_errors=True)  # its 1 GiB RAM file
+            print(f"  {who}: {case.pauses[-1]:.1f} ms ({case.notes[-1] if case.notes else ''})", flush=True)
+    return cp, hand
+
+
+def first_markdown(cp: Case, hand: Case, machine: dict[str, str], argv: list[str], runtime: float) -> str:
+    def row(c: Case) -> str:
+        return (
+            f"| {c.who} | {len(c.pauses)} | {statistics.median(c.pauses):.1f} | {max(c.pauses):.1f} | "
+            f"{', '.join(f'{p:.1f}' for p in c.pauses)} | {', '.join(f'{x:.1f}' for x in c.loads)} | "
+            f"{'; '.join(c.notes)} |"
+        )
+
+    p50 = statistics.median(cp.pauses) / statistics.median(hand.pauses)
+    worst = max(cp.pauses) / max(hand.pauses)
+    return "\n".join(
+        [
+            FIRST_SECTION,
+            "",
+            f"Command: `{' '.join(argv)}` — runtime {runtime / 60:.1f} min; {machine.get('date', '')}, "
+            f"{machine.get('cores', '?')} cores, {machine.get('QEMU', '')}; the machine is shared with other "
+            "developers' QEMUs (load average as each guest booted in the table).",
+            "",
+            f"Each run boots a fresh realistic guest ({cp.size} MiB RAM in a shared file, 2 vCPUs, virtio-net, "
+            "xHCI + tablet, qcow2 overlay over a qcow2 base), waits for its memfill pattern, starts the "
+            f"dirtier ({DIRTY_MIB} MiB per round), and hands it over ONCE (its first handover after boot) onto the "
+            "same binary: `cprctl update` or the by-hand script; cprctl and by hand alternate (and which goes "
+            "first). Pause = STOP of the old QEMU to RESUME of the new one.",
+            "",
+            "| who | runs | p50 ms | worst ms | pauses ms, in order | load average at boot | of which the old QEMU's "
+            "downtime (stop, disk flush, device state) |",
+            "|---|---|---|---|---|---|---|",
+            row(cp),
+            row(hand),
+            "",
+            f"cprctl / by hand: p50 **{p50:.2f}** (goal <= 1.1), worst **{worst:.2f}** (goal <= 1.5).",
+            "",
+        ]
+    )
+
+
+def write_first(path: Path, text: str) -> None:
+    old = path.read_text() if path.exists() else ""
+    head, found, rest = old.partition(FIRST_SECTION)
+    tail = ""
+    if found:
+        after = rest.find("\n## ")
+        tail = rest[after:] if after >= 0 else ""
+    path.write_text(head.rstrip() + "\n\n" + text + tail)
+
+
 def _list(case: Case | None) -> str:
     return ", ".join(f"{p:.1f}" for p in case.pauses) if case else ""
 
@@ -349,6 +426,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dirty-sleep", type=float, default=1.0, help="s between dirtier rounds (default: %(default)s)")
     ap.add_argument("--workdir", default="/var/tmp")
     ap.add_argument("--out", default=str(here / "RESULTS.md"))
+    ap.add_argument(
+        "--first", type=int, default=0, help="N fresh realistic guests each, one handover each (first handover)"
+    )
     args = ap.parse_args(argv)
     signal.signal(signal.SIGTERM, _on_sigterm)
     global dirty_sleep
@@ -358,6 +438,22 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="cprctl-wu-", dir=args.workdir))
     load = host_load()
     started = time.monotonic()
+    if args.first:
+        size = int(args.sizes.split(",")[0])
+        full = ["benchmarks/bench.py", "--warm-update", *(argv if argv is not None else sys.argv[1:])]
+        machine = machine_info(qemu, Path(args.workdir))
+
+        def write(cp: Case, hand: Case) -> None:  # after every pair: a run cut short keeps what it measured
+            text = first_markdown(cp, hand, machine, full, time.monotonic() - started)
+            print(text, flush=True)
+            write_first(Path(args.out), text)
+
+        try:
+            write(*run_first(args.first, size, qemu, guest, work, write))
+        finally:
+            kill_under(work)
+            shutil.rmtree(work, ignore_errors=True)
+        return 0
     cases: list[Case] = []
     try:
         for size in [int(s) for s in args.sizes.split(",")]:

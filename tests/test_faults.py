@@ -6,6 +6,7 @@ boot id, counter and RAM pattern intact.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -17,6 +18,7 @@ import pytest
 
 import cprctl
 from cprctl import BusyError, CheckFailed, CheckpointError, MigrationError, QemuError
+from cprctl._checkpoint import statefile
 from cprctl._qemu import process
 
 from .guestvm import QEMU, GuestVM, cli, op_step, record_of, short_tmp, spawn_cli, wait_record
@@ -209,18 +211,24 @@ def _data_offset(path: Path) -> int:
 
 
 def test_corrupt_ram_is_caught_after_qemu_loaded_it_and_the_guest_never_runs(state_dir: Path) -> None:
+    """A bit flipped in the RAM pages of a mapped-ram state file: the save hashed the guest's RAM from QEMU's
+    memory and nothing reads those pages but QEMU's load, so it is caught in the memory QEMU loaded."""
     vm = GuestVM.launch("late", state_dir, ram="anon", ram_mib=256, fill=96)
     mark = vm.mark()
     path = Path(cprctl.save("late", state_dir=state_dir).state_file)
+    assert "pc.ram" in record_of(state_dir, "late")["checkpoint"]["ram"]  # type: ignore[index]
     at = _data_offset(path)
     with open(path, "r+b") as f:
         f.seek(at)
         good = f.read(1)
         f.seek(at)
         f.write(bytes([good[0] ^ 0x40]))
+    check = cli("check", "late", state_dir=state_dir)  # check reads the file: the pages as QEMU would load them
+    said = " ".join((check.stdout + check.stderr).split())  # rich wraps lines
+    assert check.returncode != 0 and "digest of RAM block pc.ram" in said, said
     starts = _qemu_starts(vm)
     reporter = SlowVerify(hold=10.0)
-    with pytest.raises(CheckpointError, match="corrupt: digest"):
+    with pytest.raises(CheckpointError, match=r"corrupt: digest of RAM block pc\.ram as QEMU loaded it"):
         cprctl.restore("late", reporter=reporter, state_dir=state_dir)
     assert _qemu_starts(vm) == starts + 1, "QEMU did not start while the digest ran"
     assert "loading" in reporter.seen, "QEMU did not load while the digest ran"
@@ -232,6 +240,51 @@ def test_corrupt_ram_is_caught_after_qemu_loaded_it_and_the_guest_never_runs(sta
         f.write(good)
     cprctl.restore("late", state_dir=state_dir)
     vm.assert_continued(mark, fill=96)  # a tick during the hold would break the counter
+    vm.stop()
+
+
+def test_corrupt_device_state_of_a_mapped_ram_file_is_refused(state_dir: Path) -> None:
+    vm = GuestVM.launch("dev", state_dir, ram="anon", fill=32)
+    mark = vm.mark()
+    path = Path(cprctl.save("dev", state_dir=state_dir).state_file)
+    at = path.stat().st_size - 200  # the device state, after the last RAM block's pages
+    with open(path, "r+b") as f:
+        f.seek(at)
+        good = f.read(1)
+        f.seek(at)
+        f.write(bytes([good[0] ^ 0x01]))
+    with pytest.raises(CheckpointError, match="corrupt: digest xxh3_128d"):
+        cprctl.restore("dev", state_dir=state_dir)
+    assert vm.status().state == "saved" and path.exists()
+    assert not _new_qemus(vm), "the refused restore left a QEMU running"
+    with open(path, "r+b") as f:
+        f.seek(at)
+        f.write(good)
+    cprctl.restore("dev", state_dir=state_dir)
+    vm.assert_continued(mark, fill=32)
+    vm.stop()
+
+
+def test_a_checkpoint_with_the_old_whole_file_digest_still_restores(state_dir: Path) -> None:
+    """Records written before issue 17 hold the whole file's digest and no RAM blocks: verified as then."""
+    vm = GuestVM.launch("old", state_dir, ram="anon", fill=32)
+    mark = vm.mark()
+    path = Path(cprctl.save("old", state_dir=state_dir).state_file)
+    record_path = state_dir / "vms" / "old" / "vm.json"
+    record = json.loads(record_path.read_text())
+    record["checkpoint"].pop("ram")
+    record["checkpoint"]["digest"] = statefile.digest(path)[1]
+    good = json.dumps(record)
+    data = bytearray(path.read_bytes())
+    data[-200] ^= 0x01
+    path.write_bytes(bytes(data))
+    record_path.write_text(good)
+    with pytest.raises(CheckpointError, match="corrupt: digest xxh3_128c"):
+        cprctl.restore("old", state_dir=state_dir)
+    data[-200] ^= 0x01
+    path.write_bytes(bytes(data))
+    cprctl.restore("old", state_dir=state_dir)
+    vm.assert_continued(mark, fill=32)
     vm.stop()
 
 

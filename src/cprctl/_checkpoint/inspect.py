@@ -296,7 +296,11 @@ def _check_saved(vm: VM, reboot: bool) -> list[Finding]:
     assert cp is not None
     out: list[Finding] = []
     try:
-        statefile.verify(vm.checkpoint_file(), cp.size, cp.digest, direct=direct_io(cp.parameters))
+        if cp.ram:
+            ram = {name: (p.used, p.digest) for name, p in cp.ram.items()}
+            statefile.verify_mapped(vm.checkpoint_file(), cp.size, cp.digest, ram)
+        else:
+            statefile.verify(vm.checkpoint_file(), cp.size, cp.digest, direct=direct_io(cp.parameters))
     except CprctlError as exc:
         out.append(Finding("state-file", "error", str(exc), "the checkpoint cannot be restored"))
     for d in cp.disks:

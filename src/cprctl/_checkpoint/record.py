@@ -45,6 +45,13 @@ class DiskPrint(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     full: bool = False
 
 
+class RamPrint(msgspec.Struct, forbid_unknown_fields=True):
+    """A RAM block of a mapped-ram checkpoint as the saved guest had it: bytes in use and their digest."""
+
+    used: int
+    digest: str
+
+
 class Checkpoint(msgspec.Struct, forbid_unknown_fields=True):
     """A completed save: everything restore needs to mirror it and to verify it."""
 
@@ -71,6 +78,10 @@ class Checkpoint(msgspec.Struct, forbid_unknown_fields=True):
     boot_id: str = ""
     #: When the ``save-all`` that saved it ended (the host's shutdown goes on from there); None when saved alone.
     fleet_done_at: float | None = None
+    #: mapped-ram saves that hashed the guest's RAM from QEMU's memory (issue 17): each RAM block in the
+    #: state file by name; *digest* is then that of the file's other bytes (`statefile.device_digest`).
+    #: Empty: *digest* is the whole file's (older saves, in-place and stream saves).
+    ram: dict[str, RamPrint] = {}
 
 
 ProofHow = Literal["update", "restore", "trial"]

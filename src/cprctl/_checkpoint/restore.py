@@ -10,6 +10,13 @@ killed, the guest never ran on the file and never wrote its disks. The journal
 marks ``verified`` then ``resuming``; a killed cprctl's successor resumes only
 from ``resuming`` (see `vm.recover`), so nothing resumes an unverified file.
 
+A mapped-ram save since issue 17 recorded the digest of each RAM block as the
+saving QEMU held it (`ramdigest`), and of the file's other bytes. QEMU's load is
+then the only reader of the RAM pages: beside it cprctl hashes only the other
+bytes (a few MB), and once the load completed it hashes the RAM blocks in the new
+QEMU's memory (`verify_ram`), which is what the guest will run on. Older records
+(the whole file's digest) are verified as before.
+
 Nothing is deleted until the guest runs on the new QEMU. A failure before that
 stops the new QEMU and keeps the checkpoint, so restore can be tried again
 (with another binary, too); once the guest has run, going back to the
@@ -28,13 +35,13 @@ from dataclasses import dataclass, replace
 
 from .._host import clock
 from .._qemu import argv as qargv
-from .._qemu import process
+from .._qemu import process, ramblocks
 from .._qemu.agent import Agent
 from .._qemu.process import Binary
 from .._qemu.qmp import Monitor
 from .._store import StateDir, VMLock
 from ..errors import AgentError, CheckFailed, CheckpointError, CprctlError, QemuError, UsageError, VMStateError
-from . import disks, kept, statefile, timeline
+from . import disks, kept, ramdigest, statefile, timeline
 from .compat import binary_findings, fallback_binary, require
 from .facts import binary_info
 from .plan import direct_io
@@ -107,8 +114,50 @@ def verify_digest(
     """
     t = time.perf_counter()
     same_as = (cp.inode, cp.mtime_ns) if trust_identity and cp.inode else None
-    statefile.check_digest(vm.checkpoint_file(), cp.digest, same_as, direct_io(cp.parameters), progress, pace)
+    if cp.ram:  # RAM is verified in the loaded QEMU (`verify_ram`); here the file's other bytes
+        if not trusted(vm, cp, trust_identity):
+            blocks = statefile.check_layout(vm.checkpoint_file(), ram_prints(cp))
+            if (actual := statefile.device_digest(vm.checkpoint_file(), blocks)) != cp.digest:
+                raise CheckpointError(
+                    f"state file {vm.checkpoint_file()} is corrupt: digest {actual} != recorded {cp.digest}"
+                )
+    else:
+        statefile.check_digest(vm.checkpoint_file(), cp.digest, same_as, direct_io(cp.parameters), progress, pace)
     return (time.perf_counter() - t) * 1000
+
+
+def ram_prints(cp: Checkpoint) -> dict[str, tuple[int, str]]:
+    """*cp*'s RAM blocks as `statefile.verify_mapped` takes them."""
+    return {name: (p.used, p.digest) for name, p in cp.ram.items()}
+
+
+def trusted(vm: VM, cp: Checkpoint, trust_identity: bool) -> bool:
+    """Whether an unchanged state file (inode, mtime) stands for its verification (see `restore`)."""
+    try:
+        return trust_identity and bool(cp.inode) and statefile.identity(vm.checkpoint_file()) == (cp.inode, cp.mtime_ns)
+    except FileNotFoundError:
+        return False
+
+
+async def verify_ram(vm: VM, mon: Monitor, pid: int, cp: Checkpoint, progress: statefile.Progress) -> None:
+    """Compare the RAM blocks the new QEMU (*pid*, loaded, guest stopped) holds with the save's digests.
+
+    :raise CheckpointError: a block is missing, of another size or differs; or QEMU's memory cannot be read.
+    """
+    blocks = {b.name: b for b in await ramblocks.query(mon)}
+    for name, want in cp.ram.items():
+        if (b := blocks.get(name)) is None or b.used != want.used:
+            raise CheckpointError(f"{vm.name}: the new QEMU has no RAM block {name} of {want.used} bytes to verify")
+    try:
+        actual = await asyncio.to_thread(ramdigest.digests, pid, [blocks[n] for n in cp.ram], progress)
+    except OSError as exc:
+        raise CheckpointError(f"{vm.name}: cannot read the new QEMU's memory to verify what it loaded: {exc}") from exc
+    for name, want in cp.ram.items():
+        if actual[name] != want.digest:
+            raise CheckpointError(
+                f"state file {vm.checkpoint_file()} is corrupt: digest of RAM block {name} as QEMU loaded it "
+                f"{actual[name]} != recorded {want.digest}"
+            )
 
 
 async def restore(
@@ -224,7 +273,7 @@ async def _restore_on(
             return hashing
 
         try:
-            result = await _load(vm, cp, pid, argv, timings, t, reporter, start_verifying)
+            result = await _load(vm, cp, pid, argv, timings, t, reporter, start_verifying, verifying, trust_identity)
         except BaseException as exc:
             stop.set()  # a digest still running stops at its next chunk (Ctrl-C need not wait for it)
             if op.step in GUEST_RESUMED and process.alive(pid):
@@ -293,9 +342,12 @@ async def _load(
     t_start: float,
     reporter: Reporter,
     start_verifying: Callable[[], asyncio.Future[float]],
+    verifying: statefile.Progress,
+    trust_identity: bool,
 ) -> RestoreResult:
-    """Verify the state file (*start_verifying*) while the new QEMU (started with ``-S``) loads it; resume
-    once it passed.
+    """Verify the state file (*start_verifying*) while the new QEMU (started with ``-S``) loads it, and the
+    RAM it loaded (mapped-ram saves since issue 17: `verify_ram`, *verifying* hears its progress); resume
+    once both passed.
 
     :raise CheckpointError: the digest did not match (the guest never ran); `QemuError` or
         `MigrationError`: the load failed (a digest mismatch is reported instead when there is one).
@@ -327,6 +379,10 @@ async def _load(
         t = time.perf_counter()
         timings["verify"] = await hashing  # the guest runs only from a verified state file
         timings["verify_wait"] = (time.perf_counter() - t) * 1000
+        if cp.ram and not trusted(vm, cp, trust_identity):
+            t = time.perf_counter()
+            await verify_ram(vm, mon, pid, cp, verifying)
+            timings["verify_ram"] = (time.perf_counter() - t) * 1000
         t = time.perf_counter()
         op.mark("verified")
         woke, cont = False, status in ("paused", "postmigrate") and cp.was_running

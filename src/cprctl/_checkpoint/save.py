@@ -11,25 +11,31 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 from dataclasses import dataclass
 from typing import Literal
 
 from .._host import clock
+from .._qemu import ramblocks
 from .._qemu.agent import Agent
 from .._qemu.argv import ram_layout
 from .._qemu.qmp import Monitor
+from .._qemu.ramblocks import RamBlock
 from .._store import StateDir, VMLock
-from ..errors import AgentError, CheckFailed, CprctlError, QemuError, VMStateError
-from . import disks, kept, statefile
+from ..errors import AgentError, CheckFailed, CheckpointError, CprctlError, QemuError, VMStateError
+from . import disks, kept, ramdigest, statefile
 from .facts import gather
 from .plan import Plan, Strategy, SuspendMode, choose, direct_io, findings
-from .record import Checkpoint, DiskPrint, Operation
+from .record import Checkpoint, DiskPrint, Operation, RamPrint
 from .report import Quiet, Reporter, migration_progress
 from .vm import VM, finish_quit, open_vm, recover, resume_guest
 
 #: How long a guest may take to reach ``suspended`` after guest-suspend-ram.
 SUSPEND_TIMEOUT = 20.0
+#: Runstates of a QEMU whose guest cannot change its RAM: a cpr-reboot migration stops the guest
+#: (``finish-migrate``) before QEMU writes any RAM.
+STOPPED = {"finish-migrate", "postmigrate", "paused", "suspended"}
 
 
 @dataclass(frozen=True)
@@ -154,20 +160,20 @@ async def _checkpoint(
     t = time.perf_counter()
     before = time.time()
     await mon.set_migration(plan.capabilities, plan.parameters)
+    blocks = await _blocks_to_hash(mon, r.pid, plan) if plan.strategy == "mapped-ram" else None
     await mon.execute("migrate", {"uri": f"file:{vm.state_path}"})
     os.chmod(vm.state_path, 0o600)
-    await mon.wait_migration(timeout=3600, on_progress=lambda i: migration_progress(reporter, i))
-    timings["migrate"] = (time.perf_counter() - t) * 1000
-    stopped_at = stopped_at or mon.event_time("STOP", before - 1) or before
-    t = time.perf_counter()
-    # Written with O_DIRECT, the file is not in the page cache: read it back the same way.
-    size, digest = await asyncio.to_thread(
-        statefile.digest,
-        vm.state_path,
-        True,
-        direct_io(plan.parameters),
-        lambda done, total: reporter.progress(done, total, "hashing"),
-    )
+    hashing = _MemoryDigest(r.pid, reporter)
+    if blocks:
+        await hashing.start(mon, blocks)
+    try:
+        await mon.wait_migration(timeout=3600, on_progress=lambda i: migration_progress(reporter, i))
+        timings["migrate"] = (time.perf_counter() - t) * 1000
+        stopped_at = stopped_at or mon.event_time("STOP", before - 1) or before
+        t = time.perf_counter()
+        size, digest, ram = await _digest(vm, plan, hashing, reporter)
+    finally:
+        hashing.stop.set()  # on a failure, a digest still reading QEMU's memory stops at its next chunk
     inode, mtime_ns = statefile.identity(vm.state_path)
     timings["digest"] = (time.perf_counter() - t) * 1000
     if durable:
@@ -192,12 +198,94 @@ async def _checkpoint(
         timings_ms=timings,
         build=r.build,
         boot_id=clock.boot_id(),
+        ram=ram,
     )
     r.checkpoint = checkpoint
     r.lost = None
     op.mark("saved")
     vm.commit()
     return checkpoint
+
+
+async def _blocks_to_hash(mon: Monitor, pid: int | None, plan: Plan) -> list[RamBlock] | None:
+    """The RAM blocks a mapped-ram save writes, to hash from QEMU's memory (blocks left in place
+    by ``x-ignore-shared`` are not); None when QEMU does not say where they are."""
+    try:
+        blocks = await ramblocks.query(mon)
+    except QemuError:
+        return None
+    if pid is None:
+        return None
+    if plan.capabilities.get("x-ignore-shared"):
+        blocks = [b for b in blocks if not ramblocks.shared_file_backed(pid, b.host)]
+    return blocks
+
+
+class _MemoryDigest:
+    """The digest of the saving QEMU's RAM blocks, taken in a thread while QEMU writes them."""
+
+    def __init__(self, pid: int | None, reporter: Reporter) -> None:
+        self.pid, self.reporter = pid, reporter
+        self.stop = threading.Event()
+        self.blocks: dict[str, RamBlock] = {}
+        self.task: asyncio.Future[dict[str, str]] | None = None
+
+    async def start(self, mon: Monitor, blocks: list[RamBlock]) -> None:
+        """Start hashing *blocks* once the guest has stopped (cpr-reboot stops it before QEMU writes RAM)."""
+        await mon.wait_status(STOPPED, 30)
+        self.blocks = {b.name: b for b in blocks}
+        self.task = asyncio.ensure_future(asyncio.to_thread(self.hash, blocks))
+        self.task.add_done_callback(lambda f: f.cancelled() or f.exception())  # read on every path
+
+    def hash(self, blocks: list[RamBlock]) -> dict[str, str]:
+        assert self.pid is not None
+
+        def hashing(done: int, total: int) -> None:
+            if self.stop.is_set():
+                raise OSError("stopped")
+            self.reporter.progress(done, total, "hashing")
+
+        return ramdigest.digests(self.pid, blocks, hashing)
+
+    async def result(self, layout: list[statefile.MappedBlock]) -> dict[str, RamPrint]:
+        """Each RAM block of the file (*layout*) with its digest; a block QEMU wrote that was not
+        hashed yet is hashed now (QEMU still runs, stopped).
+
+        :raise OSError: the memory cannot be read; `CheckpointError`: the file's blocks are not QEMU's.
+        """
+        hashed = await self.task if self.task else {}
+        written = [b for b in layout if b.pages]
+        for b in written:
+            if b.name not in self.blocks or self.blocks[b.name].used != b.used:
+                raise CheckpointError(f"RAM block {b.name} ({b.used} bytes) of the state file is not QEMU's")
+        if late := [self.blocks[b.name] for b in written if b.name not in hashed]:
+            hashed.update(await asyncio.to_thread(self.hash, late))
+        return {b.name: RamPrint(b.used, hashed[b.name]) for b in written}
+
+
+async def _digest(
+    vm: VM, plan: Plan, hashing: _MemoryDigest, reporter: Reporter
+) -> tuple[int, str, dict[str, RamPrint]]:
+    """``(size, digest, RAM blocks)`` of the state file just written: RAM from QEMU's memory and the
+    other bytes from the file where it can (mapped-ram), else the whole file read back."""
+    path = vm.state_path
+    if hashing.task is not None:
+        try:
+            layout = await asyncio.to_thread(statefile.mapped_ram_layout, path)
+            ram = await hashing.result(layout)
+            digest = await asyncio.to_thread(statefile.device_digest, path, layout, True)
+            return path.stat().st_size, digest, ram
+        except (OSError, CheckpointError) as exc:
+            reporter.step(f"{vm.name}: reading the state file back for its digest ({exc})")
+    # Written with O_DIRECT, the file is not in the page cache: read it back the same way.
+    size, digest = await asyncio.to_thread(
+        statefile.digest,
+        path,
+        True,
+        direct_io(plan.parameters),
+        lambda done, total: reporter.progress(done, total, "hashing"),
+    )
+    return size, digest, {}
 
 
 def _fsync_ram(argv: list[str]) -> None:

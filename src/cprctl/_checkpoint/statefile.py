@@ -252,3 +252,163 @@ def check_digest(
         raise CheckpointError(f"state file {path} is missing") from None
     if actual != expected:
         raise CheckpointError(f"state file {path} is corrupt: digest {actual} != recorded {expected}")
+
+
+#: The digest of a mapped-ram state file's bytes outside its RAM pages (header, device state, the
+#: pages' bitmaps): xxh3-128 over those bytes in file order.
+DEVICE_ALGORITHM = "xxh3_128d"
+#: The "ram" section's start: its name, instance 0, version 4, then the first setup word (the
+#: RAM's total size, page-aligned, with RAM_SAVE_FLAG_MEM_SIZE 0x04 in its low bits).
+_RAM_SECTION = b"\x03ram" + (0).to_bytes(4, "big") + (4).to_bytes(4, "big")
+#: mapped-ram: each block's MappedRamHeader (version 1, page size, bitmap and pages offsets, big-endian,
+#: packed: 28 bytes) sits in the stream after its name and size; its pages start 1 MiB-aligned.
+_MAPPED_HEADER = 28
+_ALIGN = 1 << 20
+
+
+class MappedBlock(NamedTuple):
+    """One RAM block of a mapped-ram state file: its pages are ``[pages, pages + used)``; *pages* is 0
+    for a block left in place (``x-ignore-shared``, QEMU >= 11)."""
+
+    name: str
+    used: int
+    pages: int
+    bitmap: int = 0
+
+
+def mapped_ram_layout(path: Path) -> list[MappedBlock]:
+    """The RAM blocks of mapped-ram state file *path*, in file order.
+
+    :raise CheckpointError: the file is not a mapped-ram stream that cprctl can read.
+    """
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(_ALIGN)
+        at = head.find(_RAM_SECTION)
+        if at < 0:
+            raise CheckpointError(f"state file {path} has no mapped-ram RAM section")
+        p = at + len(_RAM_SECTION) + 8
+        remaining = int.from_bytes(head[p - 8 : p], "big") & ~0xFFF
+        blocks: list[MappedBlock] = []
+        while remaining > 0:
+            f.seek(p)
+            entry = f.read(256 + 8 + 16 + _MAPPED_HEADER)
+            n = entry[0] if entry else 0
+            name = entry[1 : 1 + n].decode(errors="replace")
+            used = int.from_bytes(entry[1 + n : 9 + n], "big")
+            found = _mapped_header(entry, 9 + n, p)
+            if not n or used <= 0 or used > remaining or found is None:
+                raise CheckpointError(f"state file {path}: unreadable mapped-ram block at offset {p}")
+            header_end, pages = found
+            if pages and pages + used > size:
+                raise CheckpointError(f"state file {path}: RAM block {name} ends past the end of the file")
+            blocks.append(MappedBlock(name, used, pages, p + header_end if pages else 0))
+            p = pages + used if pages else p + header_end
+            remaining -= used
+    return blocks
+
+
+def _mapped_header(entry: bytes, start: int, base: int) -> tuple[int, int] | None:
+    """``(end of the header in *entry*, pages offset)`` of the MappedRamHeader found at *start* (or 8 or
+    16 bytes later, past optional fields): the one whose bitmap offset is its own end."""
+    for at in (start, start + 8, start + 16):
+        h = entry[at : at + _MAPPED_HEADER]
+        if len(h) < _MAPPED_HEADER or int.from_bytes(h[:4], "big") != 1:
+            continue
+        page = int.from_bytes(h[4:12], "big")
+        bitmap, pages = int.from_bytes(h[12:20], "big"), int.from_bytes(h[20:28], "big")
+        if page and page & (page - 1) == 0:
+            if bitmap == pages == 0:
+                return at + _MAPPED_HEADER, 0
+            if bitmap == base + at + _MAPPED_HEADER and pages >= bitmap and pages % _ALIGN == 0:
+                return at + _MAPPED_HEADER, pages
+    return None
+
+
+def device_regions(size: int, blocks: list[MappedBlock]) -> list[tuple[int, int]]:
+    """``(start, end)`` of the bytes of a file of *size* bytes outside the RAM pages of *blocks*."""
+    regions, start = [], 0
+    for b in sorted((b for b in blocks if b.pages), key=lambda b: b.pages):
+        regions.append((start, b.pages))
+        start = b.pages + b.used
+    regions.append((start, size))
+    return [(s, e) for s, e in regions if e > s]
+
+
+def device_digest(path: Path, blocks: list[MappedBlock], fsync: bool = False) -> str:
+    """``"xxh3_128d:<hex>"`` of *path*'s bytes outside the RAM pages of *blocks*; with *fsync*, flush
+    the whole file to disk first.
+
+    :raise FileNotFoundError: the file is gone.
+    """
+    h = xxhash.xxh3_128()
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if fsync:
+            os.fsync(fd)
+        for start, end in device_regions(os.fstat(fd).st_size, blocks):
+            while start < end:
+                data = os.pread(fd, min(CHUNK, end - start), start)
+                if not data:
+                    break
+                h.update(data)
+                start += len(data)
+    finally:
+        os.close(fd)
+    return f"{DEVICE_ALGORITHM}:{h.hexdigest()}"
+
+
+def loaded_digest(path: Path, block: MappedBlock, page: int = 4096) -> str:
+    """``"xxh3_128c:<hex>"`` of RAM block *block* as QEMU loads it from *path*: its pages whose bit is set
+    in the block's bitmap, zeros elsewhere (what `ramdigest.digests` finds in the loading QEMU's memory).
+
+    :raise FileNotFoundError: the file is gone.
+    """
+    pages = block.used // page
+    total = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        bitmap = os.pread(f.fileno(), (pages + 63) // 64 * 8, block.bitmap)
+        for off in range(0, block.used, CHUNK):
+            buf = bytearray(os.pread(f.fileno(), min(CHUNK, block.used - off), block.pages + off))
+            buf.extend(bytes(min(CHUNK, block.used - off) - len(buf)))
+            first = off // page
+            for i in range(len(buf) // page):
+                n = first + i
+                if not bitmap[n // 8] >> (n % 8) & 1:
+                    buf[i * page : (i + 1) * page] = bytes(page)
+            total.update(xxhash.xxh3_128(buf).digest())
+    return f"{ALGORITHM}:{total.hexdigest()}"
+
+
+def verify_mapped(path: Path, size: int, device: str, ram: dict[str, tuple[int, str]]) -> None:
+    """Refuse a mapped-ram state file whose RAM blocks (*ram*: name -> used bytes, digest as QEMU will
+    load them) or other bytes (*device*: `device_digest`) are not those recorded; it reads the whole file
+    (``check``; a restore verifies the RAM in the loaded QEMU instead).
+
+    :raise CheckpointError: naming what is wrong; the file is left as it is.
+    """
+    check_file(path, size)
+    blocks = check_layout(path, ram)
+    if (actual := device_digest(path, blocks)) != device:
+        raise CheckpointError(f"state file {path} is corrupt: digest {actual} != recorded {device}")
+    for b in blocks:
+        if b.pages and (actual := loaded_digest(path, b)) != ram[b.name][1]:
+            raise CheckpointError(
+                f"state file {path} is corrupt: digest of RAM block {b.name} {actual} != recorded {ram[b.name][1]}"
+            )
+
+
+def check_layout(path: Path, ram: dict[str, tuple[int, str]]) -> list[MappedBlock]:
+    """The RAM blocks of mapped-ram state file *path*, once they are those recorded (*ram*, as for
+    `verify_mapped`).
+
+    :raise CheckpointError: the file's blocks are not the recorded ones.
+    """
+    try:
+        blocks = mapped_ram_layout(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"state file {path} is missing") from None
+    found = {b.name: b.used for b in blocks if b.pages}
+    if found != {name: used for name, (used, _) in ram.items()}:
+        raise CheckpointError(f"state file {path} is corrupt: its RAM blocks are not those recorded")
+    return blocks

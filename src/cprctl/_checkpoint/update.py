@@ -36,12 +36,13 @@ from pathlib import Path
 
 from .._qemu import argv as qargv
 from .._qemu import fds, process
+from .._qemu.argv import ram_layout
 from .._qemu.process import Binary
 from .._qemu.qmp import Monitor
 from .._qemu.sockets import drop_sockets, take_over_sockets
 from .._store import StateDir, VMLock
 from ..errors import CheckFailed, CprctlError, QemuError, VMStateError
-from . import kept, precopy
+from . import disks, kept, precopy, warmup
 from .compat import binary_findings, require
 from .facts import binary_info, gather
 from .lifecycle import SOCKET_PATH_MAX
@@ -318,6 +319,9 @@ async def _migrate(
     op.mark("migrating")
     op.suspended_by_us = plan.suspend
     vm.commit()
+    t = time.perf_counter()
+    await _warm_up(vm, old, new)
+    timings["warm_up"] = (time.perf_counter() - t) * 1000
     stopped_at = await suspend_guest(vm, old) if plan.suspend else None
     reporter.step(f"{vm.name}: handing the guest over to pid {new.pid}")
     t = time.perf_counter()
@@ -326,7 +330,9 @@ async def _migrate(
     if precopy.is_precopy(plan):
         timings.update(await precopy.run(old, reporter, vm.name))
     else:
-        await old.wait_migration(timeout=3600)
+        done = await old.wait_migration(timeout=3600)
+        if isinstance(done.get("downtime"), int):  # the old QEMU's part of the pause: stop, flush, device state
+            timings["downtime"] = float(done["downtime"])
     status = await new.wait_status({"running", "paused", "suspended", "postmigrate"}, 60, poll=0.001)
     timings["switch"] = (time.perf_counter() - t) * 1000
     if status == "suspended" and op.suspended_by_us:
@@ -353,6 +359,16 @@ async def _migrate(
     how = f"pre-copy: {timings['precopy'] / 1000:.1f} s, {timings['passes']:.0f} passes" if "precopy" in timings else ""
     reporter.step(f"{vm.name}: {status} on {argv[0]} after a {pause_ms:.1f} ms pause (warm standby{how and '; '}{how})")
     return UpdateResult(vm.name, new.pid or 0, pause_ms, True, None, timings)
+
+
+async def _warm_up(vm: VM, old: Monitor, new: Monitor) -> None:
+    """Before the guest stops: flush its disk images and RAM files, read the new QEMU's code ahead
+    (see `warmup`)."""
+    images = disks.image_paths(await old.execute("query-named-block-nodes", {"flat": True}))
+    ram = [b.path for b in ram_layout(vm.record.argv).backends if b.named_shared_file and b.path]
+    await asyncio.to_thread(warmup.flush, [*images, *ram])
+    if new.pid:
+        await asyncio.to_thread(warmup.read_ahead, new.pid)
 
 
 async def _move_vnc(new: Monitor, side: str, reporter: Reporter) -> None:

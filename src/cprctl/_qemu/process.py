@@ -281,3 +281,19 @@ def bytes_read(pid: int) -> int | None:
         return None
     found = re.search(r"^rchar: (\d+)$", text, re.MULTILINE)
     return int(found[1]) if found else None
+
+
+def code_files(pid: int) -> list[str]:
+    """The files process *pid* maps executable (its binary and libraries), each once; [] when unknown."""
+    found: dict[str, None] = {}
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            for line in f:
+                fields = line.split(maxsplit=5)
+                if len(fields) > 5 and "x" in fields[1] and fields[5].startswith("/"):
+                    path = fields[5].strip()
+                    if not path.endswith(" (deleted)"):
+                        found[path] = None
+    except OSError:
+        return []
+    return list(found)
