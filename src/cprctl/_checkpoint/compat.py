@@ -72,7 +72,7 @@ def _lacks(
     for cpu in _named(argv, "cpu", "model"):
         if cpu not in info.cpus:
             yield "cpu", f"lacks CPU model {cpu}"
-    for path in firmware(argv, info.datadirs, cwd):
+    for path in firmware(argv, info.datadirs, cwd, info.root):
         if not os.path.exists(path):
             yield "file", f"would not find {path}"
 
@@ -89,16 +89,19 @@ def _netdevs(argv: Sequence[str]) -> list[str]:
     return found
 
 
-def firmware(argv: Sequence[str], datadirs: Sequence[str], cwd: str = "/") -> list[str]:
+def firmware(argv: Sequence[str], datadirs: Sequence[str], cwd: str = "/", root: str = "/") -> list[str]:
     """The files *argv* makes QEMU load at start-up (firmware, kernel, ROMs), as paths to look for.
 
-    A bare ``-bios``/``romfile`` name is searched in the binary's data dirs (the
-    first dir stands for all when none has it); other paths are taken from *cwd*.
+    A bare ``-bios``/``romfile`` name is searched in the binary's data dirs below
+    *root* (the tree the binary runs in; the first dir stands for all when none has
+    it); other paths are the host's, taken from *cwd*.
     """
     found: list[str] = []
     for opt in qargv.options(argv, "bios", "pflash", "kernel", "initrd", "dtb"):
-        if opt.value:
-            found.append(_datadir_file(opt.value, datadirs) if opt.name == "bios" else os.path.join(cwd, opt.value))
+        if opt.value and opt.name == "bios":
+            found.append(_datadir_file(opt.value, datadirs, root))
+        elif opt.value:
+            found.append(os.path.join(cwd, opt.value))
     for opt in qargv.options(argv, "drive"):
         props = qargv.split_keyval(opt.value or "", "file")
         if props.get("if") == "pflash" and props.get("file"):
@@ -106,16 +109,16 @@ def firmware(argv: Sequence[str], datadirs: Sequence[str], cwd: str = "/") -> li
     for opt in qargv.options(argv, "device"):
         rom = qargv.split_keyval(opt.value or "", "driver").get("romfile")
         if rom:
-            found.append(_datadir_file(rom, datadirs))
+            found.append(_datadir_file(rom, datadirs, root))
     x86 = os.path.basename(argv[0]).startswith(("qemu-system-x86_64", "qemu-system-i386")) if argv else False
     pflash = any(p.endswith("pflash") or "if=pflash" in p for p in argv)
     if x86 and not qargv.options(argv, "bios") and not pflash:
-        found.append(_datadir_file(X86_DEFAULT_BIOS, datadirs))
+        found.append(_datadir_file(X86_DEFAULT_BIOS, datadirs, root))
     return found
 
 
-def _datadir_file(name: str, datadirs: Sequence[str]) -> str:
+def _datadir_file(name: str, datadirs: Sequence[str], root: str = "/") -> str:
     if os.sep in name or not datadirs:
         return name
-    paths = [os.path.join(d, name) for d in datadirs]
+    paths = [os.path.join(root, d.lstrip("/"), name) for d in datadirs]
     return next((p for p in paths if os.path.exists(p)), paths[0])
