@@ -15,6 +15,7 @@ from typing import Literal
 
 import msgspec
 
+from .._qemu.virtio import VirtioDevice
 from ..errors import RecordError
 
 #: The record format this cprctl writes; it reads this one and older ones.
@@ -65,6 +66,8 @@ class Checkpoint(msgspec.Struct, forbid_unknown_fields=True):
     mtime_ns: int = 0
     ram_files: list[str] = []
     timings_ms: dict[str, float] = {}
+    #: The VM's virtio devices and their queue sizes at the save (a restore on another build checks them).
+    virtio: list[VirtioDevice] = []
 
 
 class Operation(msgspec.Struct, forbid_unknown_fields=True):
@@ -80,6 +83,8 @@ class Operation(msgspec.Struct, forbid_unknown_fields=True):
     #: ``update``: the new QEMU binary, and the suffix of the socket paths it binds until it takes over.
     binary: str | None = None
     socket_suffix: str = "~"
+    #: The `VMRecord.compat_args` the new QEMU of an update was started with.
+    compat_args: list[str] = []
 
     @property
     def step(self) -> Step:
@@ -111,6 +116,13 @@ class VMRecord(msgspec.Struct, forbid_unknown_fields=True):
     unit: str | None = None
     #: A host shutdown powered the VM off (it could not be saved): the next ``restore-all`` boots it.
     boot_pending: bool = False
+    #: Arguments cprctl adds after ``argv`` whenever it starts the VM's QEMU (``-global TYPE.PROP=VALUE``
+    #: pairs that size virtqueues as the VM has them, see `compat.queue_args`); ``argv`` stays the operator's.
+    compat_args: list[str] = []
+
+    def command(self, binary: str | None = None) -> list[str]:
+        """The command line that starts this VM's QEMU (*binary* instead of its own): argv, then `compat_args`."""
+        return [binary or self.argv[0], *self.argv[1:], *self.compat_args]
 
     @property
     def binary(self) -> str:

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
+from .._qemu import virtio
 from .._qemu.agent import Agent
 from .._qemu.argv import ram_layout
 from .._qemu.qmp import Monitor
@@ -187,6 +188,7 @@ async def _checkpoint(
         inode=inode,
         mtime_ns=mtime_ns,
         timings_ms=timings,
+        virtio=await virtio.devices(mon),
     )
     r.checkpoint = checkpoint
     op.mark("saved")
