@@ -202,10 +202,17 @@ def qemu_copy(folder: Path, name: str = "qemu-system-x86_64") -> Path:
     return path
 
 
-def upgrade_binary(path: Path) -> None:
-    """Replace the binary at *path* as dpkg does: write the new file beside it, then rename it over."""
+def upgrade_binary(path: Path, tag: bytes = b"") -> None:
+    """Replace the binary at *path* as dpkg does: write the new file beside it, then rename it over.
+
+    With *tag* (appended after the ELF's contents, which the loader ignores) it is another build: its
+    build id differs, as a real upgrade's does.
+    """
     new = path.with_name(path.name + ".dpkg-new")
     shutil.copy2(QEMU, new)
+    if tag:
+        with open(new, "ab") as f:
+            f.write(tag)
     os.rename(new, path)
 
 

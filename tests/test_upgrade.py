@@ -105,13 +105,15 @@ def test_a_failed_cold_restore_goes_back_to_the_previous_binary(vm: GuestVM, sta
 def test_a_replaced_binary_is_kept_to_go_back_to(state_dir: Path) -> None:
     binary = qemu_copy(state_dir.parent / "pkg2" / "bin")
     v = GuestVM.launch("r1", state_dir, ram="file", fill=0, qemu=str(binary), work=state_dir.parent / "r1-w")
-    upgrade_binary(binary)
+    upgrade_binary(binary, tag=b"another build")
     bad = wrapper(state_dir.parent / "noincoming", "qemu-system-x86_64", NO_INCOMING)
     mark = v.mark()
     out = cli("update", "r1", "--qemu", str(bad), "--cold", state_dir=state_dir)
-    one_line_refusal(out, "runs again on its previous binary", "qemu.previous")
+    one_line_refusal(out, "runs again on its previous binary", "simulated: cannot load here")
     st = v.status()
-    assert st.state == "running" and st.argv[0].endswith("/qemu.previous") and os.path.exists(st.argv[0])
+    kept_launcher = state_dir / "builds" / str(st.build) / "bin" / "qemu-system-x86_64"
+    assert st.state == "running" and st.argv[0] == str(kept_launcher) and os.path.exists(st.argv[0])
+    assert st.kept_from == str(binary) and st.binary_replaced, st  # update-all tries the new binary again
     v.assert_continued(mark, fill=0)
     v.stop()
 

@@ -145,15 +145,22 @@ def check(
     suspend: SuspendMode = "auto",
     strategy: Strategy = "auto",
     qemu: str | None = None,
+    trial: bool = False,
     state_dir: PathLike = None,
 ) -> list[Finding]:
     """The preflight check of VM *name*, worst finding first; touches nothing.
 
-    With *qemu*, also what that binary lacks to take the VM (as ``update`` checks).
+    With *qemu*, also what that binary lacks to take the VM (as ``update`` checks). With *trial*, a saved
+    VM's checkpoint is first loaded into the binary a restore would use (or *qemu*) under ``-S`` and that
+    QEMU killed: the outcome is recorded as a proof (the guest never runs there).
     """
     from ._checkpoint import inspect
 
-    return _run(inspect.check(StateDir(state_dir), name, reboot=reboot, suspend=suspend, strategy=strategy, qemu=qemu))
+    return _run(
+        inspect.check(
+            StateDir(state_dir), name, reboot=reboot, suspend=suspend, strategy=strategy, qemu=qemu, trial=trial
+        )
+    )
 
 
 def status(name: str | None = None, *, reporter: Reporter | None = None, state_dir: PathLike = None) -> list[VMStatus]:
@@ -184,6 +191,7 @@ def save_all(
     suspend: SuspendMode = "auto",
     force: bool = False,
     shutdown_unsaveable: bool = False,
+    trial: bool = False,
     reporter: Reporter | None = None,
     state_dir: PathLike = None,
 ) -> list[VMOutcome]:
@@ -193,6 +201,7 @@ def save_all(
     touched (`FleetCheckFailed`). With *shutdown_unsaveable* (the host is going
     down), each VM that passes is saved and each other one is shut down cleanly
     (guest agent, else ACPI) and booted afresh by the next `restore_all`.
+    With *trial*, each checkpoint is then loaded into the binary a restore will use, as ``check --trial``.
     Returns one `VMOutcome` per managed VM.
     """
     from ._checkpoint import fleet
@@ -205,6 +214,7 @@ def save_all(
             suspend=suspend,
             force=force,
             shutdown_unsaveable=shutdown_unsaveable,
+            trial=trial,
             reporter=reporter,
         )
     )

@@ -226,7 +226,8 @@ def restore(state_dir: str | None, name: str, qemu: str | None, no_sync_time: bo
     if as_json:
         out.print_json(json.dumps(res.__dict__))
     else:
-        out.print(f"{name}: {res.status}, pid {res.pid}; guest paused {res.pause_ms:.0f} ms")
+        kept = f" on the kept build that wrote the checkpoint ({res.fallback})" if res.fallback else ""
+        out.print(f"{name}: {res.status}, pid {res.pid}; guest paused {res.pause_ms:.0f} ms{kept}")
 
 
 @main.command()
@@ -288,6 +289,13 @@ def status(state_dir: str | None, name: str | None, as_json: bool) -> None:
         size = f"{r.state_file} ({r.state_file_bytes / 1e6:.1f} MB)" if r.state_file_bytes is not None else "-"
         pause = f"{r.last_pause_ms:.0f} ms" if r.last_pause_ms is not None else "-"
         state = f"{r.state} [yellow](binary replaced)[/]" if r.binary_replaced else r.state
+        state = f"{state} [yellow](kept build)[/]" if r.kept_from else state
+        if r.loads == "fails":
+            state += (
+                " [yellow](state fails on disk QEMU; kept build takes it)[/]"
+                if r.fallback_build
+                else " [red](state fails on disk QEMU, no kept build)[/]"
+            )
         state = f"{state} (powered off at shutdown; restore-all boots it)" if r.boot_pending else state
         unit = [r.unit or "-"] if units else []
         table.add_row(r.name, state, str(r.pid or "-"), *unit, r.qmp, r.qga or "-", size, pause)
@@ -299,11 +307,14 @@ def status(state_dir: str | None, name: str | None, as_json: bool) -> None:
 @click.option("--reboot", is_flag=True, help="Also require what a host reboot needs.")
 @_suspend
 @click.option("--qemu", help="Also check that this QEMU binary can take the VM (as update does).")
+@click.option("--trial", is_flag=True, help="Saved VM: load its checkpoint into the restore's binary (-S), kill it.")
 @_json
 @click.pass_obj
-def check(state_dir: str | None, name: str, reboot: bool, suspend: Any, qemu: str | None, as_json: bool) -> None:
+def check(
+    state_dir: str | None, name: str, reboot: bool, suspend: Any, qemu: str | None, trial: bool, as_json: bool
+) -> None:
     """Preflight check: would a save (and a reboot, or a move onto --qemu BINARY) keep this VM? Exit 1 on errors."""
-    found = run(lambda: _api.check(name, reboot=reboot, suspend=suspend, qemu=qemu, state_dir=state_dir))
+    found = run(lambda: _api.check(name, reboot=reboot, suspend=suspend, qemu=qemu, trial=trial, state_dir=state_dir))
     bad = [f for f in found if f.blocking]
     if as_json:
         out.print_json(json.dumps([f.__dict__ | {"blocking": f.blocking} for f in found]))
@@ -367,6 +378,7 @@ def _unit_status(rep: TermReporter | systemd.Notifier, outcomes: list[VMOutcome]
     is_flag=True,
     help="The host is going down: save each VM that passes 'check --reboot', shut the others down cleanly.",
 )
+@click.option("--trial", is_flag=True, help="Then load each checkpoint into the restore's binary (-S) and kill it.")
 @_parallel
 @_suspend
 @_force
@@ -376,6 +388,7 @@ def save_all(
     state_dir: str | None,
     reboot: bool,
     shutdown_unsaveable: bool,
+    trial: bool,
     parallel: int | None,
     suspend: Any,
     force: bool,
@@ -390,6 +403,7 @@ def save_all(
             suspend=suspend,
             force=force,
             shutdown_unsaveable=shutdown_unsaveable,
+            trial=trial,
             reporter=rep,
             state_dir=state_dir,
         )

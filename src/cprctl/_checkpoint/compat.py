@@ -14,15 +14,18 @@ none does, the move is refused naming the device and queue.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from .._qemu import argv as qargv
 from .._qemu.probe import BinaryInfo
 from .._qemu.process import MIN_VERSION
 from .._qemu.virtio import VirtioDevice
 from ..errors import CheckFailed
-from .plan import Finding
+from .plan import Finding, Severity
+from .record import Proof
 
 #: Firmware x86 machines load when the argv names none (SeaBIOS).
 X86_DEFAULT_BIOS = "bios-256k.bin"
@@ -43,6 +46,97 @@ def binary_findings(
         Finding(f"binary-{what}", "error", f"{info.path} {lack}", "pick a QEMU that has it; the VM was not touched")
         for what, lack in _lacks(info, argv, machine, capabilities, parameters, cwd)
     ]
+
+
+def fallback_binary(failed: str, failed_wrote_it: bool, home: str, home_wrote_it: bool, kept: str | None) -> str | None:
+    """Where a restore goes when binary *failed* could not load the checkpoint: the VM's own binary *home*
+    while it is still the build that wrote the checkpoint (*home_wrote_it*), else the *kept* build's
+    launcher. None when the binary that failed is itself that build (*failed_wrote_it*: another copy of it
+    would fail the same way, e.g. the state file or the host is at fault) or nothing is left to try."""
+    if failed_wrote_it:
+        return None
+    for candidate in (home if home_wrote_it else None, kept):
+        if candidate and candidate != failed:
+            return candidate
+    return None
+
+
+#: Whether a VM's state loads into a binary: its own build's, proven by a trial, known to fail, not yet tried,
+#: or unknown (the state's build was never recorded).
+LoadVerdict = Literal["same-build", "proven", "fails", "unproven", "unknown"]
+
+
+@dataclass(frozen=True)
+class Loadability:
+    """What is known about loading a VM's state into *binary*."""
+
+    verdict: LoadVerdict
+    binary: str
+    reason: str = ""
+    #: The kept build that wrote the state, which a restore falls back to; None when none is kept.
+    kept: str | None = None
+
+    @property
+    def restorable(self) -> bool:
+        """Whether a restore has a binary that is not known to fail: *binary* itself or the kept build."""
+        return self.verdict != "fails" or self.kept is not None
+
+
+def loadability(
+    source: str | None, target: str | None, binary: str, proof: Proof | None, kept: str | None
+) -> Loadability:
+    """Decide from the state's build *source*, the *binary*'s build *target* (None: missing or unreadable),
+    what was learnt (*proof*) and the *kept* build's launcher."""
+    if source is None:
+        return Loadability("unknown", binary, "the build that runs it was not recorded", kept)
+    if target is None:
+        return Loadability("fails", binary, f"{binary} is missing or unreadable", kept)
+    if source == target:
+        return Loadability("same-build", binary, "", kept)
+    if proof is None:
+        return Loadability("unproven", binary, "", kept)
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(proof.at))
+    if proof.loads:
+        return Loadability("proven", binary, f"by a {proof.how} at {when}", kept)
+    return Loadability("fails", binary, f"{proof.reason} ({proof.how} at {when})", kept)
+
+
+def load_finding(name: str, load: Loadability) -> Finding:
+    """The finding `check --reboot` and `check --qemu` report about loading *name*'s state."""
+    b, kept = load.binary, load.kept
+    instead = f"; a restore falls back to the kept build {kept}" if kept else ""
+    if load.verdict == "same-build":
+        return Finding("state-loads", "info", f"its state is written by the build of {b}: it loads there")
+    if load.verdict == "proven":
+        return Finding("state-loads", "info", f"its state is proven to load into {b} ({load.reason})")
+    if load.verdict == "unknown":
+        return Finding(
+            "state-load-unknown",
+            "warning",
+            f"whether its state loads into {b} is unknown: {load.reason}",
+            "save and restore it once (or update it) so cprctl keeps its QEMU build",
+        )
+    if load.verdict == "unproven":
+        severity: Severity = "info" if kept else "warning"
+        return Finding(
+            "state-load-unproven",
+            severity,
+            f"its state is not yet proven to load into {b}{instead}",
+            "" if kept else f"'cprctl update {name} --qemu {b}' tries it with the guest running",
+        )
+    if kept:
+        return Finding(
+            "state-load-fails",
+            "warning",
+            f"its state does not load into {b}: {load.reason}{instead}",
+            f"'cprctl update {name}' again once a QEMU that loads it is installed",
+        )
+    return Finding(
+        "state-load-fails",
+        "error",
+        f"its state does not load into {b} ({load.reason}) and no kept build can take it: it would stay down",
+        "keep the VM running, or install a QEMU that loads it and move it there with 'cprctl update'",
+    )
 
 
 def require(name: str, found: list[Finding]) -> None:

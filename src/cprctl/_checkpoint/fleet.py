@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from .._qemu.argv import ram_layout
@@ -21,6 +21,7 @@ from .plan import Finding, SuspendMode
 from .report import Quiet, Reporter
 from .restore import restore
 from .save import save
+from .trial import trial as trial_load
 from .update import update
 from .vm import open_vm
 
@@ -58,6 +59,7 @@ async def save_all(
     suspend: SuspendMode = "auto",
     force: bool = False,
     shutdown_unsaveable: bool = False,
+    trial: bool = False,
     reporter: Reporter | None = None,
 ) -> list[VMOutcome]:
     """Save every running VM, *parallel* at a time (default: one per core; VMs whose RAM must be
@@ -66,6 +68,9 @@ async def save_all(
     With *shutdown_unsaveable* (the host is going down: implies *reboot*), every VM that passes
     ``check --reboot`` is saved and every other running VM, or one whose save fails, is shut down
     cleanly (`lifecycle.shut_down`) instead of the whole fleet being refused.
+
+    With *trial*, each saved checkpoint is then loaded into the binary a restore will use (`trial.trial`,
+    the guest never runs there) and the outcome's detail says whether it loads or the kept build takes it.
 
     :raise FleetCheckFailed: with *reboot* alone, when any VM fails its check (nothing was touched).
     """
@@ -107,6 +112,8 @@ async def save_all(
             try:
                 res = await save(sd, name, suspend=suspend, reboot=reboot, force=force, reporter=reporter)
                 outcome = VMOutcome(name, "saved", f"{res.strategy}, {res.size / 1e6:.1f} MB", "saved", res.strategy)
+                if trial:
+                    outcome = replace(outcome, detail=f"{outcome.detail}; {await _tried(sd, name)}")
             except CprctlError as exc:
                 outcome = _not_done(sd, name, exc)
                 if outcome.state == "running" and shutdown_unsaveable:
@@ -117,6 +124,18 @@ async def save_all(
     done = await asyncio.gather(*(one(n) for n in running))
     others = [_untouched(n, s) for n, s in states.items() if n not in running]
     return sorted([*done, *others], key=lambda o: o.name)
+
+
+async def _tried(sd: StateDir, name: str) -> str:
+    """A trial load of *name*'s new checkpoint, in a few words."""
+    try:
+        tried = await trial_load(sd, name)
+    except CprctlError as exc:
+        return f"trial load failed to run: {exc}"
+    if tried.loads:
+        return f"its state loads into {tried.binary} (trial)"
+    instead = f"restore-all will use the kept build {tried.load.kept}" if tried.load.kept else "no kept build can"
+    return f"its state does not load into {tried.binary} ({tried.reason}); {instead}"
 
 
 async def _shut_down(sd: StateDir, name: str, why: str, reporter: Reporter) -> VMOutcome:
@@ -163,8 +182,9 @@ async def restore_all(
                     outcome = VMOutcome(name, "cold-booted", f"powered off at shutdown; pid {rec.pid}", "running")
                 else:
                     res = await restore(sd, name, sync_time=sync_time, reporter=reporter)
+                    how = f"; {res.fallback}" if res.fallback else ""
                     outcome = VMOutcome(
-                        name, "restored", f"paused {res.pause_ms:.0f} ms", res.status, None, res.pause_ms
+                        name, "restored", f"paused {res.pause_ms:.0f} ms{how}", res.status, None, res.pause_ms
                     )
             except CprctlError as exc:
                 outcome = VMOutcome(name, "failed", str(exc), open_vm(sd, name).state())
@@ -206,7 +226,7 @@ async def update_all(
             detail = f"{how} onto {target}, paused {res.pause_ms:.1f} ms"
             return VMOutcome(name, "updated", detail, "running", None, res.pause_ms, res.warm)
 
-    done = await asyncio.gather(*(one(st.name, binary or st.argv[0]) for st in moving))
+    done = await asyncio.gather(*(one(st.name, binary or st.kept_from or st.argv[0]) for st in moving))
     moved = {st.name for st in moving}
     others = [
         VMOutcome(st.name, "skipped", "runs the binary on disk", st.state)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 from dataclasses import asdict, dataclass
@@ -14,12 +15,13 @@ from .._qemu.process import Binary
 from .._qemu.qmp import Monitor
 from .._store import StateDir, VMLock
 from ..errors import BusyError, CprctlError, QemuError
-from . import disks, statefile
-from .compat import binary_findings
+from . import disks, kept, statefile
+from .compat import binary_findings, load_finding
 from .facts import binary_info, gather, mount_of, ram_fact
 from .plan import VOLATILE_FS, Finding, Strategy, SuspendMode, choose, direct_io, findings, warm_blockers
 from .precopy import warm_path
 from .report import Quiet, Reporter
+from .trial import trial as trial_load
 from .vm import VM, open_vm, recover
 
 
@@ -47,6 +49,17 @@ class VMStatus:
     unit: str | None = None
     #: A host shutdown powered it off (it could not be saved); the next restore-all boots it.
     boot_pending: bool = False
+    #: The kept QEMU build (`cprctl._store.builds`) it runs on, and the one that wrote its checkpoint.
+    build: str | None = None
+    checkpoint_build: str | None = None
+    #: It runs on a kept build because the binary at this path could not take it (``binary_replaced`` is
+    #: then set too: ``update-all`` tries this path again).
+    kept_from: str | None = None
+    #: Whether its state loads into the binary a restore would use (`compat.LoadVerdict`: ``same-build``,
+    #: ``proven``, ``fails``, ``unproven``, ``unknown``), why, and the kept build a restore falls back to.
+    loads: str | None = None
+    loads_detail: str = ""
+    fallback_build: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -74,10 +87,21 @@ def vm_status(vm: VM) -> VMStatus:
         cp.strategy if cp else None,
         r.last_pause_ms,
         op,
-        pid is not None and process.exe_replaced(pid, r.argv[0]),
+        pid is not None and (r.kept_from is not None or process.exe_replaced(pid, r.argv[0])),
         systemd.unit_of(pid) if pid is not None else None,
         r.boot_pending,
+        r.build,
+        cp.build if cp else None,
+        r.kept_from,
+        *_loads(vm, pid is not None),
     )
+
+
+def _loads(vm: VM, running: bool) -> tuple[str | None, str, str | None]:
+    if not running and vm.record.checkpoint is None:
+        return None, "", None
+    load = kept.loadability(vm)
+    return load.verdict, load.reason, load.kept
 
 
 async def status(sd: StateDir, name: str | None = None, reporter: Reporter | None = None) -> list[VMStatus]:
@@ -108,8 +132,9 @@ async def check(
     suspend: SuspendMode = "auto",
     strategy: Strategy = "auto",
     qemu: str | None = None,
+    trial: bool = False,
 ) -> list[Finding]:
-    """The preflight check of VM *name*, without touching it.
+    """The preflight check of VM *name*, without touching it (but for a *trial*, see `trial.trial`).
 
     A running VM is checked as `save` would; a saved one has its checkpoint
     verified (state file, disks, RAM kept in place). With *qemu*, also whether
@@ -117,10 +142,21 @@ async def check(
 
     :raise UsageError: *qemu* is not an executable.
     """
-    vm = open_vm(sd, name)
     binary = Binary.find(qemu).path if qemu else None
-    found = await _check(vm, reboot, suspend, strategy, binary)
+    tried = await _trial(sd, name, binary) if trial else []
+    vm = open_vm(sd, name)
+    found = [*tried, *await _check(vm, reboot, suspend, strategy, binary)]
+    if (reboot or binary or trial) and (vm.running() or vm.record.checkpoint is not None):
+        found.append(load_finding(name, await asyncio.to_thread(kept.loadability, vm, binary)))
     return found + host_findings(vm) if reboot else found
+
+
+async def _trial(sd: StateDir, name: str, binary: str | None) -> list[Finding]:
+    """A trial load of a saved VM's checkpoint (its outcome is then a proof `load_finding` reports)."""
+    if open_vm(sd, name).record.checkpoint is None:
+        return [Finding("trial", "info", "a running VM has no checkpoint to try: a warm 'update' is its trial")]
+    await trial_load(sd, name, binary)
+    return []
 
 
 async def _check(vm: VM, reboot: bool, suspend: SuspendMode, strategy: Strategy, binary: str | None) -> list[Finding]:

@@ -20,6 +20,7 @@ from .._qemu.process import Binary
 from .._qemu.qmp import Monitor
 from .._store import StateDir, VMLock
 from ..errors import AgentError, QemuError, UsageError, VMStateError
+from . import kept
 from .record import VMRecord
 from .report import Quiet, Reporter
 from .vm import LOG_FILE, VM, open_vm
@@ -109,6 +110,7 @@ async def launch(sd: StateDir, name: str, argv: Sequence[str], agent: bool = Fal
         except BaseException:
             process.kill(rec.pid)
             raise
+        await _keep_build(vm)
         return rec
 
 
@@ -169,7 +171,9 @@ async def adopt(sd: StateDir, name: str, qmp: str, qga: str | None = None) -> VM
         )
         # Out of the unit that started it (which systemd would stop at shutdown without a save).
         systemd.attach(pid, name)
-        VM(name, folder, rec).commit()
+        vm = VM(name, folder, rec)
+        vm.commit()
+        await _keep_build(vm)
         return rec
 
 
@@ -268,6 +272,7 @@ def remove(sd: StateDir, name: str, force: bool = False) -> None:
         if vm.record.checkpoint is not None and not force:
             raise VMStateError(f"{name} is saved; removing it discards its checkpoint (use --force)")
         shutil.rmtree(vm.folder)
+    kept.collect(sd.path)
 
 
 async def start(sd: StateDir, name: str) -> VMRecord:
@@ -287,7 +292,14 @@ async def start(sd: StateDir, name: str) -> VMRecord:
         vm.record.boot_pending = False
         vm.commit()
         await wait_qmp(vm, vm.record.pid)
+        await _keep_build(vm)
         return vm.record
+
+
+async def _keep_build(vm: VM) -> None:
+    """Keep the build the VM's QEMU runs (see `kept`) and record it."""
+    if await asyncio.to_thread(kept.keep, vm):
+        vm.commit()
 
 
 async def ping(sd: StateDir, name: str, timeout: float = 10.0) -> float:

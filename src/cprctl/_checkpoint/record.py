@@ -68,6 +68,28 @@ class Checkpoint(msgspec.Struct, forbid_unknown_fields=True):
     timings_ms: dict[str, float] = {}
     #: The VM's virtio devices and their queue sizes at the save (a restore on another build checks them).
     virtio: list[VirtioDevice] = []
+    #: The kept QEMU build (`cprctl._store.builds`) that wrote it: restore falls back to it.
+    build: str | None = None
+
+
+ProofHow = Literal["update", "restore", "trial"]
+
+
+class Proof(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """Whether the state of this VM, as build *source* writes it, loads into build *target* (a fact learnt
+    when it was tried: a warm update's standby, a restore, a trial load)."""
+
+    source: str
+    target: str
+    loads: bool
+    how: ProofHow
+    at: float
+    #: Why it did not load: QEMU's own error line, or the refusal of the preflight.
+    reason: str = ""
+
+
+#: How many proofs a record keeps (the newest; one per source and target).
+MAX_PROOFS = 8
 
 
 class Operation(msgspec.Struct, forbid_unknown_fields=True):
@@ -119,14 +141,25 @@ class VMRecord(msgspec.Struct, forbid_unknown_fields=True):
     #: Arguments cprctl adds after ``argv`` whenever it starts the VM's QEMU (``-global TYPE.PROP=VALUE``
     #: pairs that size virtqueues as the VM has them, see `compat.queue_args`); ``argv`` stays the operator's.
     compat_args: list[str] = []
-
-    def command(self, binary: str | None = None) -> list[str]:
-        """The command line that starts this VM's QEMU (*binary* instead of its own): argv, then `compat_args`."""
-        return [binary or self.argv[0], *self.argv[1:], *self.compat_args]
+    #: The kept QEMU build (`cprctl._store.builds`) the running QEMU is; None until one is kept.
+    build: str | None = None
+    #: When the VM runs on a kept build's launcher (argv[0]) because the binary at this path could not
+    #: take it: that path, which ``update-all`` tries again.
+    kept_from: str | None = None
+    #: What is known about loading this VM's state into other builds (see `Proof`); newest last.
+    proofs: list[Proof] = []
 
     @property
     def binary(self) -> str:
         return self.argv[0]
+
+    def learn(self, proof: Proof) -> None:
+        """Record *proof*, replacing an older one for the same source and target."""
+        kept = [p for p in self.proofs if (p.source, p.target) != (proof.source, proof.target)]
+        self.proofs = [*kept, proof][-MAX_PROOFS:]
+
+    def proof(self, source: str, target: str) -> Proof | None:
+        return next((p for p in reversed(self.proofs) if (p.source, p.target) == (source, target)), None)
 
 
 class _Versioned(msgspec.Struct):

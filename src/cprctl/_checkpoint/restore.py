@@ -24,7 +24,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .._qemu import argv as qargv
 from .._qemu import process, virtio
@@ -32,9 +32,9 @@ from .._qemu.agent import Agent
 from .._qemu.process import Binary
 from .._qemu.qmp import Monitor
 from .._store import StateDir, VMLock
-from ..errors import AgentError, CheckFailed, CheckpointError, CprctlError, QemuError, VMStateError
-from . import disks, statefile
-from .compat import Resize, binary_findings, queue_args, queue_mismatches, require
+from ..errors import AgentError, CheckFailed, CheckpointError, CprctlError, QemuError, UsageError, VMStateError
+from . import disks, kept, statefile
+from .compat import Resize, binary_findings, fallback_binary, queue_args, queue_mismatches, require
 from .facts import binary_info
 from .plan import direct_io
 from .record import GUEST_RESUMED, Checkpoint, Operation
@@ -52,6 +52,9 @@ class RestoreResult:
     status: str
     woke: bool
     timings_ms: dict[str, float]
+    #: Set when the binary the restore would use could not load the checkpoint and the build that wrote it
+    #: took the VM instead: that, in one line.
+    fallback: str | None = None
 
 
 def verify(
@@ -116,19 +119,74 @@ async def restore(
     sync_time: bool = True,
     reporter: Reporter | None = None,
     trust_identity: bool = False,
+    fallback: bool | None = None,
 ) -> RestoreResult:
     """Resume VM *name* from its checkpoint, optionally on another QEMU binary.
 
     *trust_identity* (for ``update``, in the process that just saved): an
-    unchanged state file (inode, mtime) is not hashed a second time.
+    unchanged state file (inode, mtime) is not hashed a second time. When the
+    binary (*qemu*, else the VM's own) cannot load the checkpoint (refused by the
+    preflight, or its load fails) and *fallback* is set (by default: when no *qemu*
+    was asked for; an operator's explicit binary is refused, not replaced), the VM
+    is restored on the build that wrote the checkpoint (its own binary while that is
+    still the same build, else the kept copy, see `kept`); ``RestoreResult.fallback``
+    says so.
 
     :raise VMStateError: there is no checkpoint; `CheckpointError`: it failed
         verification (the new QEMU, if started, is killed; the guest never ran);
         `CheckFailed`: binary *qemu* cannot run the VM or load its state (nothing
-        started); `QemuError`: the new QEMU failed (the checkpoint is kept; the
-        log tail is in the message).
+        started); `QemuError`: the new QEMU failed (the checkpoint is kept; QEMU's
+        own error line is in the message). With a fallback, the error says both failures.
     """
     reporter = reporter or Quiet()
+    try:
+        result = await _restore_on(sd, name, qemu, force, sync_time, reporter, trust_identity)
+    except (CheckFailed, QemuError, UsageError) as first:
+        target = _fallback(sd, name, qemu) if (qemu is None if fallback is None else fallback) else None
+        if target is None:
+            raise
+        why = str(first).removeprefix(f"{name}: ")
+        note = f"{name}: on the build that wrote the checkpoint ({target}): {qemu or 'its binary'} could not: {why}"
+        reporter.step(note)
+        try:
+            result = await _restore_on(sd, name, target, force, sync_time, reporter, trust_identity)
+        except CprctlError as second:
+            raise QemuError(
+                f"{first}; restoring on {target}, the build that wrote the checkpoint, failed too: {second}"
+            ) from first
+        result = replace(result, fallback=note)
+    kept.collect(sd.path)
+    return result
+
+
+def _fallback(sd: StateDir, name: str, qemu: str | None) -> str | None:
+    """The binary to restore on after *qemu* (default: the VM's own) failed, or None."""
+    try:
+        vm = open_vm(sd, name)
+        cp, home = vm.record.checkpoint, vm.record.argv[0]
+        if cp is None or vm.running() or vm.record.operation is not None:
+            return None
+        failed = Binary.find(qemu).path if qemu else home
+        launcher = kept.builds(vm).launcher(cp.build) if cp.build else None
+        if cp.build is None:  # written before builds were kept: only the VM's own binary is left to try
+            return fallback_binary(failed, False, home, True, None)
+        failed_wrote_it = kept.same_build(vm, failed, cp.build)
+        home_wrote_it = kept.same_build(vm, home, cp.build)
+        return fallback_binary(failed, failed_wrote_it, home, home_wrote_it, str(launcher) if launcher else None)
+    except CprctlError:
+        return None
+
+
+async def _restore_on(
+    sd: StateDir,
+    name: str,
+    qemu: str | None,
+    force: bool,
+    sync_time: bool,
+    reporter: Reporter,
+    trust_identity: bool,
+) -> RestoreResult:
+    """One restore of VM *name* on binary *qemu* (default: its argv[0]); see `restore`."""
     vm = open_vm(sd, name)
     with VMLock(vm.folder, name, "restore"):
         await recover(vm, reporter)
@@ -136,33 +194,28 @@ async def restore(
         if vm.record.checkpoint is not None:
             reporter.step(f"{name}: checking the state file and the disks")
         cp = await asyncio.to_thread(verify, vm, force, digest=False)
-        argv = list(vm.record.argv)
-        if qemu:
-            binary = Binary.find(qemu)
-            binary.require_cpr()
-            argv[0] = binary.path
-            info = await binary_info(binary.path)
-            require(name, binary_findings(info, argv, vm.record.machine, cp.capabilities, cp.parameters, vm.record.cwd))
+        argv, previous = await _preflight(vm, cp, qemu), vm.record.argv[0]
         timings = {"check": (time.perf_counter() - t0) * 1000}
         how = (trust_identity, sync_time, reporter)
         try:
-            return await _start_and_load(vm, cp, argv, list(vm.record.compat_args), timings, *how)
+            return await _start_and_load(vm, cp, argv, previous, list(vm.record.compat_args), timings, *how)
         except Resize as exc:  # once: a second mismatch is refused by `queue_args`
             reporter.step(f"{name}: {argv[0]} allocates smaller virtqueues; starting it with {exc.args_}")
-            return await _start_and_load(vm, cp, argv, exc.args_, timings, *how)
+            return await _start_and_load(vm, cp, argv, previous, exc.args_, timings, *how)
 
 
 async def _start_and_load(
     vm: VM,
     cp: Checkpoint,
     argv: list[str],
+    previous: str,
     compat: list[str],
     timings: dict[str, float],
     trust_identity: bool,
     sync_time: bool,
     reporter: Reporter,
 ) -> RestoreResult:
-    """Start *argv* (with *compat*) to receive, load the checkpoint, resume (the rest of `restore`).
+    """Start *argv* with *compat* to receive, load the checkpoint and resume (the rest of `_restore_on`).
 
     :raise Resize: the new QEMU allocated smaller virtqueues than the checkpoint has (it was killed).
     """
@@ -212,17 +265,46 @@ async def _start_and_load(
         vm.record.operation = None
         vm.commit()
         if isinstance(exc, CprctlError):
-            tail = "" if isinstance(exc, CheckpointError) else process.log_tail(vm.log_path)
+            said = "" if isinstance(exc, CheckpointError) else process.qemu_error(vm.log_path)
+            if said and isinstance(exc, QemuError):
+                kept.learn(vm, cp.build, argv[0], False, "restore", said)
+                vm.commit()
             again = type(exc)(
-                f"{exc}; the checkpoint is kept, restore can be retried"
-                f"{' (QEMU log: ' + tail + ')' if tail else ''}"
+                f"{said + ' (' + str(exc) + ')' if said else exc}; the checkpoint is kept, restore can be retried"
             )
             again.__dict__.update(vars(exc))  # what it carries, e.g. `QemuError.error_class`
             raise again from exc
         raise
+    await asyncio.to_thread(kept.learn, vm, cp.build, argv[0], True, "restore")
+    await asyncio.to_thread(kept.settle, vm, previous, reporter)
+    vm.commit()
     if sync_time and vm.record.qga and result.status == "running":
         await _sync_time(vm, reporter)
     return result
+
+
+async def _preflight(vm: VM, cp: Checkpoint, qemu: str | None) -> list[str]:
+    """The argv to restore on: the VM's own, or on binary *qemu*. Another binary than the build that wrote the
+    checkpoint is checked first (`compat.binary_findings`); a refusal is recorded as a failed proof.
+
+    :raise CheckFailed: the binary cannot take the VM (nothing started); `UsageError`: it is missing.
+    """
+    argv = list(vm.record.argv)
+    if not qemu and await asyncio.to_thread(kept.same_build, vm, argv[0], cp.build):
+        return argv
+    binary = Binary.find(qemu or argv[0])
+    binary.require_cpr()
+    argv[0] = binary.path
+    info = await binary_info(binary.path)
+    found = binary_findings(info, argv, vm.record.machine, cp.capabilities, cp.parameters, vm.record.cwd)
+    try:
+        require(vm.name, found)
+    except CheckFailed:
+        reason = "; ".join(f.message for f in found if f.blocking)
+        await asyncio.to_thread(kept.learn, vm, cp.build, argv[0], False, "restore", reason)
+        vm.commit()
+        raise
+    return argv
 
 
 async def _load(
@@ -249,7 +331,7 @@ async def _load(
         await _fit_queues(vm, cp, mon, argv[0], op.compat_args)
         hashing = start_verifying()
         t = time.perf_counter()
-        await mon.set_migration({**cp.capabilities, **await _late_block_activate(mon)}, cp.parameters)
+        await mon.set_migration({**cp.capabilities, **await late_block_activate(mon)}, cp.parameters)
         # An incoming query-migrate has no RAM counters: QEMU's own read count tells how far the load is.
         start = process.bytes_read(pid) or 0
         total = min(cp.size, statefile.stored_bytes(vm.checkpoint_file()))
@@ -313,7 +395,7 @@ async def _fit_queues(vm: VM, cp: Checkpoint, mon: Monitor, binary: str, compat:
         raise Resize(args)
 
 
-async def _late_block_activate(mon: Monitor) -> dict[str, bool]:
+async def late_block_activate(mon: Monitor) -> dict[str, bool]:
     """``{"late-block-activate": True}`` where QEMU has that capability (before 10.0 it keeps disks
     inactive after the load until ``cont``; from 10.0 on, QEMU does so always and may drop it)."""
     caps = await mon.execute("query-migrate-capabilities")

@@ -21,7 +21,7 @@ from .._qemu.argv import ram_layout
 from .._qemu.qmp import Monitor
 from .._store import StateDir, VMLock
 from ..errors import AgentError, CheckFailed, CprctlError, QemuError, VMStateError
-from . import disks, statefile
+from . import disks, kept, statefile
 from .facts import gather
 from .plan import Plan, Strategy, SuspendMode, choose, direct_io, findings
 from .record import Checkpoint, DiskPrint, Operation
@@ -74,6 +74,8 @@ async def save(
         if not vm.running():
             raise VMStateError(f"{name} is not running (QEMU pid {r.pid} is gone)")
         t0 = time.perf_counter()
+        # At the latest now: the checkpoint names the build that writes it (restore may fall back to it).
+        await asyncio.to_thread(kept.keep, vm, reporter)
         async with Monitor(r.qmp, name, r.pid) as mon:
             facts = await gather(r, mon, vm.folder, suspend)
             found = findings(facts, reboot=reboot, suspend=suspend, strategy=strategy)
@@ -189,6 +191,7 @@ async def _checkpoint(
         mtime_ns=mtime_ns,
         timings_ms=timings,
         virtio=await virtio.devices(mon),
+        build=r.build,
     )
     r.checkpoint = checkpoint
     op.mark("saved")

@@ -41,7 +41,7 @@ from .._qemu.qmp import Monitor
 from .._qemu.sockets import drop_sockets, take_over_sockets
 from .._store import StateDir, VMLock
 from ..errors import CheckFailed, CprctlError, QemuError, VMStateError
-from . import precopy
+from . import kept, precopy
 from .compat import Resize, binary_findings, queue_args, queue_mismatches, require
 from .facts import binary_info, gather
 from .lifecycle import SOCKET_PATH_MAX
@@ -53,8 +53,6 @@ from .save import save, suspend_guest
 from .vm import VM, open_vm, recover, settle_update
 
 MIGRATION_SOCKET = "migrate.sock"
-#: A copy of the running QEMU's executable, kept during a cold update when a package replaced it on disk.
-PREVIOUS_BINARY = "qemu.previous"
 #: What a QEMU says when a host resource is held by the QEMU beside it (the two cannot run side by side).
 RESOURCE_CONFLICTS = re.compile(
     r"Address already in use|Failed to get .*lock|Is another process using|Device or resource busy"
@@ -172,45 +170,21 @@ async def _cold(
     sync_time: bool,
     reporter: Reporter,
 ) -> UpdateResult:
-    """Save, then restore on *binary*; if that restore fails, restore on the binary the VM ran before."""
+    """Save, then restore on *binary*; if that restore fails, the restore falls back to the build that wrote
+    the checkpoint (the binary the VM ran before, or its kept copy when a package replaced it)."""
     t = time.perf_counter()
-    vm = open_vm(sd, name)
-    previous = _keep_previous(vm)
     await save(sd, name, suspend=suspend, force=force, durable=False, reporter=reporter)
-    try:
-        res = await restore(
-            sd, name, qemu=binary, force=force, sync_time=sync_time, reporter=reporter, trust_identity=True
-        )
-    except QemuError as first:
-        reporter.step(f"{name}: the restore on {binary} failed; restoring on {previous}")
-        try:
-            back = await restore(
-                sd, name, qemu=previous, force=force, sync_time=sync_time, reporter=reporter, trust_identity=True
-            )
-        except CprctlError as second:
-            raise QemuError(
-                f"{name}: update failed: {first}; restoring on the previous binary {previous} failed too: {second}"
-            ) from first
+    res = await restore(
+        sd, name, qemu=binary, force=force, sync_time=sync_time, reporter=reporter, trust_identity=True, fallback=True
+    )
+    if res.fallback:
+        back = open_vm(sd, name).record.argv[0]
         raise QemuError(
-            f"{name}: update to {binary} failed ({first}); the VM runs again on its previous binary {previous} "
-            f"(pid {back.pid}, paused {back.pause_ms:.0f} ms)"
-        ) from first
-    if previous != vm.record.argv[0]:  # the copy is needed no more
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(previous)
+            f"{name}: update to {binary} failed ({res.fallback}); the VM runs again on its previous binary {back} "
+            f"(pid {res.pid}, paused {res.pause_ms:.0f} ms)"
+        )
     timings = {"total": (time.perf_counter() - t) * 1000, **res.timings_ms}
     return UpdateResult(name, res.pid, res.pause_ms, False, reason, timings)
-
-
-def _keep_previous(vm: VM) -> str:
-    """The binary the VM runs now, to go back to; a copy of it when a package replaced it on disk
-    (kept in the VM's folder while a VM that went back to it runs on it)."""
-    path, pid = vm.record.argv[0], vm.record.pid
-    if not pid or not process.exe_replaced(pid, path):
-        return path
-    copy = vm.folder / PREVIOUS_BINARY
-    process.copy_exe(pid, copy)
-    return str(copy)
 
 
 class _NoStandby(Exception):
@@ -295,10 +269,11 @@ async def _switch(
         with contextlib.suppress(QemuError):
             done = await settle_update(vm, old)  # the `new` connection is closed here, so it can ask
         r.operation = None
+        why = _new_qemu_error(vm, binary, new_pid, exc) if isinstance(exc, CprctlError) else ""
         vm.commit()
         if isinstance(exc, CprctlError):
             error_class = exc.error_class if isinstance(exc, QemuError) else None
-            raise QemuError(f"{vm.name}: warm update failed ({exc}); {done}", error_class=error_class) from exc
+            raise QemuError(f"{vm.name}: warm update failed: {why}; {done}", error_class=error_class) from exc
         raise
 
 
@@ -309,7 +284,23 @@ async def _fit_queues(vm: VM, old: Monitor, new: Monitor, binary: str, compat: l
     """
     found = queue_mismatches(await virtio.devices(old), await virtio.devices(new))
     if found:
-        raise Resize(queue_args(vm.name, binary, found, compat))
+        try:
+            args = queue_args(vm.name, binary, found, compat)
+        except CheckFailed as exc:  # a failed proof: this build cannot load the VM's state
+            kept.learn(vm, vm.record.build, binary, False, "update", exc.findings[0].message)
+            raise
+        raise Resize(args)
+
+
+def _new_qemu_error(vm: VM, binary: str, new_pid: int, exc: CprctlError) -> str:
+    """Why a warm update failed: the new QEMU's own error line when it died (e.g. it could not load the
+    state), with the QMP error in brackets; else the QMP error alone. A load QEMU refused is recorded as a
+    failed proof (committed with the record)."""
+    said = process.qemu_error(vm.log_path) if not process.alive(new_pid) else ""
+    if not said:
+        return str(exc)
+    kept.learn(vm, vm.record.build, binary, False, "update", said)
+    return f"{binary} could not take the VM: {said} ({exc})"
 
 
 def _standby_failed(vm: VM, binary: str, exc: QemuError) -> Exception:
@@ -319,9 +310,10 @@ def _standby_failed(vm: VM, binary: str, exc: QemuError) -> Exception:
     conflict = next((part for part in tail.split(" | ") if RESOURCE_CONFLICTS.search(part)), None)
     if conflict:
         return _NoStandby(f"the new QEMU could not share a host resource with the old one: {conflict}")
+    said = process.qemu_error(vm.log_path)
     return QemuError(
-        f"{vm.name}: refused: {binary} did not start beside the old QEMU ({exc}"
-        f"{'; QEMU log: ' + tail if tail else ''}); the guest runs on as before (pid {vm.record.pid})"
+        f"{vm.name}: refused: {binary} did not start beside the old QEMU: {said or exc}"
+        f"{f' ({exc})' if said else ''}; the guest runs on as before (pid {vm.record.pid})"
     )
 
 
@@ -375,7 +367,11 @@ async def _migrate(
     if old_pid and not await asyncio.to_thread(process.wait_gone, old_pid, 30):
         await asyncio.to_thread(process.kill, old_pid)
     take_over_sockets(sockets, suffix)  # only now: an exiting QEMU unlinks the path it bound
+    previous, source = r.argv[0], r.build
     r.argv, r.pid, r.last_pause_ms, r.compat_args, r.operation = argv, new.pid, pause_ms, list(op.compat_args), None
+    vm.commit()
+    await asyncio.to_thread(kept.learn, vm, source, argv[0], True, "update")
+    await asyncio.to_thread(kept.settle, vm, previous, reporter)
     vm.commit()
     how = f"pre-copy: {timings['precopy'] / 1000:.1f} s, {timings['passes']:.0f} passes" if "precopy" in timings else ""
     reporter.step(f"{vm.name}: {status} on {argv[0]} after a {pause_ms:.1f} ms pause (warm standby{how and '; '}{how})")
