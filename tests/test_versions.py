@@ -12,6 +12,8 @@ property: that move is refused, naming it, and the VM runs on.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +22,7 @@ import pytest
 import cprctl
 
 from . import qemuroots
-from .guestvm import QEMU, GuestVM, cli, record_of
+from .guestvm import QEMU, GuestVM, cli, qemu_copy, record_of
 from .test_upgrade import one_line_refusal
 
 pytestmark = pytest.mark.qemu
@@ -114,12 +116,23 @@ def test_update_from_10_0_13_with_the_agent_channel_is_refused_naming_it(q10: Pa
 
 def test_update_and_update_all_from_this_hosts_10_0_2(q11: Path, state_dir: Path, disk: Path) -> None:
     vm = launch("h102", state_dir, QEMU, disk, agent=True)
-    mark = vm.mark()
+    binary = qemu_copy(state_dir.parent / "pkg102")  # 10.0.2 at a path a package owns
+    vm2 = launch("h102b", state_dir, binary, None, agent=True)
+    marks = {v.name: v.mark() for v in (vm, vm2)}
     out = cli("update", "h102", "--qemu", str(q11), state_dir=state_dir)
     assert out.returncode == 0, out.stderr
     assert record_of(state_dir, "h102")["compat_args"] == []
-    vm.assert_continued(mark, fill=8)
-    vm.stop()
+    new = binary.with_name("new")
+    shutil.copy2(q11, new)
+    os.rename(new, binary)  # the upgrade: 11.1.3's wrapper renamed over 10.0.2
+    assert vm2.status().binary_replaced
+    out = cli("update-all", "--json", state_dir=state_dir)
+    got = {o["name"]: o for o in json.loads(out.stdout)}
+    assert got["h102b"]["outcome"] == "updated", got
+    assert not vm2.status().binary_replaced and "version 11." in cli_version(binary)
+    for v in (vm, vm2):
+        v.assert_continued(marks[v.name], fill=8)
+        v.stop()
 
 
 def test_update_all_after_an_upgrade_of_the_root(q10: Path, q11: Path, state_dir: Path, disk: Path) -> None:
@@ -153,3 +166,26 @@ def test_restore_of_a_10_0_13_checkpoint_on_11_1_3(q10: Path, q11: Path, state_d
     assert record_of(state_dir, "r13")["compat_args"] == BLK_SIZE
     vm.assert_continued(mark, fill=8, agent=False)
     vm.stop()
+
+
+def test_the_ansible_module_updates_across_releases(q10: Path, q11: Path, state_dir: Path, disk: Path) -> None:
+    from .test_ansible import Hosts
+
+    sd = state_dir.parent / "ansible-state"
+    (state_dir.parent / "ansible").mkdir()
+    hosts = Hosts(state_dir.parent / "ansible", sd, state_dir.parent / "ansible-unused")
+    pkg = qemuroots.switchable(q10, state_dir.parent / "pkg-ansible")
+    vms = [launch("an1", sd, pkg, disk, agent=False), launch("an2", sd, pkg, None, agent=True)]
+    marks = {v.name: v.mark() for v in vms}
+    pid2 = vms[1].status().pid
+    qemuroots.switch(pkg.parent, q11)  # apt upgraded the root while the VMs run
+    out = hosts.adhoc("hostA", "cprctl_vm", f"state=updated state_dir={sd}")
+    assert out.returncode != 0, out.stdout  # not every VM moved: the play says so
+    assert "virtio-serial-device" in out.stdout, out.stdout
+    st1, st2 = vms[0].status(), vms[1].status()
+    assert st1.state == "running" and not st1.binary_replaced
+    assert record_of(sd, "an1")["compat_args"] == BLK_SIZE
+    assert st2.state == "running" and st2.pid == pid2
+    for v in vms:
+        v.assert_continued(marks[v.name], fill=8, agent=v.name == "an2")
+        v.stop()

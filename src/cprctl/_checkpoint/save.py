@@ -138,6 +138,9 @@ async def _checkpoint(
         t = time.perf_counter()
         await asyncio.to_thread(_fsync_ram, r.argv)
         timings["preflush"] = (time.perf_counter() - t) * 1000
+    # The virtqueues a restore on another build must allocate, asked while the guest still runs (not
+    # in its pause): a guest's driver may only shrink a queue below what QEMU allocated.
+    queues = await virtio.devices(mon)
     if plan.suspend:
         reporter.step(f"{vm.name}: suspending the guest through its agent")
         op.suspended_by_us = True
@@ -190,7 +193,7 @@ async def _checkpoint(
         inode=inode,
         mtime_ns=mtime_ns,
         timings_ms=timings,
-        virtio=await virtio.devices(mon),
+        virtio=queues,
         build=r.build,
     )
     r.checkpoint = checkpoint
