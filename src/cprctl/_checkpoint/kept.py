@@ -99,21 +99,26 @@ def loadability(vm: VM, binary: str | None = None) -> Loadability:
 
 def learn(vm: VM, source: str | None, binary: str, loads: bool, how: ProofHow, reason: str = "") -> None:
     """Record on *vm* (not committed) whether its state as build *source* writes it loaded into *binary*."""
+    if not source or _linked(vm, binary, source):
+        return  # its own build: nothing to learn
     target = binary_build(vm, binary)
     if source and target and source != target:
         vm.record.learn(Proof(source, target, loads, how, time.time(), reason))
 
 
-def settle(vm: VM, previous: str, reporter: Reporter | None = None) -> None:
+def settle(vm: VM, previous: str, reporter: Reporter | None = None, hint: str | None = None) -> None:
     """After a new QEMU took *vm* over (restore, update): record its build, and on a kept build's launcher
-    the binary it came from (``kept_from``: ``update-all`` tries it again). Not committed."""
+    the binary it came from (``kept_from``: ``update-all`` tries it again). Not committed.
+
+    *hint*: the build it probably is (the checkpoint's): taken without hashing when the kept executable is
+    a hard link of the one running."""
     r = vm.record
     if launcher_build(vm) is not None:
         if launcher_build(vm, previous) is None:
             r.kept_from = previous
     else:
         r.kept_from = None
-    r.build = None
+    r.build = hint if hint and r.pid and _linked(vm, f"/proc/{r.pid}/exe", hint) else None
     keep(vm, reporter)
 
 

@@ -276,7 +276,7 @@ async def _start_and_load(
             raise again from exc
         raise
     await asyncio.to_thread(kept.learn, vm, cp.build, argv[0], True, "restore")
-    await asyncio.to_thread(kept.settle, vm, previous, reporter)
+    await asyncio.to_thread(kept.settle, vm, previous, reporter, cp.build)
     vm.commit()
     if sync_time and vm.record.qga and result.status == "running":
         await _sync_time(vm, reporter)

@@ -133,9 +133,12 @@ async def update(
             reason = "; ".join(blockers)
         else:
             try:
-                return await _warm(sd, name, binary.path, suspend, force, reporter)
+                result = await _warm(sd, name, binary.path, suspend, force, reporter)
             except _NoStandby as exc:
                 reason = str(exc)
+            else:
+                kept.collect(sd.path)  # the build it left, once nothing refers to it (see `kept`)
+                return result
     reporter.step(f"{name}: cold update ({reason})")
     return await _cold(sd, name, binary.path, reason, suspend, force, sync_time, reporter)
 
