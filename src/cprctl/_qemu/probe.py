@@ -114,7 +114,7 @@ def qmp_answers(binary: Binary, *commands: str) -> tuple[dict[str, Any], str]:
     timer.start()
     try:
         greeting = proc.stdout.readline() if proc.stdout else ""
-        root = _root(proc.pid) if greeting else "/"
+        root = process_root(proc.pid) if greeting else "/"
         out, err = proc.communicate(script)
     finally:
         timer.cancel()
@@ -128,7 +128,7 @@ def qmp_answers(binary: Binary, *commands: str) -> tuple[dict[str, Any], str]:
     return answers, root
 
 
-def _root(pid: int) -> str:
+def process_root(pid: int) -> str:
     """The host path of process *pid*'s root directory, or ``/`` when it is not reachable by that path."""
     try:
         path = os.readlink(f"/proc/{pid}/root")
