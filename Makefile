@@ -4,10 +4,12 @@ PYTHON ?= python3
 VENV := .venv
 GUEST_DIR ?= $(HOME)/.cache/cprctl-guest
 OLD_QEMU_DIR ?= $(HOME)/.cache/cprctl-old-qemu
+QEMU_ROOTS ?= $(HOME)/.cache/cprctl-qemu-roots
+export CPRCTL_QEMU_ROOTS := $(QEMU_ROOTS)
 export CPRCTL_TEST_GUEST := $(GUEST_DIR)
 export CPRCTL_OLD_QEMU := $(OLD_QEMU_DIR)/usr/bin/qemu-system-x86_64
 
-.PHONY: all deps venv guest old-qemu demo test unit lint bench clean
+.PHONY: all deps venv guest old-qemu qemu-roots demo test unit lint bench clean
 
 all: test
 
@@ -30,6 +32,12 @@ guest: deps
 old-qemu: deps
 	@if [ "$$(id -u)" -eq 0 ]; then bash scripts/old-qemu.sh $(OLD_QEMU_DIR); else sudo bash scripts/old-qemu.sh $(OLD_QEMU_DIR); fi
 
+# Debian 13's QEMU (10.0.x) and Debian unstable's (11.x) in cached Debian roots, each with a wrapper that runs it
+# here (tests/test_versions.py); built in parallel.
+qemu-roots: deps
+	@run() { if [ "$$(id -u)" -eq 0 ]; then bash scripts/qemu-root.sh $$1 $(QEMU_ROOTS); else sudo bash scripts/qemu-root.sh $$1 $(QEMU_ROOTS); fi; }; \
+	run trixie & a=$$!; run unstable & b=$$!; wait $$a && wait $$b
+
 demo: deps venv guest
 	$(VENV)/bin/cprctl demo --guest $(GUEST_DIR)
 
@@ -40,7 +48,7 @@ lint: venv
 unit: venv
 	$(VENV)/bin/pytest -q -m "not qemu"
 
-test: deps venv guest old-qemu lint
+test: deps venv guest old-qemu qemu-roots lint
 	$(VENV)/bin/pytest -q -ra
 
 bench: deps venv guest

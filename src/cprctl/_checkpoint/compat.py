@@ -3,6 +3,12 @@
 `binary_findings` compares what the VM's argv and migration plan need with
 what `BinaryInfo` says the binary offers. Any error is a refusal made while
 the guest still runs on its old QEMU (or, for a restore, before anything starts).
+
+`queue_mismatches` and `queue_args` compare the VM's virtqueues (`virtio.devices`
+of the running QEMU, or as recorded at the save) with what the new QEMU allocated
+once started: where a property sizes the queue, the new QEMU is started again with
+``-global TYPE.PROP=SIZE`` (kept in the record beside the operator's argv); where
+none does, the move is refused naming the device and queue.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from typing import Literal
 from .._qemu import argv as qargv
 from .._qemu.probe import BinaryInfo
 from .._qemu.process import MIN_VERSION
+from .._qemu.virtio import VirtioDevice
 from ..errors import CheckFailed
 from .plan import Finding, Severity
 from .record import Proof
@@ -167,7 +174,7 @@ def _lacks(
     for cpu in _named(argv, "cpu", "model"):
         if cpu not in info.cpus:
             yield "cpu", f"lacks CPU model {cpu}"
-    for path in firmware(argv, info.datadirs, cwd):
+    for path in firmware(argv, info.datadirs, cwd, info.root):
         if not os.path.exists(path):
             yield "file", f"would not find {path}"
 
@@ -184,16 +191,19 @@ def _netdevs(argv: Sequence[str]) -> list[str]:
     return found
 
 
-def firmware(argv: Sequence[str], datadirs: Sequence[str], cwd: str = "/") -> list[str]:
+def firmware(argv: Sequence[str], datadirs: Sequence[str], cwd: str = "/", root: str = "/") -> list[str]:
     """The files *argv* makes QEMU load at start-up (firmware, kernel, ROMs), as paths to look for.
 
-    A bare ``-bios``/``romfile`` name is searched in the binary's data dirs (the
-    first dir stands for all when none has it); other paths are taken from *cwd*.
+    A bare ``-bios``/``romfile`` name is searched in the binary's data dirs below
+    *root* (the tree the binary runs in; the first dir stands for all when none has
+    it); other paths are the host's, taken from *cwd*.
     """
     found: list[str] = []
     for opt in qargv.options(argv, "bios", "pflash", "kernel", "initrd", "dtb"):
-        if opt.value:
-            found.append(_datadir_file(opt.value, datadirs) if opt.name == "bios" else os.path.join(cwd, opt.value))
+        if opt.value and opt.name == "bios":
+            found.append(_datadir_file(opt.value, datadirs, root))
+        elif opt.value:
+            found.append(os.path.join(cwd, opt.value))
     for opt in qargv.options(argv, "drive"):
         props = qargv.split_keyval(opt.value or "", "file")
         if props.get("if") == "pflash" and props.get("file"):
@@ -201,16 +211,108 @@ def firmware(argv: Sequence[str], datadirs: Sequence[str], cwd: str = "/") -> li
     for opt in qargv.options(argv, "device"):
         rom = qargv.split_keyval(opt.value or "", "driver").get("romfile")
         if rom:
-            found.append(_datadir_file(rom, datadirs))
+            found.append(_datadir_file(rom, datadirs, root))
     x86 = os.path.basename(argv[0]).startswith(("qemu-system-x86_64", "qemu-system-i386")) if argv else False
     pflash = any(p.endswith("pflash") or "if=pflash" in p for p in argv)
     if x86 and not qargv.options(argv, "bios") and not pflash:
-        found.append(_datadir_file(X86_DEFAULT_BIOS, datadirs))
+        found.append(_datadir_file(X86_DEFAULT_BIOS, datadirs, root))
     return found
 
 
-def _datadir_file(name: str, datadirs: Sequence[str]) -> str:
+def _datadir_file(name: str, datadirs: Sequence[str], root: str = "/") -> str:
     if os.sep in name or not datadirs:
         return name
-    paths = [os.path.join(d, name) for d in datadirs]
+    paths = [os.path.join(root, d.lstrip("/"), name) for d in datadirs]
     return next((p for p in paths if os.path.exists(p)), paths[0])
+
+
+#: The driver of a ``-global`` that sizes a virtqueue: QEMU applies it to every device of that backend type.
+GLOBAL = "-global"
+
+
+@dataclass(frozen=True)
+class QueueMismatch:
+    """A virtqueue the new QEMU would not load: the VM's queue is larger than what the new QEMU allocated."""
+
+    device: str
+    qom_type: str
+    queue: int
+    size: int
+    maximum: int
+    #: The property that sets this queue's allocation, or None when no property does.
+    prop: str | None
+
+
+def size_property(qom_type: str, queue: int, count: int) -> str | None:
+    """The property of virtio backend *qom_type* that sets the size of its queue *queue* (of *count*)."""
+    if qom_type in ("virtio-blk-device", "vhost-user-blk"):
+        return "queue-size"
+    if qom_type == "virtio-scsi-device":
+        return "virtqueue_size"
+    if qom_type == "virtio-net-device":
+        if count % 2 == 1 and queue == count - 1:
+            return None  # the control queue: a fixed 64 entries
+        return "rx_queue_size" if queue % 2 == 0 else "tx_queue_size"
+    return None
+
+
+def queue_mismatches(saved: Sequence[VirtioDevice], new: Sequence[VirtioDevice]) -> list[QueueMismatch]:
+    """The queues of *saved* (the VM's devices as they run or were saved) larger than *new* allocates.
+
+    A device *new* lacks is not judged here (QEMU names it when it loads).
+    """
+    by_path = {d.path: d for d in new}
+    found = []
+    for dev in saved:
+        other = by_path.get(dev.path)
+        if other is None:
+            continue
+        for i, size in enumerate(dev.sizes):
+            maximum = other.maxima[i] if i < len(other.maxima) else 0
+            if size > maximum:
+                prop = size_property(dev.qom_type, i, len(dev.sizes))
+                found.append(QueueMismatch(dev.device, dev.qom_type, i, size, maximum, prop))
+    return found
+
+
+class Resize(Exception):
+    """A new QEMU allocated smaller virtqueues than the VM has: start it again with *args_* (nothing changed)."""
+
+    def __init__(self, args_: list[str]) -> None:
+        super().__init__(" ".join(args_))
+        self.args_ = args_
+
+
+def queue_args(name: str, binary: str, found: Sequence[QueueMismatch], current: Sequence[str]) -> list[str]:
+    """*current* (``-global`` pairs passed to the VM's QEMU besides its argv) plus what sizes *found*'s queues.
+
+    :raise CheckFailed: a queue no property sizes, or one a ``-global`` already in *current* did not
+        raise: the new QEMU cannot load the state (one line naming the device and property).
+    """
+    globals_ = _globals(current)
+    for m in found:
+        if m.prop is None or int(globals_.get(f"{m.qom_type}.{m.prop}", "0") or 0) >= m.size:
+            raise CheckFailed(name, [_unloadable(binary, m)])
+        key = f"{m.qom_type}.{m.prop}"
+        globals_[key] = str(max(m.size, int(globals_.get(key, "0") or 0)))
+    return [w for key, value in globals_.items() for w in (GLOBAL, f"{key}={value}")]
+
+
+def _globals(args: Sequence[str]) -> dict[str, str]:
+    pairs = zip(args[::2], args[1::2], strict=False)
+    return dict(value.split("=", 1) for flag, value in pairs if flag == GLOBAL and "=" in value)
+
+
+def _unloadable(binary: str, m: QueueMismatch) -> Finding:
+    how = (
+        "no property sizes that queue"
+        if m.prop is None
+        else f"{m.qom_type}.{m.prop}={m.size} does not raise it (the build caps it)"
+    )
+    return Finding(
+        "virtio-queue-size",
+        "error",
+        f"{binary} cannot load {m.qom_type} {m.device}: its queue {m.queue} has {m.size} entries, "
+        f"{binary} allocates {m.maximum} and {how}",
+        "keep the VM on the QEMU build it runs on (machine-type compatibility differs between these builds)",
+    )

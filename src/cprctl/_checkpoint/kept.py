@@ -21,7 +21,7 @@ import shutil
 import time
 from pathlib import Path
 
-from .._qemu import process
+from .._qemu import probe, process
 from .._qemu.build import Part, RunningBuild, build_id, file_build_id, running_build
 from .._qemu.process import Binary
 from .._store.builds import GRACE, BuildMeta, Builds, File
@@ -132,7 +132,7 @@ def keep(vm: VM, reporter: Reporter | None = None) -> str | None:
     if not process.alive(r.pid) or r.pid is None:
         return None
     try:
-        found = launcher_build(vm) or _kept_already(vm, store) or _take(store, r.pid)
+        found = launcher_build(vm) or _kept_already(vm, store) or _take(store, r.pid, r.argv[0])
     except (CprctlError, OSError) as exc:
         (reporter or Quiet()).step(f"warning: {vm.name}: its QEMU build could not be kept: {exc}")
         return None
@@ -146,13 +146,13 @@ def _kept_already(vm: VM, store: Builds) -> str | None:
     return build if build and store.meta(build) is not None else None
 
 
-def _take(store: Builds, pid: int) -> str:
+def _take(store: Builds, pid: int, launcher: str) -> str:
     build = build_id(pid)
     if store.meta(build) is not None:
         return build
     rb = running_build(pid)
     meta = BuildMeta(build, rb.exe.path, _version(rb), time.time(), rb.replaced, rb.loader.name)
-    store.keep(meta, _file(rb.exe), _file(rb.loader), _files(rb.libs), _files(rb.modules), _datadirs(rb))
+    store.keep(meta, _file(rb.exe), _file(rb.loader), _files(rb.libs), _files(rb.modules), _datadirs(rb, pid, launcher))
     return build
 
 
@@ -173,17 +173,22 @@ def _version(rb: RunningBuild) -> str:
         return ""
 
 
-def _datadirs(rb: RunningBuild) -> list[str]:
+def _datadirs(rb: RunningBuild, pid: int, launcher: str) -> list[str]:
     """Where the binary at the executable's path looks for data files (``-L help``); after an upgrade that is
-    the new package's, the best there is."""
-    path = rb.exe.path if os.path.exists(rb.exe.path) else shutil.which(os.path.basename(rb.exe.path))
+    the new package's, the best there is. A QEMU that runs in another root (a wrapper that chroots it,
+    *launcher*) is asked through its wrapper, and its dirs are read in the root it runs in."""
+    root = probe.process_root(pid)
+    path: str | None = launcher if root != "/" else rb.exe.path
+    if not path or not os.path.exists(path):
+        path = shutil.which(os.path.basename(rb.exe.path))
     if not path:
         return []
     try:
         out = Binary(path).run("-L", "help")
     except CprctlError:
         return []
-    return [line.strip() for line in out.splitlines() if os.path.isdir(line.strip())]
+    dirs = [os.path.join(root, line.strip().lstrip("/")) for line in out.splitlines() if line.strip()]
+    return [d for d in dirs if os.path.isdir(d)]
 
 
 def referenced(state_dir: Path) -> set[str]:

@@ -301,6 +301,7 @@ async def start(sd: StateDir, name: str) -> VMRecord:
                 Path(path).unlink(missing_ok=True)
         vm.record.pid = process.spawn(qargv.for_relaunch(vm.record.argv), vm.log_path, cwd=vm.record.cwd, scope=name)
         vm.record.boot_pending = False
+        vm.record.compat_args = []  # a fresh boot has the queues its argv gives (see `compat.queue_args`)
         vm.commit()
         await wait_qmp(vm, vm.record.pid)
         await _keep_build(vm)

@@ -15,6 +15,7 @@ from typing import Literal
 
 import msgspec
 
+from .._qemu.virtio import VirtioDevice
 from ..errors import RecordError
 
 #: The record format this cprctl writes; it reads this one and older ones.
@@ -72,6 +73,8 @@ class Checkpoint(msgspec.Struct, forbid_unknown_fields=True):
     mtime_ns: int = 0
     ram_files: list[str] = []
     timings_ms: dict[str, float] = {}
+    #: The VM's virtio devices and their queue sizes at the save (a restore on another build checks them).
+    virtio: list[VirtioDevice] = []
     #: The kept QEMU build (`cprctl._store.builds`) that wrote it: restore falls back to it.
     build: str | None = None
     #: The host's boot id at the save: a restore in another boot came after a host reboot.
@@ -132,6 +135,8 @@ class Operation(msgspec.Struct, forbid_unknown_fields=True):
     #: ``update``: the new QEMU binary, and the suffix of the socket paths it binds until it takes over.
     binary: str | None = None
     socket_suffix: str = "~"
+    #: The `VMRecord.compat_args` the new QEMU of an update was started with.
+    compat_args: list[str] = []
 
     @property
     def step(self) -> Step:
@@ -164,6 +169,9 @@ class VMRecord(msgspec.Struct, forbid_unknown_fields=True):
     #: A host shutdown powered the VM off (it could not be saved), or its running state was lost
     #: (`lost`): the next ``restore-all`` boots it afresh.
     boot_pending: bool = False
+    #: Arguments cprctl adds after ``argv`` whenever it starts the VM's QEMU (``-global TYPE.PROP=VALUE``
+    #: pairs that size virtqueues as the VM has them, see `compat.queue_args`); ``argv`` stays the operator's.
+    compat_args: list[str] = []
     #: The kept QEMU build (`cprctl._store.builds`) the running QEMU is; None until one is kept.
     build: str | None = None
     #: When the VM runs on a kept build's launcher (argv[0]) because the binary at this path could not

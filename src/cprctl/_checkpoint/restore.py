@@ -35,14 +35,14 @@ from dataclasses import dataclass, replace
 
 from .._host import clock
 from .._qemu import argv as qargv
-from .._qemu import process, ramblocks
+from .._qemu import process, ramblocks, virtio
 from .._qemu.agent import Agent
 from .._qemu.process import Binary
 from .._qemu.qmp import Monitor
 from .._store import StateDir, VMLock
 from ..errors import AgentError, CheckFailed, CheckpointError, CprctlError, QemuError, UsageError, VMStateError
 from . import disks, kept, ramdigest, statefile, timeline
-from .compat import binary_findings, fallback_binary, require
+from .compat import Resize, binary_findings, fallback_binary, queue_args, queue_mismatches, require
 from .facts import binary_info
 from .plan import direct_io
 from .record import GUEST_RESUMED, Checkpoint, Operation, Timeline
@@ -246,67 +246,91 @@ async def _restore_on(
         cp = await asyncio.to_thread(verify, vm, force, digest=False)
         argv, previous = await _preflight(vm, cp, qemu), vm.record.argv[0]
         timings = {"check": (time.perf_counter() - t0) * 1000}
-        vm.record.operation = op = Operation("restore", os.getpid(), time.time())
-        vm.commit()
-        reporter.step(
-            f"{name}: starting {argv[0]} -S -incoming defer; verifying the state file ({cp.size / 1e6:.1f} MB)"
-            " while it loads"
-        )
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(vm.record.qmp)
-        t = time.perf_counter()
-        pid = process.spawn([*qargv.incoming(argv), "-S"], vm.log_path, cwd=vm.record.cwd, scope=name)
-        op.new_pid = pid
-        op.mark("started")
-        vm.commit()
-        stop = threading.Event()
-
-        def verifying(done: int, total: int) -> None:
-            if stop.is_set():
-                raise CheckpointError(f"{name}: verification stopped")
-            reporter.progress(done, total, "verifying")
-
-        def start_verifying() -> asyncio.Future[float]:
-            pace = statefile.BESIDE_LOAD
-            hashing = asyncio.ensure_future(asyncio.to_thread(verify_digest, vm, cp, trust_identity, verifying, pace))
-            hashing.add_done_callback(lambda f: f.cancelled() or f.exception())  # read on every path
-            return hashing
-
+        how = (trust_identity, sync_time, reporter)
         try:
-            result = await _load(vm, cp, pid, argv, timings, t, reporter, start_verifying, verifying, trust_identity)
-        except BaseException as exc:
-            stop.set()  # a digest still running stops at its next chunk (Ctrl-C need not wait for it)
-            if op.step in GUEST_RESUMED and process.alive(pid):
-                # The guest may have run on the new QEMU: its RAM and disks have moved on from the
-                # checkpoint, so going back would corrupt it. Keep the new QEMU.
-                vm.record.argv = qargv.for_relaunch(argv)
-                retire_checkpoint(vm, pid, None)
-                vm.record.operation = None
-                vm.commit()
-                raise QemuError(
-                    f"{name}: the guest was resumed on the new QEMU (pid {pid}), but then: {exc}; "
-                    "it is kept running, see 'cprctl status'"
-                ) from exc
-            await asyncio.to_thread(process.kill, pid)
+            return await _start_and_load(vm, cp, argv, previous, list(vm.record.compat_args), timings, *how)
+        except Resize as exc:  # once: a second mismatch is refused by `queue_args`
+            reporter.step(f"{name}: {argv[0]} allocates smaller virtqueues; starting it with {exc.args_}")
+            return await _start_and_load(vm, cp, argv, previous, exc.args_, timings, *how)
+
+
+async def _start_and_load(
+    vm: VM,
+    cp: Checkpoint,
+    argv: list[str],
+    previous: str,
+    compat: list[str],
+    timings: dict[str, float],
+    trust_identity: bool,
+    sync_time: bool,
+    reporter: Reporter,
+) -> RestoreResult:
+    """Start *argv* with *compat* to receive, load the checkpoint and resume (the rest of `_restore_on`).
+
+    :raise Resize: the new QEMU allocated smaller virtqueues than the checkpoint has (it was killed).
+    """
+    name = vm.name
+    vm.record.operation = op = Operation("restore", os.getpid(), time.time(), compat_args=compat)
+    vm.commit()
+    reporter.step(
+        f"{name}: starting {argv[0]} -S -incoming defer; verifying the state file ({cp.size / 1e6:.1f} MB)"
+        " while it loads"
+    )
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(vm.record.qmp)
+    t = time.perf_counter()
+    pid = process.spawn([*qargv.incoming([*argv, *compat]), "-S"], vm.log_path, cwd=vm.record.cwd, scope=name)
+    op.new_pid = pid
+    op.mark("started")
+    vm.commit()
+    stop = threading.Event()
+
+    def verifying(done: int, total: int) -> None:
+        if stop.is_set():
+            raise CheckpointError(f"{name}: verification stopped")
+        reporter.progress(done, total, "verifying")
+
+    def start_verifying() -> asyncio.Future[float]:
+        pace = statefile.BESIDE_LOAD
+        hashing = asyncio.ensure_future(asyncio.to_thread(verify_digest, vm, cp, trust_identity, verifying, pace))
+        hashing.add_done_callback(lambda f: f.cancelled() or f.exception())  # read on every path
+        return hashing
+
+    try:
+        result = await _load(vm, cp, pid, argv, timings, t, reporter, start_verifying, verifying, trust_identity)
+    except BaseException as exc:
+        stop.set()  # a digest still running stops at its next chunk (Ctrl-C need not wait for it)
+        if op.step in GUEST_RESUMED and process.alive(pid):
+            # The guest may have run on the new QEMU: its RAM and disks have moved on from the
+            # checkpoint, so going back would corrupt it. Keep the new QEMU.
+            vm.record.argv, vm.record.compat_args = qargv.for_relaunch(argv), compat
+            retire_checkpoint(vm, pid, None)
             vm.record.operation = None
             vm.commit()
-            if isinstance(exc, CprctlError):
-                said = "" if isinstance(exc, CheckpointError) else process.qemu_error(vm.log_path)
-                if said and isinstance(exc, QemuError):
-                    kept.learn(vm, cp.build, argv[0], False, "restore", said)
-                    vm.commit()
-                again = type(exc)(
-                    f"{said + ' (' + str(exc) + ')' if said else exc}; the checkpoint is kept, restore can be retried"
-                )
-                again.__dict__.update(vars(exc))  # what it carries, e.g. `QemuError.error_class`
-                raise again from exc
-            raise
-        await asyncio.to_thread(kept.learn, vm, cp.build, argv[0], True, "restore")
-        await asyncio.to_thread(kept.settle, vm, previous, reporter, cp.build)
+            raise QemuError(
+                f"{name}: the guest was resumed on the new QEMU (pid {pid}), but then: {exc}; "
+                "it is kept running, see 'cprctl status'"
+            ) from exc
+        await asyncio.to_thread(process.kill, pid)
+        vm.record.operation = None
         vm.commit()
-        if sync_time and vm.record.qga and result.status == "running":
-            await _sync_time(vm, reporter)
-        return result
+        if isinstance(exc, CprctlError):
+            said = "" if isinstance(exc, CheckpointError) else process.qemu_error(vm.log_path)
+            if said and isinstance(exc, QemuError):
+                kept.learn(vm, cp.build, argv[0], False, "restore", said)
+                vm.commit()
+            again = type(exc)(
+                f"{said + ' (' + str(exc) + ')' if said else exc}; the checkpoint is kept, restore can be retried"
+            )
+            again.__dict__.update(vars(exc))  # what it carries, e.g. `QemuError.error_class`
+            raise again from exc
+        raise
+    await asyncio.to_thread(kept.learn, vm, cp.build, argv[0], True, "restore")
+    await asyncio.to_thread(kept.settle, vm, previous, reporter, cp.build)
+    vm.commit()
+    if sync_time and vm.record.qga and result.status == "running":
+        await _sync_time(vm, reporter)
+    return result
 
 
 async def _preflight(vm: VM, cp: Checkpoint, qemu: str | None) -> list[str]:
@@ -357,6 +381,7 @@ async def _load(
     async with Monitor(r.qmp, vm.name, pid) as mon:
         timings["start"] = (time.perf_counter() - t_start) * 1000
         # From here on, not while QEMU itself starts: after a reboot it reads its binary and libraries.
+        await _fit_queues(vm, cp, mon, argv[0], op.compat_args)
         hashing = start_verifying()
         t = time.perf_counter()
         await mon.set_migration({**cp.capabilities, **await late_block_activate(mon)}, cp.parameters)
@@ -407,7 +432,7 @@ async def _load(
         op.mark("resumed")
         if status == "running":
             r.timeline = _timeline(cp, op.started - timings["check"] / 1000, resumed)
-        r.argv = qargv.for_relaunch(argv)
+        r.argv, r.compat_args = qargv.for_relaunch(argv), list(op.compat_args)
         retire_checkpoint(vm, pid, pause_ms if status == "running" else None)
         r.operation = None
         vm.commit()
@@ -422,6 +447,17 @@ def _timeline(cp: Checkpoint, restore_at: float, running_at: float) -> Timeline:
     if cp.boot_id and cp.boot_id != clock.boot_id():
         return timeline.make(cp, restore_at, running_at, clock.boot_time(), clock.process_start())
     return timeline.make(cp, restore_at, running_at, None, None)
+async def _fit_queues(vm: VM, cp: Checkpoint, mon: Monitor, binary: str, compat: list[str]) -> None:
+    """Compare the checkpoint's virtqueues with what the new QEMU allocated (see `compat.queue_args`).
+
+    :raise Resize: it must start again with more ``-global``; `QemuError`: it cannot load them.
+    """
+    if found := queue_mismatches(cp.virtio, await virtio.devices(mon)):
+        try:
+            args = queue_args(vm.name, binary, found, compat)
+        except CheckFailed as exc:  # not loadable: a failed restore (the checkpoint is kept)
+            raise QemuError(str(exc)) from exc
+        raise Resize(args)
 
 
 async def late_block_activate(mon: Monitor) -> dict[str, bool]:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from .._host import clock
-from .._qemu import ramblocks
+from .._qemu import ramblocks, virtio
 from .._qemu.agent import Agent
 from .._qemu.argv import ram_layout
 from .._qemu.qmp import Monitor
@@ -144,6 +144,9 @@ async def _checkpoint(
         t = time.perf_counter()
         await asyncio.to_thread(_fsync_ram, r.argv)
         timings["preflush"] = (time.perf_counter() - t) * 1000
+    # The virtqueues a restore on another build must allocate, asked while the guest still runs (not
+    # in its pause): a guest's driver may only shrink a queue below what QEMU allocated.
+    queues = await virtio.devices(mon)
     if plan.suspend:
         reporter.step(f"{vm.name}: suspending the guest through its agent")
         op.suspended_by_us = True
@@ -196,6 +199,7 @@ async def _checkpoint(
         inode=inode,
         mtime_ns=mtime_ns,
         timings_ms=timings,
+        virtio=queues,
         build=r.build,
         boot_id=clock.boot_id(),
         ram=ram,

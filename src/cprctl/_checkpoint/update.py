@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .._qemu import argv as qargv
-from .._qemu import fds, process
+from .._qemu import fds, process, virtio
 from .._qemu.argv import ram_layout
 from .._qemu.process import Binary
 from .._qemu.qmp import Monitor
@@ -43,7 +43,7 @@ from .._qemu.sockets import drop_sockets, take_over_sockets
 from .._store import StateDir, VMLock
 from ..errors import CheckFailed, CprctlError, QemuError, VMStateError
 from . import disks, kept, precopy, warmup
-from .compat import binary_findings, require
+from .compat import Resize, binary_findings, queue_args, queue_mismatches, require
 from .facts import binary_info, gather
 from .lifecycle import SOCKET_PATH_MAX
 from .plan import Finding, Plan, SuspendMode, choose, findings, warm_blockers
@@ -211,7 +211,12 @@ async def _warm(
                 raise CheckFailed(name, found)
             if blockers := warm_blockers(r.argv, facts):
                 raise _NoStandby("; ".join(blockers))
-            return await _switch(vm, old, over_socket(choose(facts, suspend)), binary, reporter)
+            plan, compat = over_socket(choose(facts, suspend)), list(r.compat_args)
+            try:
+                return await _switch(vm, old, plan, binary, reporter, compat)
+            except Resize as exc:  # once: a second mismatch is refused by `queue_args`
+                reporter.step(f"{vm.name}: {binary} allocates smaller virtqueues; starting it with {exc.args_}")
+                return await _switch(vm, old, plan, binary, reporter, exc.args_)
 
 
 def over_socket(plan: Plan) -> Plan:
@@ -229,13 +234,15 @@ def over_socket(plan: Plan) -> Plan:
     return precopy.precopy_plan(Plan("stream", plan.suspend, caps, params, 0))
 
 
-async def _switch(vm: VM, old: Monitor, plan: Plan, binary: str, reporter: Reporter) -> UpdateResult:
+async def _switch(
+    vm: VM, old: Monitor, plan: Plan, binary: str, reporter: Reporter, compat: list[str]
+) -> UpdateResult:
     r = vm.record
     argv = [binary, *r.argv[1:]]
     timings: dict[str, float] = {}
     sockets = qargv.served_sockets(argv)
     suffix = f"~{secrets.token_hex(2)}"
-    handover = _hand_over(r.pid, argv, vm.folder, suffix)
+    handover = _hand_over(r.pid, [*argv, *compat], vm.folder, suffix)
     standby_argv = qargv.incoming(_side_by_side(handover.argv, suffix))
     t = time.perf_counter()
     try:
@@ -243,7 +250,7 @@ async def _switch(vm: VM, old: Monitor, plan: Plan, binary: str, reporter: Repor
     finally:
         handover.close()  # the new QEMU has its own copies
     r.operation = op = Operation(
-        "update", os.getpid(), time.time(), new_pid=new_pid, binary=binary, socket_suffix=suffix
+        "update", os.getpid(), time.time(), new_pid=new_pid, binary=binary, socket_suffix=suffix, compat_args=compat
     )
     op.mark("standby")
     vm.commit()
@@ -251,6 +258,7 @@ async def _switch(vm: VM, old: Monitor, plan: Plan, binary: str, reporter: Repor
         async with Monitor(r.qmp + suffix, vm.name, new_pid, timeout=30) as new:
             timings["standby"] = (time.perf_counter() - t) * 1000
             reporter.step(f"{vm.name}: new QEMU {binary} waits beside the old one (pid {new_pid})")
+            await _fit_queues(vm, old, new, binary, compat)
             return await _migrate(vm, old, new, plan, argv, sockets, suffix, timings, reporter, handover)
     except BaseException as exc:
         if op.step == "standby":  # the new QEMU never got the guest: just stop it
@@ -271,6 +279,21 @@ async def _switch(vm: VM, old: Monitor, plan: Plan, binary: str, reporter: Repor
             error_class = exc.error_class if isinstance(exc, QemuError) else None
             raise QemuError(f"{vm.name}: warm update failed: {why}; {done}", error_class=error_class) from exc
         raise
+
+
+async def _fit_queues(vm: VM, old: Monitor, new: Monitor, binary: str, compat: list[str]) -> None:
+    """Compare the VM's virtqueues with what the standby allocated (see `compat.queue_args`).
+
+    :raise Resize: the standby must start again with more ``-global``; `CheckFailed`: it cannot load them.
+    """
+    found = queue_mismatches(await virtio.devices(old), await virtio.devices(new))
+    if found:
+        try:
+            args = queue_args(vm.name, binary, found, compat)
+        except CheckFailed as exc:  # a failed proof: this build cannot load the VM's state
+            kept.learn(vm, vm.record.build, binary, False, "update", exc.findings[0].message)
+            raise
+        raise Resize(args)
 
 
 def _new_qemu_error(vm: VM, binary: str, new_pid: int, exc: CprctlError) -> str:
@@ -354,7 +377,7 @@ async def _migrate(
         await asyncio.to_thread(process.kill, old_pid)
     take_over_sockets(sockets, suffix)  # only now: an exiting QEMU unlinks the path it bound
     previous, source = r.argv[0], r.build
-    r.argv, r.pid, r.last_pause_ms, r.operation = argv, new.pid, pause_ms, None
+    r.argv, r.pid, r.last_pause_ms, r.compat_args, r.operation = argv, new.pid, pause_ms, list(op.compat_args), None
     vm.commit()
     await asyncio.to_thread(kept.learn, vm, source, argv[0], True, "update")
     await asyncio.to_thread(kept.settle, vm, previous, reporter)

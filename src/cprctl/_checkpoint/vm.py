@@ -216,7 +216,7 @@ async def settle_update(vm: VM, old: Monitor | None = None) -> str:
         if r.pid and not await asyncio.to_thread(process.wait_gone, r.pid, 10):
             await asyncio.to_thread(process.kill, r.pid)
         take_over_sockets(served_sockets(argv), op.socket_suffix)
-        r.argv, r.pid = argv, op.new_pid
+        r.argv, r.pid, r.compat_args = argv, op.new_pid, list(op.compat_args)
         return f"finished it (the guest already ran on {op.binary})"
     if op.new_pid and vm.alive(op.new_pid):
         await asyncio.to_thread(process.kill, op.new_pid)

@@ -9,8 +9,11 @@ read from a short-lived ``-machine none`` instance over stdio.
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,12 +35,15 @@ class BinaryInfo:
     objects: frozenset[str]
     netdevs: frozenset[str]
     cpus: frozenset[str]
-    #: Where the binary looks for firmware named without a path (``-L help``).
+    #: Where the binary looks for firmware named without a path (``-L help``), as the binary sees them.
     datadirs: tuple[str, ...]
     #: Migration modes (``cpr-reboot``...), capabilities and settable parameters in its QMP schema.
     modes: frozenset[str]
     capabilities: frozenset[str]
     parameters: frozenset[str]
+    #: The host path of the root the binary runs in: ``/``, or a Debian root a wrapper chroots into
+    #: (its ``datadirs`` are below it).
+    root: str = "/"
 
 
 def probe(binary: Binary) -> BinaryInfo:
@@ -46,7 +52,7 @@ def probe(binary: Binary) -> BinaryInfo:
     :raise UsageError: the binary is missing or not executable; `QemuError`: it
         fails to answer (it is broken, or not a QEMU system emulator).
     """
-    answers = qmp_answers(binary, "query-qmp-schema", "query-cpu-definitions")
+    answers, root = qmp_answers(binary, "query-qmp-schema", "query-cpu-definitions")
     modes, caps, params = migration_schema(answers["query-qmp-schema"])
     return BinaryInfo(
         binary.path,
@@ -60,6 +66,7 @@ def probe(binary: Binary) -> BinaryInfo:
         modes,
         caps,
         params,
+        root,
     )
 
 
@@ -83,27 +90,52 @@ def listed(text: str) -> frozenset[str]:
     return frozenset(line.split()[0] for line in text.splitlines()[1:] if line.strip())
 
 
-def qmp_answers(binary: Binary, *commands: str) -> dict[str, Any]:
-    """The answers of *binary* to QMP *commands*, from an instance that runs nothing.
+def qmp_answers(binary: Binary, *commands: str) -> tuple[dict[str, Any], str]:
+    """The answers of *binary* to QMP *commands*, from an instance that runs nothing, and the root it ran in.
+
+    The root is read from ``/proc/PID/root`` once QEMU greeted: a wrapper that chroots
+    QEMU into another tree (a Debian root with a newer QEMU) shows its files there.
 
     :raise QemuError: when it does not answer them all.
     """
     script = "".join(json.dumps({"execute": c, "id": c}) + "\n" for c in ("qmp_capabilities", *commands, "quit"))
     argv = [binary.path, "-machine", "none", "-nodefaults", "-display", "none", "-S", "-no-user-config"]
     try:
-        done = subprocess.run(
-            [*argv, "-qmp", "stdio"], input=script, capture_output=True, text=True, timeout=PROBE_TIMEOUT, check=False
+        proc = subprocess.Popen(
+            [*argv, "-qmp", "stdio"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
-    except subprocess.TimeoutExpired:
-        raise QemuError(f"{binary.path} did not answer QMP in {PROBE_TIMEOUT:.0f} s") from None
     except OSError as exc:
         raise QemuError(f"cannot run {binary.path}: {exc.strerror}") from exc
-    replies = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    timer = threading.Timer(PROBE_TIMEOUT, proc.kill)
+    timer.start()
+    try:
+        greeting = proc.stdout.readline() if proc.stdout else ""
+        root = process_root(proc.pid) if greeting else "/"
+        out, err = proc.communicate(script)
+    finally:
+        timer.cancel()
+    if proc.returncode == -signal.SIGKILL and not out:
+        raise QemuError(f"{binary.path} did not answer QMP in {PROBE_TIMEOUT:.0f} s")
+    replies = [json.loads(line) for line in (greeting + out).splitlines() if line.startswith("{")]
     answers = {r["id"]: r["return"] for r in replies if r.get("id") in commands and "return" in r}
     if missing := [c for c in commands if c not in answers]:
-        why = (done.stderr.strip().splitlines() or ["no answer"])[-1]
+        why = (err.strip().splitlines() or ["no answer"])[-1]
         raise QemuError(f"{binary.path} did not answer {missing[0]}: {why[:200]}")
-    return answers
+    return answers, root
+
+
+def process_root(pid: int) -> str:
+    """The host path of process *pid*'s root directory, or ``/`` when it is not reachable by that path."""
+    try:
+        path = os.readlink(f"/proc/{pid}/root")
+        same = os.stat(path), os.stat(f"/proc/{pid}/root")
+    except OSError:
+        return "/"
+    return path if (same[0].st_dev, same[0].st_ino) == (same[1].st_dev, same[1].st_ino) else "/"
 
 
 def migration_schema(entries: list[dict[str, Any]]) -> tuple[frozenset[str], frozenset[str], frozenset[str]]:

@@ -210,17 +210,35 @@ def exe_replaced(pid: int, path: str) -> bool:
     """Whether running process *pid*'s executable is no longer the file at *path* (replaced or deleted).
 
     A package upgrade renames a new binary over the old one: the running QEMU
-    keeps the old file mapped, and ``/proc/PID/exe`` still reaches it.
+    keeps the old file mapped, and ``/proc/PID/exe`` still reaches it. A wrapper
+    script is judged by the executable it names (`real_exe`).
     """
     try:
         running = os.stat(f"/proc/{pid}/exe")
     except OSError:
         return False
     try:
-        on_disk = os.stat(path)
+        on_disk = os.stat(real_exe(path))
     except OSError:
         return True
     return (running.st_dev, running.st_ino) != (on_disk.st_dev, on_disk.st_ino)
+
+
+#: How a wrapper script that runs QEMU from another tree (a chroot) names the executable it runs.
+EXE_MARKER = "# cprctl-exe: "
+
+
+def real_exe(path: str) -> str:
+    """The executable *path* runs: itself, or what a wrapper script names in a ``# cprctl-exe: PATH`` line."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return path
+    if not head.startswith(b"#!"):
+        return path
+    lines = head.decode(errors="replace").splitlines()[1:8]
+    return next((line[len(EXE_MARKER) :].strip() for line in lines if line.startswith(EXE_MARKER)), path)
 
 
 def copy_exe(pid: int, dest: Path) -> None:
