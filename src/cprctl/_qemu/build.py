@@ -103,7 +103,30 @@ def running_build(pid: int) -> RunningBuild:
             libs.append(part)
     if loader is None:
         raise QemuError(f"process {pid} maps no dynamic loader (a static QEMU needs no kept libraries)")
+    if exe.source == exe.path:  # the package on disk is still this build: its other modules are too
+        modules += _unmapped_modules(exe_path, modules)
     return RunningBuild(pid, exe, loader, tuple(libs), tuple(modules))
+
+
+def _unmapped_modules(exe_path: str, mapped: list[Part]) -> list[Part]:
+    """The modules of the build at *exe_path* that its QEMU has not loaded (yet): a kept build must have them
+    all, or its QEMU loads another build's from its built-in module directory and fails (``-device help``
+    loads every module)."""
+    prefix = os.path.dirname(os.path.dirname(exe_path))
+    guesses = [os.path.join(prefix, lib, "qemu") for lib in ("lib/x86_64-linux-gnu", "lib", "lib64")]
+    dirs = {os.path.dirname(p.path) for p in mapped} or {d for d in guesses if os.path.isdir(d)}
+    have = {p.name for p in mapped}
+    found: list[Part] = []
+    for d in sorted(dirs):
+        try:
+            names = sorted(os.listdir(d))
+        except OSError:
+            continue
+        for name in names:
+            if name.startswith(MODULE_PREFIXES) and name.endswith(".so") and name not in have:
+                have.add(name)
+                found.append(Part(name, os.path.join(d, name), os.path.join(d, name)))
+    return found
 
 
 def soname(path: str) -> str | None:
