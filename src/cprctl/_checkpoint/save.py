@@ -235,8 +235,15 @@ class _MemoryDigest:
         self.task: asyncio.Future[dict[str, str]] | None = None
 
     async def start(self, mon: Monitor, blocks: list[RamBlock]) -> None:
-        """Start hashing *blocks* once the guest has stopped (cpr-reboot stops it before QEMU writes RAM)."""
-        await mon.wait_status(STOPPED, 30)
+        """Start hashing *blocks* once the guest has stopped (cpr-reboot stops it before QEMU writes RAM);
+        not when the migration failed first (`Monitor.wait_migration` then reports why)."""
+        deadline = time.monotonic() + 30
+        while await mon.status() not in STOPPED:
+            if (await mon.execute("query-migrate")).get("status") in ("failed", "cancelled", "cancelling"):
+                return
+            if time.monotonic() > deadline:
+                raise QemuError(f"{mon.name}: the guest did not stop within 30 s of the migration's start")
+            await asyncio.sleep(0.005)
         self.blocks = {b.name: b for b in blocks}
         self.task = asyncio.ensure_future(asyncio.to_thread(self.hash, blocks))
         self.task.add_done_callback(lambda f: f.cancelled() or f.exception())  # read on every path

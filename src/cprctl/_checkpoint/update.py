@@ -36,7 +36,6 @@ from pathlib import Path
 
 from .._qemu import argv as qargv
 from .._qemu import fds, process, virtio
-from .._qemu.argv import ram_layout
 from .._qemu.process import Binary
 from .._qemu.qmp import Monitor
 from .._qemu.sockets import drop_sockets, take_over_sockets
@@ -388,11 +387,9 @@ async def _migrate(
 
 
 async def _warm_up(vm: VM, old: Monitor, new: Monitor) -> None:
-    """Before the guest stops: flush its disk images and RAM files, read the new QEMU's code ahead
-    (see `warmup`)."""
+    """Before the guest stops: flush its disk images, read the new QEMU's code ahead (see `warmup`)."""
     images = disks.image_paths(await old.execute("query-named-block-nodes", {"flat": True}))
-    ram = [b.path for b in ram_layout(vm.record.argv).backends if b.named_shared_file and b.path]
-    await asyncio.to_thread(warmup.flush, [*images, *ram])
+    await asyncio.to_thread(warmup.flush, images)
     if new.pid:
         await asyncio.to_thread(warmup.read_ahead, new.pid)
 
