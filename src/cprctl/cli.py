@@ -482,7 +482,7 @@ def _reboot_lines(plan: RebootPlan) -> list[str]:
     ]
     for v in plan.vms:
         if v.state == "stopped":
-            lines.append(f"{v.name}: stopped, left alone")
+            lines.append(f"{v.name}: stopped, {'booted afresh at boot' if v.boot_pending else 'left alone'}")
             continue
         low, high = plan.downtime_s(v)
         what = (

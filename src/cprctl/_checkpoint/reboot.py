@@ -41,6 +41,8 @@ class VMPlan:
     restore_s: float = 0.0
     #: Why it refuses the reboot (its first blocking finding), or None.
     refused: str | None = None
+    #: A stopped VM that the boot's restore-all boots afresh (it was shut down at a shutdown, or lost).
+    boot_pending: bool = False
 
 
 @dataclass(frozen=True)
@@ -142,7 +144,7 @@ async def _vm_plans(
             found: list[Finding] = [broken_finding(st.name)]
             plan = None
         elif st.state == "stopped":
-            plans.append(VMPlan(st.name, st.state))
+            plans.append(VMPlan(st.name, st.state, boot_pending=st.boot_pending))
             continue
         else:
             found, plan = await inspect.preview(sd, st.name, suspend=suspend)
