@@ -130,6 +130,7 @@ def test_timeline_across_a_reboot(state_dir: Path) -> None:
     boot_again(state_dir)
     out = cli("restore-all", state_dir=state_dir)
     assert out.returncode == 0, out.stderr
+    assert "t1: restored: paused " in out.stderr and ": save " in out.stderr, out.stderr  # the journal says where
     vm.assert_continued(mark, fill=0, agent=False)
     st = json.loads(cli("status", "t1", "--json", state_dir=state_dir).stdout)
     down = st["downtime"]
