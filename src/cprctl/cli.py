@@ -475,7 +475,10 @@ def reboot(
 def _reboot_lines(plan: RebootPlan) -> list[str]:
     """The plan of ``cprctl reboot``, one line each (whole values: no table to cut them)."""
     k = plan.kernel
-    how = f"systemctl kexec into {k.kernel} (initrd {k.initrd or 'none'}; {k.cmdline})" if k else "systemctl reboot"
+    if k is not None:
+        how = f"systemctl kexec into {k.kernel} (initrd {k.initrd or 'none'}; {k.cmdline})"
+    else:
+        how = "systemctl kexec (no kernel chosen)" if plan.how == "kexec" else "systemctl reboot"
     lines = [
         f"{'rebooting' if plan.started else 'plan'}: {how}; cprctl-guests.service saves every VM at shutdown"
         f" (about {plan.saves_s:.1f} s of saves) and restores them at boot"
