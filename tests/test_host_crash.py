@@ -8,6 +8,7 @@ the host VM's tests.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -16,8 +17,10 @@ from pathlib import Path
 import pytest
 
 import cprctl
+from cprctl._checkpoint import lifecycle
 from cprctl._demo import ticks
 from cprctl._qemu import process
+from cprctl._store import StateDir
 
 from .guestvm import GuestVM, cli, op_step, record_of, spawn_cli, wait_record
 
@@ -125,11 +128,19 @@ def test_timeline_across_a_reboot(state_dir: Path) -> None:
     """The times are real, the reboot simulated: this kernel started before the save, so ``reboot`` comes out
     negative and ``boot`` long here (the host VM's tests see real ones); the segments still add up."""
     vm = GuestVM.launch("t1", state_dir, ram="file", fill=0, agent=False)
+    off = GuestVM.launch("t2", state_dir, ram="file", fill=0)  # shut down at the shutdown, as if unsaveable
     mark = vm.mark()
     assert cli("save-all", "--reboot", state_dir=state_dir).returncode == 0
+    cprctl.restore("t2", state_dir=state_dir)  # t2 back, then powered off as a shutdown does to an unsaveable VM
+    asyncio.run(lifecycle.shut_down(StateDir(state_dir), "t2", grace=1.0))
     boot_again(state_dir)
+    old = boots(off)[0]
     out = cli("restore-all", state_dir=state_dir)
     assert out.returncode == 0, out.stderr
+    assert "t2: cold-booted: powered off at shutdown; pid None" not in out.stderr, out.stderr  # a pid of this boot
+    assert off.status().state == "running", out.stderr
+    off.wait_for(rf"tick boot=(?!{old})\S+ n=2 ", timeout=120)
+    off.stop()
     assert "t1: restored: paused " in out.stderr and ": save " in out.stderr, out.stderr  # the journal says where
     vm.assert_continued(mark, fill=0, agent=False)
     st = json.loads(cli("status", "t1", "--json", state_dir=state_dir).stdout)
