@@ -295,7 +295,7 @@ def status(state_dir: str | None, name: str | None, as_json: bool) -> None:
     for r in rows:
         size = f"{r.state_file} ({r.state_file_bytes / 1e6:.1f} MB)" if r.state_file_bytes is not None else "-"
         pause = f"{r.last_pause_ms:.0f} ms" if r.last_pause_ms is not None else "-"
-        if r.downtime and "boot" in r.downtime:  # across a host reboot: where it went
+        if r.downtime and "reboot" in r.downtime:  # across a host reboot: where it went
             from ._checkpoint.timeline import describe
 
             pause = describe(r.downtime)

@@ -24,6 +24,8 @@ from .plan import Finding, SuspendMode, estimate, estimate_restore, written_byte
 from .report import Quiet, Reporter
 
 How = Literal["reboot", "kexec"]
+#: The segments of a VM's downtime that are the host's own reboot (see `timeline`).
+HOST_SEGMENTS = ("reboot", "kernel", "boot")
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,7 @@ async def reboot(
         raise UsageError(f"reboot refused, nothing touched: {refusals[0]}")
     statuses = await inspect.status(sd)  # finishes interrupted operations, as save-all does
     vms, refused = await _vm_plans(sd, statuses, suspend, force)
-    last = [d["reboot"] + d["boot"] for st in statuses if (d := st.downtime) and "boot" in d]
+    last = [sum(d.get(k, 0.0) for k in HOST_SEGMENTS) for st in statuses if (d := st.downtime) and "reboot" in d]
     plan = RebootPlan(
         "kexec" if use_kexec else "reboot", chosen, vms, refusals, _saves_s(vms), last_host_s=max(last, default=None)
     )
