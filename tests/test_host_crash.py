@@ -8,6 +8,7 @@ the host VM's tests.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -16,8 +17,10 @@ from pathlib import Path
 import pytest
 
 import cprctl
+from cprctl._checkpoint import lifecycle
 from cprctl._demo import ticks
 from cprctl._qemu import process
+from cprctl._store import StateDir
 
 from .guestvm import GuestVM, cli, op_step, record_of, spawn_cli, wait_record
 
@@ -56,7 +59,7 @@ def boots(vm: GuestVM) -> list[str]:
 
 def test_crash_during_save_all(state_dir: Path) -> None:
     first = GuestVM.launch("s1", state_dir, ram="file", fill=16)
-    second = GuestVM.launch("s2", state_dir, ram="anon", ram_mib=512, fill=400)
+    second = GuestVM.launch("s2", state_dir, ram="anon", ram_mib=384, fill=256)
     mark, pid2 = first.mark(), second.status().pid
     partial = state_dir / "vms" / "s2" / "state.cpr"
     proc = spawn_cli("save-all", "--parallel", "1", state_dir=state_dir)
@@ -74,6 +77,8 @@ def test_crash_during_save_all(state_dir: Path) -> None:
     assert not partial.exists(), "the partial state file is kept"
     st = {s.name: s for s in cprctl.status(state_dir=state_dir)}
     assert (st["s1"].state, st["s2"].state, st["s2"].boot_pending, st["s2"].lost) == ("saved", "stopped", True, lost)
+    plan = cli("reboot", "--dry-run", state_dir=state_dir).stdout.splitlines()
+    assert "s2: stopped, booted afresh at boot" in plan and any(p.startswith("s1: saved already") for p in plan), plan
 
     out = cli("restore-all", state_dir=state_dir)
     assert out.returncode == 0, out.stderr
@@ -93,7 +98,7 @@ def test_crash_during_save_all(state_dir: Path) -> None:
 
 def test_crash_during_restore_all(state_dir: Path) -> None:
     first = GuestVM.launch("r1", state_dir, ram="file", fill=16)
-    second = GuestVM.launch("r2", state_dir, ram="anon", ram_mib=512, fill=400)
+    second = GuestVM.launch("r2", state_dir, ram="anon", ram_mib=384, fill=256)
     marks = [first.mark(), second.mark()]
     assert cli("save-all", state_dir=state_dir).returncode == 0
     proc = spawn_cli("restore-all", "--parallel", "1", state_dir=state_dir)
@@ -108,7 +113,7 @@ def test_crash_during_restore_all(state_dir: Path) -> None:
     # r2's restore is done over from its checkpoint: the same guest runs on.
     assert "r2: an earlier restore was interrupted at 'started': rolled it back" in out.stderr, out.stderr
     assert "r2: restored: paused" in out.stderr, out.stderr
-    second.assert_continued(marks[1], fill=400)
+    second.assert_continued(marks[1], fill=256)
     # r1 ran again when the host went down: what it did since its restore is lost; it boots afresh.
     lost = "the host went down while it ran, unsaved; its running state was lost"
     assert f"r1: cold-booted: {lost}; pid " in out.stderr, out.stderr
@@ -120,21 +125,31 @@ def test_crash_during_restore_all(state_dir: Path) -> None:
 
 
 def test_timeline_across_a_reboot(state_dir: Path) -> None:
-    """The times are real, the reboot simulated: this kernel started before the save, so ``reboot`` comes out
-    negative and ``boot`` long here (the host VM's tests see real ones); the segments still add up."""
+    """The times are real, the reboot simulated: this kernel and its init started before the save, so the host's
+    part is all ``reboot`` (save-all's end to cprctl's start) and ``boot`` is 0 here (the host VM's tests see
+    a real kernel and init); the segments add up."""
     vm = GuestVM.launch("t1", state_dir, ram="file", fill=0, agent=False)
+    off = GuestVM.launch("t2", state_dir, ram="file", fill=0)  # shut down at the shutdown, as if unsaveable
     mark = vm.mark()
     assert cli("save-all", "--reboot", state_dir=state_dir).returncode == 0
+    cprctl.restore("t2", state_dir=state_dir)  # t2 back, then powered off as a shutdown does to an unsaveable VM
+    asyncio.run(lifecycle.shut_down(StateDir(state_dir), "t2", grace=1.0))
     boot_again(state_dir)
+    old = boots(off)[0]
     out = cli("restore-all", state_dir=state_dir)
     assert out.returncode == 0, out.stderr
+    assert "t2: cold-booted: powered off at shutdown; pid None" not in out.stderr, out.stderr  # a pid of this boot
+    assert off.status().state == "running", out.stderr
+    off.wait_for(rf"tick boot=(?!{old})\S+ n=2 ", timeout=120)
+    off.stop()
+    assert "t1: restored: paused " in out.stderr and ": save " in out.stderr, out.stderr  # the journal says where
     vm.assert_continued(mark, fill=0, agent=False)
     st = json.loads(cli("status", "t1", "--json", state_dir=state_dir).stdout)
     down = st["downtime"]
     assert list(down) == ["save", "shutdown", "reboot", "boot", "queue", "restore", "total"], down
     assert abs(sum(v for k, v in down.items() if k != "total") - down["total"]) < 0.01, down
     assert abs(down["total"] * 1000 - st["last_pause_ms"]) < 5, (down, st["last_pause_ms"])
-    assert all(down[k] >= 0 for k in ("save", "shutdown", "queue", "restore")), down
+    assert all(v >= 0 for v in down.values()) and down["boot"] == 0, down
     text = cli("status", state_dir=state_dir).stdout
     assert f"{down['total']:.1f} s: save {down['save']:.1f}, shutdown" in text, text
     plan = cli("reboot", "--dry-run", state_dir=state_dir).stdout  # the host's part, as last measured

@@ -15,12 +15,25 @@ def cp(**kw: object) -> Checkpoint:
 
 
 def test_across_a_reboot_after_save_all() -> None:
-    t = timeline.make(cp(fleet_done_at=101.0), restore_at=131.0, running_at=131.5, boot_at=110.0, cprctl_at=130.2)
+    t = timeline.make(
+        cp(fleet_done_at=101.0), restore_at=131.0, running_at=131.5, boot_at=110.0, cprctl_at=130.2, init_at=112.0
+    )
     seg = timeline.segments(t)
     assert seg == {
-        "save": 0.4, "shutdown": 0.6, "reboot": 9.0, "boot": 20.2, "queue": 0.8, "restore": 0.5, "total": 31.5,
+        "save": 0.4, "shutdown": 0.6, "reboot": 9.0, "kernel": 2.0, "boot": 18.2, "queue": 0.8, "restore": 0.5,
+        "total": 31.5,
     }  # fmt: skip
-    assert timeline.describe(seg) == "31.5 s: save 0.4, shutdown 0.6, reboot 9.0, boot 20.2, queue 0.8, restore 0.5"
+    assert timeline.describe(seg) == (
+        "31.5 s: save 0.4, shutdown 0.6, reboot 9.0, kernel 2.0, boot 18.2, queue 0.8, restore 0.5"
+    )
+
+
+def test_in_a_container_the_kernel_did_not_restart() -> None:
+    """systemd-nspawn: the kernel started long before the save; the container's init after it."""
+    t = timeline.make(cp(fleet_done_at=101.0), 131.0, 131.5, boot_at=50.0, cprctl_at=130.2, init_at=115.0)
+    assert timeline.segments(t) == {
+        "save": 0.4, "shutdown": 0.6, "reboot": 14.0, "boot": 15.2, "queue": 0.8, "restore": 0.5, "total": 31.5,
+    }  # fmt: skip
 
 
 def test_saved_alone_or_restored_in_the_same_boot() -> None:

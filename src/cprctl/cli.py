@@ -296,7 +296,7 @@ def status(state_dir: str | None, name: str | None, as_json: bool) -> None:
     for r in rows:
         size = f"{r.state_file} ({r.state_file_bytes / 1e6:.1f} MB)" if r.state_file_bytes is not None else "-"
         pause = f"{r.last_pause_ms:.0f} ms" if r.last_pause_ms is not None else "-"
-        if r.downtime and "boot" in r.downtime:  # across a host reboot: where it went
+        if r.downtime and "reboot" in r.downtime:  # across a host reboot: where it went
             from ._checkpoint.timeline import describe
 
             pause = describe(r.downtime)
@@ -489,14 +489,17 @@ def reboot(
 def _reboot_lines(plan: RebootPlan) -> list[str]:
     """The plan of ``cprctl reboot``, one line each (whole values: no table to cut them)."""
     k = plan.kernel
-    how = f"systemctl kexec into {k.kernel} (initrd {k.initrd or 'none'}; {k.cmdline})" if k else "systemctl reboot"
+    if k is not None:
+        how = f"systemctl kexec into {k.kernel} (initrd {k.initrd or 'none'}; {k.cmdline})"
+    else:
+        how = "systemctl kexec (no kernel chosen)" if plan.how == "kexec" else "systemctl reboot"
     lines = [
         f"{'rebooting' if plan.started else 'plan'}: {how}; cprctl-guests.service saves every VM at shutdown"
         f" (about {plan.saves_s:.1f} s of saves) and restores them at boot"
     ]
     for v in plan.vms:
         if v.state == "stopped":
-            lines.append(f"{v.name}: stopped, left alone")
+            lines.append(f"{v.name}: stopped, {'booted afresh at boot' if v.boot_pending else 'left alone'}")
             continue
         low, high = plan.downtime_s(v)
         what = (

@@ -17,7 +17,7 @@ from .._qemu.argv import ram_layout
 from .._qemu.process import Binary
 from .._store import StateDir, VMLock
 from ..errors import CprctlError, FleetCheckFailed
-from . import inspect, lifecycle
+from . import inspect, lifecycle, timeline
 from .plan import Finding, SuspendMode
 from .report import Quiet, Reporter
 from .restore import restore
@@ -202,9 +202,11 @@ async def restore_all(
                     outcome = VMOutcome(name, "cold-booted", f"{why}; pid {rec.pid}", "running")
                 else:
                     res = await restore(sd, name, sync_time=sync_time, reporter=reporter)
+                    tl = open_vm(sd, name).record.timeline
+                    where = f" ({timeline.describe(timeline.segments(tl))})" if tl and tl.boot_at else ""
                     how = f"; {res.fallback}" if res.fallback else ""
                     outcome = VMOutcome(
-                        name, "restored", f"paused {res.pause_ms:.0f} ms{how}", res.status, None, res.pause_ms
+                        name, "restored", f"paused {res.pause_ms:.0f} ms{where}{how}", res.status, None, res.pause_ms
                     )
             except CprctlError as exc:
                 outcome = VMOutcome(name, "failed", str(exc), open_vm(sd, name).state())

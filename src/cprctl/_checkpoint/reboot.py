@@ -24,6 +24,8 @@ from .plan import Finding, SuspendMode, estimate, estimate_restore, written_byte
 from .report import Quiet, Reporter
 
 How = Literal["reboot", "kexec"]
+#: The segments of a VM's downtime that are the host's own reboot (see `timeline`).
+HOST_SEGMENTS = ("reboot", "kernel", "boot")
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,8 @@ class VMPlan:
     restore_s: float = 0.0
     #: Why it refuses the reboot (its first blocking finding), or None.
     refused: str | None = None
+    #: A stopped VM that the boot's restore-all boots afresh (it was shut down at a shutdown, or lost).
+    boot_pending: bool = False
 
 
 @dataclass(frozen=True)
@@ -100,7 +104,7 @@ async def reboot(
         raise UsageError(f"reboot refused, nothing touched: {refusals[0]}")
     statuses = await inspect.status(sd)  # finishes interrupted operations, as save-all does
     vms, refused = await _vm_plans(sd, statuses, suspend, force)
-    last = [d["reboot"] + d["boot"] for st in statuses if (d := st.downtime) and "boot" in d]
+    last = [sum(d.get(k, 0.0) for k in HOST_SEGMENTS) for st in statuses if (d := st.downtime) and "reboot" in d]
     plan = RebootPlan(
         "kexec" if use_kexec else "reboot", chosen, vms, refusals, _saves_s(vms), last_host_s=max(last, default=None)
     )
@@ -142,7 +146,7 @@ async def _vm_plans(
             found: list[Finding] = [broken_finding(st.name)]
             plan = None
         elif st.state == "stopped":
-            plans.append(VMPlan(st.name, st.state))
+            plans.append(VMPlan(st.name, st.state, boot_pending=st.boot_pending))
             continue
         else:
             found, plan = await inspect.preview(sd, st.name, suspend=suspend)

@@ -120,6 +120,9 @@ class Timeline(msgspec.Struct, forbid_unknown_fields=True):
     #: the unit's ``restore-all``); None when restored in the boot that saved it.
     boot_at: float | None = None
     cprctl_at: float | None = None
+    #: When the boot's init (PID 1) started: the kernel's own start-up ends there (in a container, whose
+    #: kernel does not restart, the container's boot begins there).
+    init_at: float | None = None
 
 
 class Operation(msgspec.Struct, forbid_unknown_fields=True):

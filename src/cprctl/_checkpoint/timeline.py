@@ -7,12 +7,14 @@ that restored it, its restore's start and the guest's resume):
     save       guest stopped -> its checkpoint recorded (its state on disk)
     shutdown   -> the end of the save-all (the other VMs' saves)
     reboot     -> the new kernel's start: the rest of the shutdown, the firmware or kexec
-    boot       -> cprctl started: the kernel, the initrd and systemd up to the unit
+    kernel     -> its init (PID 1) started: the kernel's own start-up
+    boot       -> cprctl started: the initrd and systemd up to the unit
     queue      -> its restore began: cprctl's start-up, restores before its own
     restore    -> its guest running again
 
-Without a reboot in between, ``saved`` (its checkpoint -> its restore) stands for shutdown, reboot, boot
-and queue.
+Without a reboot in between, ``saved`` (its checkpoint -> its restore) stands for shutdown, reboot, kernel,
+boot and queue. In a container (systemd-nspawn) the kernel does not restart: ``reboot`` runs to the start
+of the container's init, and there is no ``kernel``.
 """
 
 from __future__ import annotations
@@ -20,14 +22,20 @@ from __future__ import annotations
 from .record import Checkpoint, Timeline
 
 #: The segments, in order (a timeline has those its times allow).
-SEGMENTS = ("save", "shutdown", "reboot", "boot", "queue", "saved", "restore")
+SEGMENTS = ("save", "shutdown", "reboot", "kernel", "boot", "queue", "saved", "restore")
 
 
 def make(
-    cp: Checkpoint, restore_at: float, running_at: float, boot_at: float | None, cprctl_at: float | None
+    cp: Checkpoint,
+    restore_at: float,
+    running_at: float,
+    boot_at: float | None,
+    cprctl_at: float | None,
+    init_at: float | None = None,
 ) -> Timeline:
-    """The timeline of a restore from *cp*; *boot_at* and *cprctl_at* only when the host rebooted since the save."""
-    return Timeline(cp.stopped_at, cp.saved_at, restore_at, running_at, cp.fleet_done_at, boot_at, cprctl_at)
+    """The timeline of a restore from *cp*; *boot_at*, *cprctl_at* and *init_at* only when the host rebooted
+    since the save."""
+    return Timeline(cp.stopped_at, cp.saved_at, restore_at, running_at, cp.fleet_done_at, boot_at, cprctl_at, init_at)
 
 
 def segments(t: Timeline) -> dict[str, float]:
@@ -40,9 +48,16 @@ def segments(t: Timeline) -> dict[str, float]:
         if t.fleet_done_at is not None:
             out["shutdown"] = t.fleet_done_at - t.saved_at
             shutdown_end = t.fleet_done_at
-        out["reboot"] = t.boot_at - shutdown_end
         started = t.cprctl_at if t.cprctl_at is not None else t.restore_at
-        out["boot"] = started - t.boot_at
+        # Marks of this boot that came after the shutdown (a container's kernel, say, did not restart).
+        kernel, init = (
+            at if at is not None and shutdown_end <= at <= started else None for at in (t.boot_at, t.init_at)
+        )
+        up = kernel if kernel is not None else init if init is not None else started
+        out["reboot"] = up - shutdown_end
+        if kernel is not None and init is not None:
+            out["kernel"] = init - kernel
+        out["boot"] = started - (init if init is not None else up)
         out["queue"] = t.restore_at - started
     out["restore"] = t.running_at - t.restore_at
     out["total"] = t.running_at - t.stopped_at

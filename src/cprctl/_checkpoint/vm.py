@@ -34,6 +34,8 @@ class VM:
     name: str
     folder: Path
     record: VMRecord
+    #: The QEMU pid the record held when loaded, if it was written during an earlier boot (no process of ours).
+    stale_pid: int | None = None
 
     @property
     def record_path(self) -> Path:
@@ -54,7 +56,7 @@ class VM:
 
     def commit(self) -> None:
         """Write the record, with the systemd unit its QEMU runs in now and this boot's id."""
-        if not self.same_boot():
+        if not self.same_boot() and self.record.pid == self.stale_pid:
             self.record.pid = None  # a QEMU of an earlier boot: its pid may be anyone's now
         self.record.boot_id = clock.boot_id()
         self.record.unit = systemd.unit_of(self.record.pid) if self.running() else None
@@ -95,7 +97,10 @@ def open_vm(sd: StateDir, name: str) -> VM:
     folder = sd.existing_vm_dir(name)
     if folder is None:
         raise VMNotFound(name)
-    return VM(name, folder, record.load(folder / RECORD_FILE))
+    vm = VM(name, folder, record.load(folder / RECORD_FILE))
+    if not vm.same_boot():
+        vm.stale_pid = vm.record.pid
+    return vm
 
 
 async def recover(vm: VM, reporter: Reporter) -> str | None:
