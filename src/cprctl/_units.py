@@ -3,7 +3,11 @@
 Like libvirt-guests, the unit is a oneshot that stays active: ``ExecStart``
 (at boot) runs ``restore-all``, ``ExecStop`` (at shutdown, before the
 filesystems it needs are unmounted) runs ``save-all --shutdown-unsaveable``:
-every VM that can be saved is, the others are shut down cleanly. Each VM's
+every VM that can be saved is, the others are shut down cleanly. ``ExecStart`` is
+prefixed with ``-``: a boot whose ``restore-all`` failed for one VM (it keeps its
+checkpoint and says why) leaves the unit active all the same, so the next shutdown
+still saves the VMs that run; a failed unit would run no ``ExecStop``, and systemd
+would stop every VM's scope unsaved. Each VM's
 QEMU runs in a scope of its own ordered ``Before=`` this unit (see
 `cprctl._host.systemd`), so systemd stops no VM before the save is done.
 
@@ -79,7 +83,7 @@ Description=Save running QEMU VMs at shutdown and restore them at boot (cprctl, 
 Type=oneshot
 RemainAfterExit=yes
 Environment=CPRCTL_STATE_DIR={state}
-ExecStart={exe} restore-all
+ExecStart=-{exe} restore-all
 ExecStop={exe} save-all --shutdown-unsaveable
 # A floor sized from the VMs' RAM at install ({written >> 20} MiB written at most); cprctl extends it
 # (sd_notify EXTEND_TIMEOUT_USEC) while saves and loads make progress, never without progress.

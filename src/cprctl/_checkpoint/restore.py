@@ -50,6 +50,9 @@ from .report import Quiet, Reporter
 from .vm import VM, open_vm, recover, retire_checkpoint
 
 LOAD_TIMEOUT = 3600.0
+#: Seconds a restored QEMU may take to open its QMP socket (given up at once if it exits): at boot on a busy
+#: host it took over 30 s (the host VM test, while kvm_amd was loading), and a VM must not stay down for that.
+START_TIMEOUT = 180.0
 
 
 @dataclass(frozen=True)
@@ -378,7 +381,7 @@ async def _load(
     """
     r, op = vm.record, vm.record.operation
     assert op is not None
-    async with Monitor(r.qmp, vm.name, pid) as mon:
+    async with Monitor(r.qmp, vm.name, pid, timeout=START_TIMEOUT) as mon:
         timings["start"] = (time.perf_counter() - t_start) * 1000
         # From here on, not while QEMU itself starts: after a reboot it reads its binary and libraries.
         await _fit_queues(vm, cp, mon, argv[0], op.compat_args)
