@@ -1,0 +1,172 @@
+"""Real host reboots: a Debian 13 host VM (tests/hostvm.py) rebooted, kexec'd and crashed with VMs inside.
+
+Two nested guests run under ``cprctl-guests.service``: ``file`` with its RAM in a shared file (kept in
+place across the reboot) and ``anon`` with anonymous RAM (written to the state file). After every reboot
+both must run again with the same guest boot id, the tick counter going on where it stopped and their RAM
+pattern verifying. The tests share one host VM and run in order; each leaves both guests running.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .guestvm import guest_dir
+from .hostvm import CRASH_WHEN, HostVM, cached_image, console_text, console_ticks, launch_nested, wait_tick
+
+pytestmark = [pytest.mark.qemu, pytest.mark.hostvm]
+
+if os.geteuid() != 0 or not shutil.which("mmdebstrap") or not shutil.which("mkfs.ext4"):
+    pytest.skip("needs root, mmdebstrap and mkfs.ext4 (scripts/install-deps.sh)", allow_module_level=True)
+
+GUESTS = {"file": {"ram": "file"}, "anon": {"ram": "anon"}}
+FILL = 8
+
+
+@pytest.fixture(scope="module")
+def host() -> Iterator[HostVM]:
+    t = time.monotonic()
+    image = cached_image()
+    print(f"host image: {time.monotonic() - t:.0f} s ({image.folder})")
+    work = Path(tempfile.mkdtemp(prefix="cprctl-hostvm.", dir="/var/tmp"))
+    vm: HostVM | None = None
+    try:
+        t = time.monotonic()
+        vm = HostVM(image, work, guest_dir())
+        print(f"host VM booted: {time.monotonic() - t:.0f} s")
+        vm.install()
+        vm.wait_kvm()
+        for name, kw in GUESTS.items():
+            launch_nested(vm, name, fill=FILL, **kw)  # type: ignore[arg-type]
+        for name in GUESTS:
+            wait_tick(vm, name, 2)
+            wait_mem_ok(vm, name, 0)
+        print(f"host VM ready with guests: {time.monotonic() - t:.0f} s")
+        yield vm
+    except BaseException:
+        if vm:
+            print(vm.tail())
+        raise
+    finally:
+        if vm:
+            vm.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def wait_mem_ok(host: HostVM, name: str, after: int, timeout: float = 120) -> None:
+    """Wait for a ``mem ok`` line past console offset *after*."""
+    deadline = time.monotonic() + timeout
+    while "mem ok" not in console_text(host, name)[after:]:
+        assert time.monotonic() < deadline, f"{name}: no 'mem ok' after the reboot:\n{console_text(host, name)[-1500:]}"
+        time.sleep(2)
+
+
+def snapshot(host: HostVM) -> dict[str, tuple[str, int, int]]:
+    """Each guest's boot id, its last tick number and console length, checking it runs on one boot."""
+    out = {}
+    for name in GUESTS:
+        ticks = console_ticks(host, name)
+        boots = {t.boot for t in ticks}
+        assert len(boots) == 1, f"{name}: boots {boots}"
+        out[name] = (boots.pop(), ticks[-1].n, len(console_text(host, name)))
+    return out
+
+
+def assert_back(host: HostVM, before: dict[str, tuple[str, int, int]], names: tuple[str, ...] = tuple(GUESTS)) -> None:
+    """Every guest in *names* runs again: the same boot id, the counter on without a gap, RAM intact."""
+    st = host.status()
+    for name in names:
+        boot, last, mark = before[name]
+        assert st[name]["state"] == "running", (name, st[name], journal(host))
+        ticks = wait_tick(host, name, last + 1)
+        assert {t.boot for t in ticks} == {boot}, f"{name} rebooted: {console_text(host, name)[-1500:]}"
+        ns = [t.n for t in ticks]
+        assert ns == list(range(1, len(ns) + 1)), f"{name}: counter not continuous: {ns}"
+        wait_mem_ok(host, name, mark)
+        text = console_text(host, name)
+        assert "mem BAD" not in text and "memfill exited" not in text, text[-1500:]
+
+
+def journal(host: HostVM, boots: str = "-b") -> str:
+    return host.exec(f"journalctl {boots} -u cprctl-guests.service --no-pager -o cat", check=False).out
+
+
+def test_systemctl_reboot(host: HostVM) -> None:
+    before = snapshot(host)
+    took = host.reboot_with("systemctl reboot")
+    print(f"systemctl reboot: host back in {took:.0f} s")
+    assert_back(host, before)
+    prev = journal(host, "-b -1")
+    assert "file: saved" in prev and "anon: saved" in prev, prev
+
+
+def test_kexec_into_other_kernel(host: HostVM) -> None:
+    before = snapshot(host)
+    running = host.sh("uname -r").strip()
+    other = next(v for v in host.image.kernels if v != running)
+    host.sh(f"kexec -l /boot/vmlinuz-{other} --initrd=/boot/initrd.img-{other} --reuse-cmdline")
+    took = host.reboot_with("systemctl kexec")
+    print(f"systemctl kexec {running} -> {other}: host back in {took:.0f} s")
+    assert host.sh("uname -r").strip() == other
+    assert_back(host, before)
+
+
+def test_crash_right_after_save_all(host: HostVM) -> None:
+    before = snapshot(host)
+    out = host.sh("cprctl save-all --reboot", timeout=600)
+    st = host.status()
+    assert all(st[n]["state"] == "saved" for n in GUESTS), (out, st)
+    host.crash()  # no sync, no shutdown: only what the save made durable survives
+    host.wait_silent()
+    host.wait_boot()
+    assert_back(host, before)
+
+
+def test_crash_in_the_middle_of_save_all(host: HostVM) -> None:
+    """One VM saved, the next not yet: the saved one restores; the other is never loaded from a partial
+    state file: it is cold-booted, or status says in one line why it is not running."""
+    before = snapshot(host)
+    host.put("/usr/local/sbin/crash-when", CRASH_WHEN, 0o755)
+    host.spawn("/usr/bin/python3 /usr/local/sbin/crash-when save 300 & exec cprctl save-all --reboot --parallel 1")
+    host.wait_silent()
+    host.wait_boot()
+    moment = host.exec("journalctl -k -b -1 -o cat | grep 'crash:'", check=False).out
+    print(moment)
+    st = host.status()
+    saved = [n for n in GUESTS if n in moment.split("crash:")[-1] and f"{n}=True/None" in moment]
+    assert len(saved) == 1, (moment, st)
+    assert_back(host, before, (saved[0],))
+    (other,) = set(GUESTS) - set(saved)
+    boot = before[other][0]
+    if st[other]["state"] == "running":  # cold-booted: a new boot of the guest, never the partial state
+        deadline = time.monotonic() + 300
+        while not {t.boot for t in console_ticks(host, other)} - {boot}:
+            assert time.monotonic() < deadline, f"{other} runs but never booted afresh:\n{console_text(host, other)}"
+            time.sleep(2)
+    else:
+        detail = host.sh(f"cprctl status {other}")
+        lines = [ln for ln in (detail + journal(host)).splitlines() if other in ln and "partial" in ln.lower()]
+        assert lines, (st[other], detail, journal(host))
+    # Bring it back for the next tests: a fresh boot.
+    host.exec(f"cprctl stop {other}; cprctl remove {other}; rm -rf /srv/vms/{other}", check=False)
+    launch_nested(host, other, fill=FILL, **GUESTS[other])  # type: ignore[arg-type]
+    wait_tick(host, other, 2)
+    wait_mem_ok(host, other, 0)
+
+
+def test_crash_in_the_middle_of_restore_all(host: HostVM) -> None:
+    """A power cut while the unit's restore-all restores at boot: the boot after it finishes the job."""
+    before = snapshot(host)
+    host.arm_crash_at_restore()
+    host.reboot_with("systemctl reboot")  # the shutdown saves; the boot crashes mid-restore, boots again
+    crashed = host.exec("journalctl --list-boots --no-pager | wc -l", check=False).out
+    moment = host.exec("journalctl -k -b -1 -o cat | grep 'crash:'", check=False).out
+    print(crashed, moment)
+    assert "crash:" in moment, "the restore was not interrupted"
+    assert_back(host, before)
