@@ -178,3 +178,18 @@ def test_lock_names_a_holder_that_has_not_written_its_name_yet(tmp_path: Path) -
     finally:
         late.join()
         os.close(fd)
+
+
+def test_a_record_of_before_the_timeline_parses() -> None:
+    """Records written before lost, boot_id and timeline (and a checkpoint without boot_id) still load."""
+    from cprctl._checkpoint.record import decode
+
+    old = (
+        b'{"version":1,"name":"a","argv":["q"],"qmp":"/q","origin":"launch","machine":"m","log":"/l",'
+        b'"checkpoint":{"state_file":"/s","size":1,"digest":"d","capabilities":{},"parameters":{},'
+        b'"strategy":"in-place","suspended":false,"was_running":true,"stopped_at":1.0,"saved_at":2.0,'
+        b'"qemu_version":"10.0.2"}}'
+    )
+    rec = decode(old, "old")
+    assert rec.lost is None and rec.boot_id is None and rec.timeline is None
+    assert rec.checkpoint is not None and rec.checkpoint.boot_id == "" and rec.checkpoint.fleet_done_at is None

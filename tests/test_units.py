@@ -57,7 +57,8 @@ def test_unit_sizes_mounts_and_timeout(tmp_path: Path) -> None:
     _vm(sd, "anon", ["/usr/bin/qemu-system-x86_64", "-m", "64G"])
     text = _units.unit_text(sd, exe="/usr/local/bin/cprctl")
     mounts = text.split("RequiresMountsFor=")[1].split("\n")[0].split()
-    assert sorted(mounts) == sorted([str(tmp_path / "state"), "/srv/ram"])
+    assert sorted(mounts) == sorted([str(tmp_path / "state"), "/srv/ram", "/usr/bin"])
+    assert "network" not in text  # no VM on the host's network: restores wait for none of it
     assert "ExecStop=/usr/local/bin/cprctl save-all --shutdown-unsaveable" in text
     assert "ExecStart=/usr/local/bin/cprctl restore-all" in text
     timeout = int(text.split("TimeoutStopSec=")[1].split()[0])
@@ -75,3 +76,25 @@ def test_installed_unit_verifies(tmp_path: Path) -> None:
     check = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
     problems = [line for line in check.stderr.splitlines() if _units.UNIT in line]
     assert check.returncode == 0 and not problems, check.stderr
+
+
+def test_unit_waits_for_exactly_what_the_vms_need(tmp_path: Path) -> None:
+    sd = StateDir(tmp_path / "state")
+    _vm(
+        sd,
+        "disks",
+        [
+            "/opt/qemu/bin/qemu-system-x86_64",
+            "-drive", "file=/srv/images/a.qcow2,if=virtio",
+            "-blockdev", "driver=file,filename=/mnt/nfs/b.raw,node-name=b",
+            "-drive", "file=nbd:localhost:10809,if=virtio",
+            "-kernel", "/boot/vmlinuz", "-bios", "/usr/share/ovmf/OVMF.fd",
+            "-netdev", "tap,id=n0,ifname=tap0,script=no", "-device", "virtio-net-pci,netdev=n0",
+        ],
+    )  # fmt: skip
+    text = _units.unit_text(sd, exe="/usr/local/bin/cprctl")
+    mounts = text.split("RequiresMountsFor=")[1].split("\n")[0].split()
+    want = [str(tmp_path / "state"), "/opt/qemu/bin", "/srv/images", "/mnt/nfs", "/boot", "/usr/share/ovmf"]
+    assert sorted(mounts) == sorted(want)
+    assert "After=network.target\n" in text and "network-online" not in text
+    assert "network" not in _units.unit_text(sd, exe="/usr/local/bin/cprctl", user=True)

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
         check,
         launch,
         ping,
+        reboot,
         remove,
         restore,
         restore_all,
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
     from ._checkpoint.fleet import VMOutcome
     from ._checkpoint.inspect import VMStatus
     from ._checkpoint.plan import Finding
+    from ._checkpoint.reboot import RebootPlan, VMPlan
     from ._checkpoint.record import Checkpoint, VMRecord
     from ._checkpoint.report import Reporter
     from ._checkpoint.restore import RestoreResult
@@ -69,12 +71,15 @@ _LAZY = {
             "stop",
             "remove",
             "ping",
+            "reboot",
         ),
         "._api",
     ),
     "VMOutcome": "._checkpoint.fleet",
     "VMStatus": "._checkpoint.inspect",
     "Finding": "._checkpoint.plan",
+    "RebootPlan": "._checkpoint.reboot",
+    "VMPlan": "._checkpoint.reboot",
     "Checkpoint": "._checkpoint.record",
     "VMRecord": "._checkpoint.record",
     "Reporter": "._checkpoint.report",
@@ -111,12 +116,15 @@ __all__ = (
     "stop",
     "remove",
     "ping",
+    "reboot",
     # Results and records
     "SaveResult",
     "RestoreResult",
     "UpdateResult",
     "VMOutcome",
     "VMStatus",
+    "RebootPlan",
+    "VMPlan",
     "Finding",
     "VMRecord",
     "Checkpoint",

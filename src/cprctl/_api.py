@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from ._checkpoint.fleet import VMOutcome
     from ._checkpoint.inspect import VMStatus
     from ._checkpoint.plan import Finding, Strategy, SuspendMode
+    from ._checkpoint.reboot import RebootPlan
     from ._checkpoint.record import VMRecord
     from ._checkpoint.report import Reporter
     from ._checkpoint.restore import RestoreResult
@@ -251,3 +252,40 @@ def ping(name: str, *, timeout: float = 10.0, state_dir: PathLike = None) -> flo
     from ._checkpoint import lifecycle
 
     return _run(lifecycle.ping(StateDir(state_dir), name, timeout))
+
+
+def reboot(
+    *,
+    kexec: bool = False,
+    kernel: str | None = None,
+    initrd: str | None = None,
+    append: str | None = None,
+    dry_run: bool = False,
+    suspend: SuspendMode = "auto",
+    force: bool = False,
+    reporter: Reporter | None = None,
+    state_dir: PathLike = None,
+) -> RebootPlan:
+    """Reboot the host through systemd once its shutdown is sure to save every VM: ``cprctl-guests.service``
+    installed, enabled and active, every VM passing ``check --reboot``. With *kexec*, ``kexec -l`` *kernel*
+    (default: the newest in /boot, with its initrd and the running command line) then ``systemctl kexec``;
+    else ``systemctl reboot``. With *dry_run*, only the plan (``RebootPlan.refusals`` says what would refuse).
+
+    :raise UsageError: the host cannot (no systemd, the unit, kexec or a kernel missing);
+        `FleetCheckFailed`: a VM would not survive it. Nothing is touched then.
+    """
+    from ._checkpoint import reboot as _reboot
+
+    return _run(
+        _reboot.reboot(
+            StateDir(state_dir),
+            use_kexec=kexec,
+            kernel=kernel,
+            initrd=initrd,
+            append=append,
+            dry_run=dry_run,
+            suspend=suspend,
+            force=force,
+            reporter=reporter,
+        )
+    )

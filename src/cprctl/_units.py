@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ._checkpoint.vm import open_vm
 from ._host import systemd
-from ._qemu.argv import ram_layout, size_bytes
+from ._qemu.argv import host_files, host_network, ram_layout, size_bytes
 from ._store import StateDir
 from .errors import UsageError
 
@@ -43,30 +43,34 @@ def user_dest() -> Path:
     return Path(config) / "systemd" / "user"
 
 
-def _facts(sd: StateDir) -> tuple[list[str], int]:
-    """Folders the unit needs mounted, and the bytes of RAM saves will write."""
+def _facts(sd: StateDir) -> tuple[list[str], int, bool]:
+    """Folders the unit needs mounted (the state directory's, and those of every file a VM's QEMU opens:
+    binary, disks, kernel, firmware, RAM files), the bytes of RAM saves will write, and whether a VM
+    attaches to the host's network (a tap or bridge)."""
     mounts = {str(sd.path)}
     written = 0
+    network = False
     for name in sd.names():
         argv = open_vm(sd, name).record.argv
-        for b in ram_layout(argv).backends:
-            if b.named_shared_file and b.path:
-                mounts.add(os.path.dirname(os.path.abspath(b.path)))
-            else:
-                written += size_bytes(b.size)
-    return sorted(mounts), written
+        mounts.update(os.path.dirname(os.path.abspath(p)) for p in host_files(argv))
+        network = network or host_network(argv)
+        written += sum(size_bytes(b.size) for b in ram_layout(argv).backends if not b.named_shared_file)
+    return sorted(mounts), written, network
 
 
 def unit_text(sd: StateDir, exe: str | None = None, user: bool = False) -> str:
     """The unit for state directory *sd*, with mounts and stop timeout sized from its VMs now."""
     exe = exe or shutil.which("cprctl") or str(Path(sys.argv[0]).resolve())
-    mounts, written = _facts(sd)
+    mounts, written, network = _facts(sd)
     timeout = max(300, 120 + written // SLOW_DISK)
     state = str(sd.path)
-    # A user manager cannot order itself after the system's network or mounts.
-    system_deps = (
-        "" if user else "After=local-fs.target remote-fs.target network-online.target\nWants=network-online.target\n"
-    )
+    # Restores start as early as the VMs allow: after the mounts their files live on (RequiresMountsFor=;
+    # a network filesystem's mount is itself after the network) and, only when a VM has a tap or bridge,
+    # after network.target (the host's bridges and taps configured). Not network-online.target: a VM needs
+    # no routable address on the host, and waiting for one can take minutes. At shutdown the order
+    # reverses, so those mounts and the network stay until the saves are done.
+    # A user manager cannot order itself after the system's network.
+    system_deps = "After=network.target\n" if network and not user else ""
     return f"""[Unit]
 Description=Save running QEMU VMs at shutdown and restore them at boot (cprctl, cpr-reboot)
 {system_deps}RequiresMountsFor={" ".join(mounts)}

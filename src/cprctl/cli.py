@@ -22,8 +22,11 @@ if TYPE_CHECKING:
     from rich.progress import Progress
 
     from ._checkpoint.fleet import VMOutcome
+    from ._checkpoint.reboot import RebootPlan
 
 T = TypeVar("T")
+#: The width of a console that is not a terminal: no value is cut.
+UNLIMITED_WIDTH = 100_000
 
 
 class _LazyConsole:
@@ -38,7 +41,12 @@ class _LazyConsole:
         if self._console is None:
             from rich.console import Console
 
-            self._console = Console(stderr=self._stderr, highlight=False)
+            console = Console(stderr=self._stderr, highlight=False)
+            if not console.is_terminal:
+                # Not a terminal (a pipe, a file, the guest agent's guest-exec): rich would cut tables at
+                # 80 columns ("cprctl-g…"); whole values instead, each table as wide as its content.
+                console.width = UNLIMITED_WIDTH
+            self._console = console
         return self._console
 
     def __getattr__(self, name: str) -> Any:
@@ -287,8 +295,15 @@ def status(state_dir: str | None, name: str | None, as_json: bool) -> None:
     for r in rows:
         size = f"{r.state_file} ({r.state_file_bytes / 1e6:.1f} MB)" if r.state_file_bytes is not None else "-"
         pause = f"{r.last_pause_ms:.0f} ms" if r.last_pause_ms is not None else "-"
+        if r.downtime and "boot" in r.downtime:  # across a host reboot: where it went
+            from ._checkpoint.timeline import describe
+
+            pause = describe(r.downtime)
         state = f"{r.state} [yellow](binary replaced)[/]" if r.binary_replaced else r.state
-        state = f"{state} (powered off at shutdown; restore-all boots it)" if r.boot_pending else state
+        if r.boot_pending:
+            state = f"{state} ({r.lost or 'powered off at shutdown'}; restore-all boots it)"
+        elif r.lost:
+            state = f"{state} (cold-booted: {r.lost})"
         unit = [r.unit or "-"] if units else []
         table.add_row(r.name, state, str(r.pid or "-"), *unit, r.qmp, r.qga or "-", size, pause)
     out.print(table)
@@ -409,6 +424,80 @@ def restore_all(state_dir: str | None, parallel: int | None, no_sync_time: bool,
         lambda: _api.restore_all(parallel=parallel, sync_time=not no_sync_time, reporter=rep, state_dir=state_dir)
     )
     _unit_status(rep, outcomes, as_json)
+
+
+@main.command()
+@click.option("--kexec", "use_kexec", is_flag=True, help="Load a kernel and reboot into it with kexec (no firmware).")
+@click.option("--kernel", help="Kernel to kexec [default: the newest vmlinuz-VERSION in /boot].")
+@click.option("--initrd", help="Its initrd [default: initrd.img-VERSION beside the kernel].")
+@click.option("--append", help="Its command line [default: the running one, without BOOT_IMAGE= and initrd=].")
+@click.option("--dry-run", is_flag=True, help="Print the plan and each VM's expected downtime; touch nothing.")
+@_suspend
+@_force
+@_json
+@click.pass_obj
+def reboot(
+    state_dir: str | None,
+    use_kexec: bool,
+    kernel: str | None,
+    initrd: str | None,
+    append: str | None,
+    dry_run: bool,
+    suspend: Any,
+    force: bool,
+    as_json: bool,
+) -> None:
+    """Reboot the host (systemctl reboot, or kexec) once its shutdown is sure to save every VM."""
+    plan = run(
+        lambda: _api.reboot(
+            kexec=use_kexec,
+            kernel=kernel,
+            initrd=initrd,
+            append=append,
+            dry_run=dry_run,
+            suspend=suspend,
+            force=force,
+            reporter=TermReporter(quiet=as_json),
+            state_dir=state_dir,
+        )
+    )
+    if as_json:
+        from dataclasses import asdict
+
+        out.print_json(json.dumps(asdict(plan) | {"ok": not plan.refusals}))
+    else:
+        for line in _reboot_lines(plan):
+            click.echo(line)
+    if plan.refusals:
+        sys.exit(1)
+
+
+def _reboot_lines(plan: RebootPlan) -> list[str]:
+    """The plan of ``cprctl reboot``, one line each (whole values: no table to cut them)."""
+    k = plan.kernel
+    if k is not None:
+        how = f"systemctl kexec into {k.kernel} (initrd {k.initrd or 'none'}; {k.cmdline})"
+    else:
+        how = "systemctl kexec (no kernel chosen)" if plan.how == "kexec" else "systemctl reboot"
+    lines = [
+        f"{'rebooting' if plan.started else 'plan'}: {how}; cprctl-guests.service saves every VM at shutdown"
+        f" (about {plan.saves_s:.1f} s of saves) and restores them at boot"
+    ]
+    for v in plan.vms:
+        if v.state == "stopped":
+            lines.append(f"{v.name}: stopped, {'booted afresh at boot' if v.boot_pending else 'left alone'}")
+            continue
+        low, high = plan.downtime_s(v)
+        what = (
+            f"saved at shutdown ({v.strategy}, {v.written_bytes / 1e6:.0f} MB of RAM written)"
+            if v.state == "running"
+            else f"{v.state} already"
+        )
+        span = f"{low:.1f} s" if abs(high - low) < 0.05 else f"{low:.1f}-{high:.1f} s"
+        host = f" (last time {plan.last_host_s:.1f} s)" if plan.last_host_s is not None else ""
+        lines.append(f"{v.name}: {what}, restored at boot; expected downtime {span} + the host's own reboot{host}")
+    lines += [f"refused: {r}" for r in plan.refusals]
+    return lines
 
 
 @main.command("update-all")

@@ -97,14 +97,15 @@ class CheckFailed(CprctlError):
 
 
 class FleetCheckFailed(CheckFailed):
-    """``save-all --reboot`` refused because some VM would not survive the reboot; no VM was touched."""
+    """``save-all --reboot`` (or ``reboot``) refused because some VM would not survive the reboot; no VM was
+    touched."""
 
-    def __init__(self, refused: dict[str, list[Finding]]) -> None:
+    def __init__(self, refused: dict[str, list[Finding]], command: str = "save-all --reboot") -> None:
         name, findings = next(iter(refused.items()))
         worst = next((f for f in findings if f.blocking), findings[0])
         CprctlError.__init__(
             self,
-            f"save-all --reboot refused, no VM touched: {', '.join(refused)} would not survive a reboot "
+            f"{command} refused, no VM touched: {', '.join(refused)} would not survive a reboot "
             f"({name}: {worst.message}; fix: {worst.fix})",
         )
         self.findings = list(findings)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import re
 import stat
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,7 @@ from .._qemu.probe import BinaryInfo, probe
 from .._qemu.process import Binary
 from .._qemu.qmp import Monitor
 from ..errors import AgentError, QemuError
-from .plan import Facts, RamFact, SuspendMode, wants_suspend
+from .plan import Facts, Finding, RamFact, SuspendMode, dax_mount, vfio_pin_refusal, wants_suspend
 from .record import VMRecord
 
 
@@ -35,13 +37,41 @@ def ram_fact(backend: qargv.RamBackend) -> RamFact:
     if not backend.path:
         return RamFact(backend)
     try:
-        mode = os.stat(backend.path).st_mode
+        st = os.stat(backend.path)
     except FileNotFoundError:
-        return RamFact(backend, "missing")
-    kind = "dir" if stat.S_ISDIR(mode) else "chardev" if stat.S_ISCHR(mode) else "file"
+        # QEMU creates it (at launch): on the filesystem of its folder.
+        _point, fstype, opts = mount_of(os.path.dirname(os.path.abspath(backend.path)))
+        return RamFact(backend, "missing", fstype, dax_mount(opts))
+    kind = "dir" if stat.S_ISDIR(st.st_mode) else "chardev" if stat.S_ISCHR(st.st_mode) else "file"
     _point, fstype, opts = mount_of(backend.path)
-    dax = (kind == "chardev" and "/dax" in backend.path) or "dax" in opts.split(",")
+    dax = is_device_dax(backend.path, st) if kind == "chardev" else dax_mount(opts)
     return RamFact(backend, kind, fstype, dax)
+
+
+_DEVICE_DAX = re.compile(r"/dev/dax\d+\.\d+")
+
+
+def is_device_dax(path: str, st: os.stat_result) -> bool:
+    """Whether character device *path* is a device DAX (``/dev/daxN.M``, or a char device of sysfs class dax)."""
+    if _DEVICE_DAX.fullmatch(os.path.realpath(path)):
+        return True
+    subsystem = Path(f"/sys/dev/char/{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}/subsystem")
+    with contextlib.suppress(OSError):
+        return os.path.basename(os.readlink(subsystem)) == "dax"
+    return False
+
+
+def running_kernel() -> tuple[int, int]:
+    """The running kernel's ``(major, minor)`` (``6.12.38+deb13-cloud-amd64`` -> ``(6, 12)``)."""
+    found = re.match(r"(\d+)\.(\d+)", os.uname().release)
+    return (int(found[1]), int(found[2])) if found else (0, 0)
+
+
+def vfio_refusal(argv: list[str]) -> Finding | None:
+    """Why *argv*'s VFIO devices cannot pin its RAM on the running kernel (QEMU would fail), or None."""
+    if not qargv.has_vfio(argv):
+        return None
+    return vfio_pin_refusal([ram_fact(b) for b in qargv.ram_layout(argv).backends], running_kernel())
 
 
 async def has_cpr_mode(mon: Monitor) -> bool:
@@ -142,6 +172,7 @@ async def gather(record: VMRecord, mon: Monitor, state_dir: Path, suspend: Suspe
             "state_dio": supports_direct_io(state_dir),
             "cores": os.cpu_count() or 1,
             "hotplugged": await hotplugged(mon, record.argv),
+            "kernel": running_kernel(),
         }
     )
 

@@ -9,14 +9,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 from dataclasses import dataclass
 from typing import Literal
 
 from .._qemu.argv import ram_layout
 from .._qemu.process import Binary
-from .._store import StateDir
+from .._store import StateDir, VMLock
 from ..errors import CprctlError, FleetCheckFailed
-from . import inspect, lifecycle
+from . import inspect, lifecycle, timeline
 from .plan import Finding, SuspendMode
 from .report import Quiet, Reporter
 from .restore import restore
@@ -77,17 +78,10 @@ async def save_all(
         refused = {}
         for name, state in states.items():
             if state == "broken":
-                refused[name] = [
-                    Finding(
-                        "broken",
-                        "error",
-                        f"{name} is broken (an unfinished operation or a missing state file)",
-                        f"see 'cprctl status {name}'",
-                    )
-                ]
+                refused[name] = [broken_finding(name)]
             elif state != "stopped":
                 found = await inspect.check(sd, name, reboot=True, suspend=suspend)
-                if any(f.blocking and not (force and f.forceable) for f in found):
+                if blocks(found, force):
                     refused[name] = found
         if refused and not shutdown_unsaveable:
             raise FleetCheckFailed(refused)
@@ -115,8 +109,35 @@ async def save_all(
         return outcome
 
     done = await asyncio.gather(*(one(n) for n in running))
+    _mark_fleet_done(sd, [o.name for o in done if o.outcome == "saved"], time.time())
     others = [_untouched(n, s) for n, s in states.items() if n not in running]
     return sorted([*done, *others], key=lambda o: o.name)
+
+
+def _mark_fleet_done(sd: StateDir, names: list[str], at: float) -> None:
+    """Note in each checkpoint when the save-all ended (the host's shutdown goes on from there: see `timeline`)."""
+    for name in names:
+        vm = open_vm(sd, name)
+        with contextlib.suppress(CprctlError), VMLock(vm.folder, name, "save-all"):
+            vm = open_vm(sd, name)
+            if vm.record.checkpoint is not None and vm.record.operation is None:
+                vm.record.checkpoint.fleet_done_at = at
+                vm.commit()
+
+
+def broken_finding(name: str) -> Finding:
+    """Why a broken VM refuses a host reboot (the reboot gate)."""
+    return Finding(
+        "broken",
+        "error",
+        f"{name} is broken (an unfinished operation or a missing state file)",
+        f"see 'cprctl status {name}'",
+    )
+
+
+def blocks(found: list[Finding], force: bool = False) -> bool:
+    """Whether *found* refuses the operation (with *force*, only what cannot be overridden does)."""
+    return any(f.blocking and not (force and f.forceable) for f in found)
 
 
 async def _shut_down(sd: StateDir, name: str, why: str, reporter: Reporter) -> VMOutcome:
@@ -159,12 +180,15 @@ async def restore_all(
         async with limit:
             try:
                 if states[name] == "stopped":
+                    why = open_vm(sd, name).record.lost or "powered off at shutdown"
                     rec = await lifecycle.start(sd, name)
-                    outcome = VMOutcome(name, "cold-booted", f"powered off at shutdown; pid {rec.pid}", "running")
+                    outcome = VMOutcome(name, "cold-booted", f"{why}; pid {rec.pid}", "running")
                 else:
                     res = await restore(sd, name, sync_time=sync_time, reporter=reporter)
+                    tl = open_vm(sd, name).record.timeline
+                    where = f" ({timeline.describe(timeline.segments(tl))})" if tl and tl.boot_at else ""
                     outcome = VMOutcome(
-                        name, "restored", f"paused {res.pause_ms:.0f} ms", res.status, None, res.pause_ms
+                        name, "restored", f"paused {res.pause_ms:.0f} ms{where}", res.status, None, res.pause_ms
                     )
             except CprctlError as exc:
                 outcome = VMOutcome(name, "failed", str(exc), open_vm(sd, name).state())

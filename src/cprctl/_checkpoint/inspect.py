@@ -14,13 +14,13 @@ from .._qemu.process import Binary
 from .._qemu.qmp import Monitor
 from .._store import StateDir, VMLock
 from ..errors import BusyError, CprctlError, QemuError
-from . import disks, statefile
+from . import disks, statefile, timeline
 from .compat import binary_findings
-from .facts import binary_info, gather, mount_of, ram_fact
-from .plan import VOLATILE_FS, Finding, Strategy, SuspendMode, choose, direct_io, findings, warm_blockers
+from .facts import binary_info, gather, mount_of, ram_fact, vfio_refusal
+from .plan import VOLATILE_FS, Finding, Plan, Strategy, SuspendMode, choose, direct_io, findings, warm_blockers
 from .precopy import warm_path
 from .report import Quiet, Reporter
-from .vm import VM, open_vm, recover
+from .vm import VM, note_host_down, open_vm, ran_before_boot, recover
 
 
 @dataclass(frozen=True)
@@ -45,8 +45,16 @@ class VMStatus:
     binary_replaced: bool = False
     #: The systemd unit (scope) its QEMU runs in; None without systemd or when not running.
     unit: str | None = None
-    #: A host shutdown powered it off (it could not be saved); the next restore-all boots it.
+    #: A host shutdown powered it off (it could not be saved), or its running state was lost (`lost`):
+    #: the next restore-all boots it.
     boot_pending: bool = False
+    #: Why its running state was lost, one line (e.g. the host went down during its save), until its
+    #: next save or stop; None otherwise.
+    lost: str | None = None
+    #: Seconds of its last downtime from a save to a restore, by segment (`timeline.segments`: ``save``,
+    #: across a host reboot ``shutdown``, ``reboot``, ``boot``, ``queue``, else ``saved``; ``restore``;
+    #: ``total``); None before its first restore.
+    downtime: dict[str, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -77,6 +85,8 @@ def vm_status(vm: VM) -> VMStatus:
         pid is not None and process.exe_replaced(pid, r.argv[0]),
         systemd.unit_of(pid) if pid is not None else None,
         r.boot_pending,
+        r.lost,
+        timeline.segments(r.timeline) if r.timeline else None,
     )
 
 
@@ -92,10 +102,12 @@ async def status(sd: StateDir, name: str | None = None, reporter: Reporter | Non
     out = []
     for n in names:
         vm = open_vm(sd, n)
-        if vm.record.operation is not None and not process.alive(vm.record.operation.pid):
+        stale = vm.record.operation is not None and not vm.alive(vm.record.operation.pid)
+        if stale or ran_before_boot(vm):
             with contextlib.suppress(BusyError), VMLock(vm.folder, n, "recover"):
                 vm = open_vm(sd, n)
                 await recover(vm, reporter or Quiet())
+                note_host_down(vm, reporter or Quiet())
         out.append(vm_status(vm))
     return out
 
@@ -119,18 +131,26 @@ async def check(
     """
     vm = open_vm(sd, name)
     binary = Binary.find(qemu).path if qemu else None
-    found = await _check(vm, reboot, suspend, strategy, binary)
+    found, _plan = await _check(vm, reboot, suspend, strategy, binary)
     return found + host_findings(vm) if reboot else found
 
 
-async def _check(vm: VM, reboot: bool, suspend: SuspendMode, strategy: Strategy, binary: str | None) -> list[Finding]:
+async def preview(sd: StateDir, name: str, *, suspend: SuspendMode = "auto") -> tuple[list[Finding], Plan | None]:
+    """``check --reboot`` of VM *name* without the host's findings, and how its save would run
+    (None: it is not running)."""
+    return await _check(open_vm(sd, name), True, suspend, "auto", None)
+
+
+async def _check(
+    vm: VM, reboot: bool, suspend: SuspendMode, strategy: Strategy, binary: str | None
+) -> tuple[list[Finding], Plan | None]:
     name = vm.name
     if vm.running() and vm.record.checkpoint is None:
         try:
             async with Monitor(vm.record.qmp, name, vm.record.pid) as mon:
                 facts = await gather(vm.record, mon, vm.folder, suspend)
         except QemuError as exc:
-            return [Finding("qmp", "error", str(exc), "check that QEMU is healthy")]
+            return [Finding("qmp", "error", str(exc), "check that QEMU is healthy")], None
         found = findings(facts, reboot=reboot, suspend=suspend, strategy=strategy)
         if binary:
             plan = choose(facts, suspend, strategy)
@@ -153,18 +173,18 @@ async def _check(vm: VM, reboot: bool, suspend: SuspendMode, strategy: Strategy,
                     f"'update' can run warm: the new QEMU starts beside this one; {warm_path(facts)}",
                 )
             )
-        return found
+        return found, choose(facts, suspend, strategy)
     if vm.record.checkpoint is not None:
         found = _check_saved(vm, reboot)
         if binary:
             cp = vm.record.checkpoint
             found = [*await _binary(vm, binary, cp.capabilities, cp.parameters), *found]
-        return found
+        return found, None
     return [
         Finding(
             "not-running", "error", f"{name} is {vm.state()}: nothing to check", "launch it again with 'cprctl launch'"
         )
-    ]
+    ], None
 
 
 async def _binary(vm: VM, binary: str, caps: dict[str, bool], params: dict[str, str | int | bool]) -> list[Finding]:
@@ -193,7 +213,16 @@ def host_findings(vm: VM) -> list[Finding]:
     installed, enabled = systemd.unit_state(systemd.GUESTS_UNIT)
     unit = systemd.GUESTS_UNIT
     found = [Finding("init", "info", f"the host's init is systemd (the {manager} manager runs cprctl's units)")]
-    if installed and enabled:
+    if installed and enabled and not systemd.unit_active(unit):
+        found.append(
+            Finding(
+                "unit",
+                "warning",
+                f"{unit} is enabled but not active: systemd runs its save at shutdown only once it has started",
+                f"systemctl{' --user' if systemd.user_manager() else ''} start {unit}",
+            )
+        )
+    elif installed and enabled:
         found.append(Finding("unit", "info", f"{unit} is installed and enabled: it saves this VM at shutdown"))
     else:
         why = "enabled" if installed else "installed"
@@ -261,6 +290,8 @@ def _check_saved(vm: VM, reboot: bool) -> list[Finding]:
                         "do not reboot before restoring this VM",
                     )
                 )
+    if refusal := vfio_refusal(vm.record.argv):  # e.g. saved on an older kernel: its restore would fail here
+        out.append(refusal)
     if reboot and mount_of(str(vm.folder))[1] in VOLATILE_FS:
         out.append(
             Finding(

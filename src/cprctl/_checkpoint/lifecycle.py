@@ -19,7 +19,8 @@ from .._qemu.agent import Agent
 from .._qemu.process import Binary
 from .._qemu.qmp import Monitor
 from .._store import StateDir, VMLock
-from ..errors import AgentError, QemuError, UsageError, VMStateError
+from ..errors import AgentError, CheckFailed, QemuError, UsageError, VMStateError
+from .facts import vfio_refusal
 from .record import VMRecord
 from .report import Quiet, Reporter
 from .vm import LOG_FILE, VM, open_vm
@@ -87,6 +88,7 @@ async def launch(sd: StateDir, name: str, argv: Sequence[str], agent: bool = Fal
     :raise UsageError: bad name or argv; `QemuError` when QEMU is too old or does not come up
         (its log tail in the message); `VMStateError` when *name* is taken.
     """
+    refuse_unpinnable(name, argv)
     with _claim(sd, name, "launch") as folder:
         full, qmp, qga, machine = prepare_argv(argv, folder, agent)
         log = folder / LOG_FILE
@@ -110,6 +112,13 @@ async def launch(sd: StateDir, name: str, argv: Sequence[str], agent: bool = Fal
             process.kill(rec.pid)
             raise
         return rec
+
+
+def refuse_unpinnable(name: str, argv: Sequence[str]) -> None:
+    """:raise CheckFailed: *argv* has a VFIO device and RAM the kernel will not let VFIO pin (QEMU would fail)."""
+    refusal = vfio_refusal(list(argv))
+    if refusal:
+        raise CheckFailed(name, [refusal])
 
 
 async def wait_qmp(vm: VM, pid: int) -> None:
@@ -202,6 +211,7 @@ async def stop(sd: StateDir, name: str) -> None:
                 process.kill(pid)
         vm.record.pid = None
         vm.record.boot_pending = False  # the operator wants it off: restore-all leaves it so
+        vm.record.lost = None
         vm.commit()
 
 
@@ -227,6 +237,7 @@ async def shut_down(sd: StateDir, name: str, grace: float | None = None, reporte
         how = await _power_off(vm, pid, grace, reporter)
         vm.record.pid = None
         vm.record.boot_pending = True
+        vm.record.lost = None
         vm.commit()
         return how
 

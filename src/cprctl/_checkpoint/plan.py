@@ -21,6 +21,15 @@ Strategy = Literal["auto", "in-place", "stream", "mapped-ram"]
 
 #: Filesystems whose contents do not survive a host reboot.
 VOLATILE_FS = frozenset({"tmpfs", "ramfs", "hugetlbfs", "devtmpfs"})
+#: Filesystems whose shared file mappings the kernel lets VFIO pin for the long term (shmem and hugetlb
+#: pages need no dirty tracking); a regular filesystem's it refuses from `FILE_PINS_REFUSED_FROM` on, and a
+#: DAX filesystem's always.
+PINNABLE_FS = frozenset({"tmpfs", "hugetlbfs"})
+#: The first kernel that refuses long-term pins of a regular filesystem's shared file pages
+#: (mm/gup: ``writable_file_mapping_allowed``, Linux 6.5): QEMU's VFIO fails ``vfio_container_dma_map = -14``.
+FILE_PINS_REFUSED_FROM = (6, 5)
+#: Mount options of a filesystem whose files are DAX (persistent memory mapped directly, no page cache).
+DAX_OPTIONS = frozenset({"dax", "dax=always"})
 #: Migration capabilities that cpr-reboot cannot be combined with.
 INCOMPATIBLE_CAPS = ("postcopy-ram", "background-snapshot", "x-colo")
 #: Room the device state takes in a state file, on top of any RAM written (a generous bound).
@@ -60,8 +69,23 @@ class RamFact:
     backend: RamBackend
     #: ``file``, ``dir``, ``chardev`` (DAX), ``missing``, or None (no path).
     path_kind: str | None = None
+    #: The filesystem of the path (of its folder while it is missing).
     fs_type: str | None = None
+    #: Persistent memory: a device DAX (``/dev/daxN.M``) or a file on a filesystem mounted with ``-o dax``.
     dax: bool = False
+
+    @property
+    def device_dax(self) -> bool:
+        return self.dax and self.path_kind == "chardev"
+
+    def vfio_pinnable(self, kernel: tuple[int, int]) -> bool:
+        """Whether *kernel* lets VFIO pin this RAM for the long term (its DMA mappings): not a shared mapping
+        of a regular filesystem's file (from `FILE_PINS_REFUSED_FROM` on; of a DAX filesystem's, never)."""
+        b = self.backend
+        shared_file = b.kind == "file" and b.share and self.path_kind in ("file", "dir", "missing")
+        if not shared_file or self.fs_type in PINNABLE_FS:
+            return True
+        return not self.dax and kernel < FILE_PINS_REFUSED_FROM
 
     @property
     def in_place(self) -> bool:
@@ -102,6 +126,8 @@ class Facts:
     cores: int = 1
     #: Devices and RAM plugged in at run time, which the recorded argv lacks.
     hotplugged: list[str] = field(default_factory=list)
+    #: The running kernel's ``(major, minor)``.
+    kernel: tuple[int, int] = (0, 0)
 
 
 @dataclass(frozen=True)
@@ -121,6 +147,30 @@ def ram_in_place(facts: Facts) -> bool:
 
 def wants_suspend(facts: Facts, mode: SuspendMode) -> bool:
     return mode == "always" or (mode == "auto" and bool(facts.vfio))
+
+
+def dax_mount(options: str) -> bool:
+    """Whether a filesystem's mount options (``rw,relatime,dax=always``) make its files DAX."""
+    return not DAX_OPTIONS.isdisjoint(options.split(","))
+
+
+def vfio_pin_refusal(ram: Sequence[RamFact], kernel: tuple[int, int]) -> Finding | None:
+    """Why VFIO devices cannot run with this RAM on *kernel* (it refuses to pin it), or None."""
+    bad = [r for r in ram if not r.vfio_pinnable(kernel)]
+    if not bad:
+        return None
+    where = "; ".join(
+        f"backend {r.backend.id!r} is {r.backend.path} on {r.fs_type or 'a filesystem'}{' (DAX)' if r.dax else ''}"
+        for r in bad
+    )
+    return Finding(
+        "vfio-file-ram",
+        "error",
+        f"VFIO cannot pin RAM kept in a shared file of a regular filesystem ({where}): the kernel refuses "
+        "long-term pins of its pages and QEMU fails (vfio_container_dma_map = -14)",
+        "back that RAM with anonymous or memfd memory (written to the state file at a save), a file on "
+        "hugetlbfs, or a device DAX (/dev/daxN.M)",
+    )
 
 
 def choose(facts: Facts, suspend: SuspendMode = "auto", strategy: Strategy = "auto") -> Plan:
@@ -152,6 +202,31 @@ def choose(facts: Facts, suspend: SuspendMode = "auto", strategy: Strategy = "au
     return Plan(chosen, suspend_now, caps, params, expected)
 
 
+#: Rough rates for the expected downtime of a host reboot (`estimate`), from the benchmarks here
+#: (benchmarks/RESULTS.md, 2 GiB written): a whole save (QEMU's write and the read-back for the digest)
+#: ~1 GB/s, a whole restore (load and verification) ~0.6 GB/s; a disk slower than that one scales them.
+SAVE_RATE = 1.0e9
+RESTORE_RATE = 0.6e9
+#: What a save or restore of device state alone takes (QEMU's start-up included), from the same benchmarks.
+FIXED_S = 0.3
+
+
+def written_bytes(plan: Plan) -> int:
+    """The guest RAM a save following *plan* writes (its device state apart)."""
+    return max(0, plan.expected_bytes - DEVICE_STATE_BYTES)
+
+
+def estimate(plan: Plan) -> tuple[float, float]:
+    """Rough seconds of a save following *plan*, and of its restore (see `SAVE_RATE`)."""
+    written = written_bytes(plan)
+    return FIXED_S + written / SAVE_RATE, estimate_restore(written)
+
+
+def estimate_restore(state_bytes: int) -> float:
+    """Rough seconds of a restore that loads *state_bytes* from its state file."""
+    return FIXED_S + state_bytes / RESTORE_RATE
+
+
 _VERSIONED = re.compile(r".*-\d+\.\d+$")
 
 
@@ -162,6 +237,7 @@ def findings(
     found = [
         *_qemu(facts),
         *_ram(facts, reboot, strategy),
+        *_vfio(facts, reboot),
         *_suspend(facts, suspend),
         *_space(facts, reboot, suspend, strategy),
         _how(facts, strategy),
@@ -301,6 +377,16 @@ def _ram(facts: Facts, reboot: bool, strategy: Strategy) -> list[Finding]:
                     "use memory-backend-file,share=on,mem-path=FILE to keep RAM in place",
                 )
             )
+        if reboot and r.in_place and r.dax and keeps_shared:
+            where = f"device DAX {b.path}" if r.device_dax else f"{b.path} on {r.fs_type} mounted with -o dax"
+            out.append(
+                Finding(
+                    f"ram-dax-{b.id}",
+                    "info",
+                    f"RAM backend {b.id!r} stays in place on persistent memory ({where}): it survives a "
+                    "reboot, nothing of it is written and it has no page cache to flush",
+                )
+            )
         if reboot and r.in_place and not r.non_volatile and keeps_shared:
             out.append(
                 Finding(
@@ -331,6 +417,27 @@ def _ram(facts: Facts, reboot: bool, strategy: Strategy) -> list[Finding]:
             )
         )
     return out
+
+
+def _vfio(facts: Facts, reboot: bool) -> list[Finding]:
+    if not facts.vfio:
+        return []
+    refusal = vfio_pin_refusal(facts.ram, facts.kernel)
+    if refusal:
+        return [refusal]
+    later = vfio_pin_refusal(facts.ram, FILE_PINS_REFUSED_FROM)
+    if reboot and later:  # it runs on this older kernel; a newer one would refuse it
+        major, minor = FILE_PINS_REFUSED_FROM
+        return [
+            Finding(
+                "vfio-file-ram-later",
+                "warning",
+                f"kernels from {major}.{minor} on refuse this VM's VFIO pins: after a reboot into one, its "
+                f"restore fails ({later.message})",
+                later.fix,
+            )
+        ]
+    return []
 
 
 def _suspend(facts: Facts, mode: SuspendMode) -> list[Finding]:

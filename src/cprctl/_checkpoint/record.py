@@ -65,6 +65,25 @@ class Checkpoint(msgspec.Struct, forbid_unknown_fields=True):
     mtime_ns: int = 0
     ram_files: list[str] = []
     timings_ms: dict[str, float] = {}
+    #: The host's boot id at the save: a restore in another boot came after a host reboot.
+    boot_id: str = ""
+    #: When the ``save-all`` that saved it ended (the host's shutdown goes on from there); None when saved alone.
+    fleet_done_at: float | None = None
+
+
+class Timeline(msgspec.Struct, forbid_unknown_fields=True):
+    """A VM's last downtime, from its guest's stop to its running again (Unix times); see `timeline.segments`."""
+
+    stopped_at: float
+    saved_at: float
+    restore_at: float
+    running_at: float
+    #: The end of the ``save-all`` that saved it, if one did.
+    fleet_done_at: float | None = None
+    #: Across a host reboot: the new kernel's start, and when the cprctl that restored it started (at boot,
+    #: the unit's ``restore-all``); None when restored in the boot that saved it.
+    boot_at: float | None = None
+    cprctl_at: float | None = None
 
 
 class Operation(msgspec.Struct, forbid_unknown_fields=True):
@@ -109,8 +128,16 @@ class VMRecord(msgspec.Struct, forbid_unknown_fields=True):
     #: The systemd unit QEMU runs in (``cprctl-NAME.scope``), read from ``/proc/PID/cgroup`` at each
     #: write; None without systemd or while no QEMU runs.
     unit: str | None = None
-    #: A host shutdown powered the VM off (it could not be saved): the next ``restore-all`` boots it.
+    #: A host shutdown powered the VM off (it could not be saved), or its running state was lost
+    #: (`lost`): the next ``restore-all`` boots it afresh.
     boot_pending: bool = False
+    #: Why the VM's running state was lost, one line (e.g. the host went down during its save); shown by
+    #: ``status`` and ``restore-all`` until its next save or stop.
+    lost: str | None = None
+    #: The host's boot id when the record was last written: a QEMU pid of an earlier boot is no process of ours.
+    boot_id: str | None = None
+    #: Its last downtime from a save to a restore, and where it went.
+    timeline: Timeline | None = None
 
     @property
     def binary(self) -> str:

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .._host import clock
 from .._qemu import argv as qargv
 from .._qemu import process
 from .._qemu.agent import Agent
@@ -33,11 +34,11 @@ from .._qemu.process import Binary
 from .._qemu.qmp import Monitor
 from .._store import StateDir, VMLock
 from ..errors import AgentError, CheckpointError, CprctlError, QemuError, VMStateError
-from . import disks, statefile
+from . import disks, statefile, timeline
 from .compat import binary_findings, require
 from .facts import binary_info
 from .plan import direct_io
-from .record import GUEST_RESUMED, Checkpoint, Operation
+from .record import GUEST_RESUMED, Checkpoint, Operation, Timeline
 from .report import Quiet, Reporter
 from .vm import VM, open_vm, recover, retire_checkpoint
 
@@ -262,11 +263,13 @@ async def _load(
             status = await mon.wait_status({"running"}, 30)
             woke = True
         timings["resume"] = (time.perf_counter() - t) * 1000
-        resumed = mon.event_time("WAKEUP") if woke else mon.event_time("RESUME")
-        pause_ms = ((resumed or time.time()) - cp.stopped_at) * 1000
+        resumed = (mon.event_time("WAKEUP") if woke else mon.event_time("RESUME")) or time.time()
+        pause_ms = (resumed - cp.stopped_at) * 1000
         # The guest has run on the new QEMU: from here on, only forward.
         t = time.perf_counter()
         op.mark("resumed")
+        if status == "running":
+            r.timeline = _timeline(cp, op.started - timings["check"] / 1000, resumed)
         r.argv = qargv.for_relaunch(argv)
         retire_checkpoint(vm, pid, pause_ms if status == "running" else None)
         r.operation = None
@@ -274,6 +277,14 @@ async def _load(
         timings["retire"] = (time.perf_counter() - t) * 1000
         reporter.step(f"{vm.name}: {status} again after a {pause_ms:.0f} ms pause")
         return RestoreResult(vm.name, pid, pause_ms, status, woke, timings)
+
+
+def _timeline(cp: Checkpoint, restore_at: float, running_at: float) -> Timeline:
+    """Where the downtime went; across a host reboot (another boot id than the save's), with the new
+    kernel's start and this cprctl's (at boot, the unit's ``restore-all``)."""
+    if cp.boot_id and cp.boot_id != clock.boot_id():
+        return timeline.make(cp, restore_at, running_at, clock.boot_time(), clock.process_start())
+    return timeline.make(cp, restore_at, running_at, None, None)
 
 
 async def _late_block_activate(mon: Monitor) -> dict[str, bool]:

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
+from .._host import clock
 from .._qemu.agent import Agent
 from .._qemu.argv import ram_layout
 from .._qemu.qmp import Monitor
@@ -187,8 +188,10 @@ async def _checkpoint(
         inode=inode,
         mtime_ns=mtime_ns,
         timings_ms=timings,
+        boot_id=clock.boot_id(),
     )
     r.checkpoint = checkpoint
+    r.lost = None
     op.mark("saved")
     vm.commit()
     return checkpoint
@@ -232,7 +235,8 @@ async def _rollback(vm: VM, mon: Monitor, exc: BaseException, reporter: Reporter
             await asyncio.shield(resume_guest(mon, op.suspended_by_us))
             reporter.step(f"{vm.name}: save failed ({reason}); rolled back, the guest runs as before")
         else:
-            reporter.step(f"{vm.name}: save failed ({reason}); QEMU is gone, the VM's state is lost")
+            vm.lose(f"its QEMU died during its save (step {op.step}: {reason})")
+            reporter.step(f"{vm.name}: save failed: {vm.record.lost}; restore-all boots it afresh")
     except (QemuError, OSError) as err:
         reporter.step(f"{vm.name}: save failed ({reason}) and rollback failed too: {err}")
     finally:

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .._host import systemd
+from .._host import clock, systemd
 from .._qemu import process
 from .._qemu.argv import served_sockets
 from .._qemu.qmp import Monitor
@@ -53,12 +53,29 @@ class VM:
         return Path(self.record.log)
 
     def commit(self) -> None:
-        """Write the record, with the systemd unit its QEMU runs in now."""
+        """Write the record, with the systemd unit its QEMU runs in now and this boot's id."""
+        if not self.same_boot():
+            self.record.pid = None  # a QEMU of an earlier boot: its pid may be anyone's now
+        self.record.boot_id = clock.boot_id()
         self.record.unit = systemd.unit_of(self.record.pid) if self.running() else None
         record.save(self.record_path, self.record)
 
+    def same_boot(self) -> bool:
+        """Whether the record was last written during this boot of the host (its pids may be alive)."""
+        return self.record.boot_id in (None, clock.boot_id())
+
+    def alive(self, pid: int | None) -> bool:
+        """Whether *pid*, recorded for this VM, still runs: never a pid of an earlier boot."""
+        return self.same_boot() and process.alive(pid)
+
     def running(self) -> bool:
-        return process.alive(self.record.pid)
+        return self.alive(self.record.pid)
+
+    def lose(self, why: str) -> None:
+        """The VM's running state is gone (*why*, one line): the next ``restore-all`` boots it afresh."""
+        self.record.lost = f"{why}; its running state was lost"
+        self.record.boot_pending = True
+        self.record.pid = None
 
     def state(self) -> str:
         """``running``, ``saved``, ``stopped`` or ``broken`` (an unfinished operation or missing state file)."""
@@ -90,7 +107,7 @@ async def recover(vm: VM, reporter: Reporter) -> str | None:
     finished; otherwise that QEMU is stopped and the checkpoint kept.
     """
     op = vm.record.operation
-    if op is None or (op.pid != os.getpid() and process.alive(op.pid) and _is_cprctl(op.pid)):
+    if op is None or (op.pid != os.getpid() and vm.alive(op.pid) and _is_cprctl(op.pid)):
         return None
     if op.kind == "save":
         done = await _recover_save(vm)
@@ -102,6 +119,23 @@ async def recover(vm: VM, reporter: Reporter) -> str | None:
     vm.commit()
     reporter.step(f"{vm.name}: an earlier {op.kind} was interrupted at '{op.step}': {done}")
     return done
+
+
+def ran_before_boot(vm: VM) -> bool:
+    """Whether the VM ran, unsaved, when the host went down (its record, of an earlier boot, has a QEMU pid)."""
+    r = vm.record
+    return bool(r.pid) and not vm.same_boot() and r.checkpoint is None and r.operation is None
+
+
+def note_host_down(vm: VM, reporter: Reporter) -> None:
+    """A VM that ran, unsaved, when the host went down (see `ran_before_boot`): the next restore-all boots it.
+
+    Call with the VM's lock held.
+    """
+    if ran_before_boot(vm):
+        vm.lose("the host went down while it ran, unsaved")
+        vm.commit()
+        reporter.step(f"{vm.name}: {vm.record.lost}; restore-all boots it afresh")
 
 
 def _is_cprctl(pid: int) -> bool:
@@ -117,8 +151,9 @@ async def _recover_save(vm: VM) -> str:
         await finish_quit(vm)
         return "finished it (the checkpoint was complete); the VM is saved"
     if not vm.running():
-        _remove(op.state_file)
-        return "QEMU had died before the state was saved; the VM is stopped and its state is lost"
+        _remove(op.state_file)  # partial: never loaded
+        vm.lose(f"{went_down(vm)} during its save (step {op.step})")
+        return f"{vm.record.lost}; restore-all boots it afresh"
     async with Monitor(r.qmp, r.name, r.pid) as mon:
         await resume_guest(mon, op.suspended_by_us)
     _remove(op.state_file)
@@ -128,7 +163,14 @@ async def _recover_save(vm: VM) -> str:
 async def _recover_restore(vm: VM) -> str:
     r, op = vm.record, vm.record.operation
     assert op is not None
-    if op.new_pid and process.alive(op.new_pid):
+    if op.step in GUEST_RESUMED and not vm.alive(op.new_pid):
+        # The guest may have run on from the checkpoint (its RAM file and disks moved on), then its QEMU
+        # went: loading the checkpoint again would give it a past that no longer matches them.
+        _remove(r.checkpoint.state_file if r.checkpoint else None)
+        r.checkpoint = None
+        vm.lose(f"{went_down(vm)} after its restore had resumed the guest (step {op.step})")
+        return f"{r.lost}; restore-all boots it afresh"
+    if op.new_pid and vm.alive(op.new_pid):
         status = "unknown"
         with contextlib.suppress(QemuError):
             async with Monitor(r.qmp, r.name, op.new_pid) as mon:
@@ -141,6 +183,12 @@ async def _recover_restore(vm: VM) -> str:
             return f"finished it (the guest was already resumed, now {status}); the checkpoint is retired"
         await asyncio.to_thread(process.kill, op.new_pid)
     return "rolled it back; the checkpoint is kept, run restore again"
+
+
+def went_down(vm: VM) -> str:
+    """Who took an operation's QEMU down while no cprctl watched: the host (the record is of an earlier boot)
+    or the processes themselves."""
+    return "the host went down" if not vm.same_boot() else "its QEMU died while cprctl was gone"
 
 
 async def _recover_update(vm: VM) -> str:
@@ -158,7 +206,7 @@ async def settle_update(vm: VM, old: Monitor | None = None) -> str:
     assert op is not None and op.binary
     argv = [op.binary, *r.argv[1:]]
     status = "gone"
-    if op.new_pid and process.alive(op.new_pid):
+    if op.new_pid and vm.alive(op.new_pid):
         with contextlib.suppress(QemuError):
             async with Monitor(r.qmp + op.socket_suffix, r.name, op.new_pid, timeout=5) as new:
                 status = await new.status()
@@ -170,11 +218,12 @@ async def settle_update(vm: VM, old: Monitor | None = None) -> str:
         take_over_sockets(served_sockets(argv), op.socket_suffix)
         r.argv, r.pid = argv, op.new_pid
         return f"finished it (the guest already ran on {op.binary})"
-    if op.new_pid:
+    if op.new_pid and vm.alive(op.new_pid):
         await asyncio.to_thread(process.kill, op.new_pid)
     drop_sockets(served_sockets(argv), op.socket_suffix)
     if not vm.running():
-        return "both QEMUs are gone; the VM is stopped and its state is lost"
+        vm.lose(f"{went_down(vm)} during its update (step {op.step}), both QEMUs gone")
+        return f"{r.lost}; restore-all boots it afresh"
     if old is not None:
         await resume_guest(old, op.suspended_by_us)
     else:

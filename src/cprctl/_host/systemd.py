@@ -133,6 +133,26 @@ def unit_state(unit: str) -> tuple[bool, bool]:
     return load == "loaded", _systemctl("is-enabled", unit) in ("enabled", "enabled-runtime")
 
 
+def unit_active(unit: str) -> bool:
+    """Whether *unit* is active: a oneshot's ``ExecStop`` (the save at shutdown) runs only then."""
+    return _systemctl("show", "-p", "ActiveState", "--value", unit) == "active"
+
+
+def power(action: str) -> None:
+    """Hand the host over to systemd: ``systemctl reboot`` or ``systemctl kexec`` (of the system manager,
+    whoever asks); returns once systemd has queued the job.
+
+    :raise OSError: with systemctl's last line when it refuses.
+    """
+    try:
+        done = subprocess.run(["systemctl", action], capture_output=True, text=True, timeout=120, check=False)
+    except subprocess.TimeoutExpired as exc:
+        raise OSError(f"systemctl {action} did not return: {exc}") from None
+    if done.returncode != 0:
+        why = (done.stderr.strip() or f"exit status {done.returncode}").splitlines()[-1]
+        raise OSError(f"systemctl {action} failed: {why}")
+
+
 def attach(pid: int, vm: str, timeout: float = 10.0) -> str | None:
     """Move running process *pid* into a new scope of VM *vm* (systemd's StartTransientUnit with
     ``PIDs``); the scope's name, or None when that is not possible (no systemd, no manager, refused,

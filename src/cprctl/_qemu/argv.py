@@ -329,6 +329,35 @@ def device_ids(argv: Sequence[str]) -> set[str]:
     return {i for i in ids if i}
 
 
+#: Options naming a host file QEMU opens at start-up, and the property that names it (``""``: the value).
+_FILE_OPTIONS = {
+    "drive": "file",
+    "blockdev": "filename",
+    "kernel": "",
+    "initrd": "",
+    "bios": "",
+    "pflash": "",
+}
+
+
+def host_files(argv: Sequence[str]) -> list[str]:
+    """Absolute paths of the host files QEMU needs to start: its binary, disk images, kernel, initrd,
+    firmware and RAM files (``mem-path``); not network block devices (``nbd:``, ``rbd:``...)."""
+    found = [argv[0]] if argv else []
+    for opt in options(argv, *_FILE_OPTIONS):
+        key = _FILE_OPTIONS[opt.name]
+        value = split_keyval(opt.value or "", "driver").get(key) if key else opt.value
+        found.append(value or "")
+    found += [b.path or "" for b in ram_layout(argv).backends]
+    return sorted({p for p in found if p.startswith("/")})
+
+
+def host_network(argv: Sequence[str]) -> bool:
+    """Whether QEMU attaches to the host's network at start-up (a tap or bridge netdev)."""
+    kinds = (split_keyval(o.value or "", "type").get("type") for o in options(argv, "netdev", "nic", "net"))
+    return any(k in ("tap", "bridge") for k in kinds)
+
+
 def has_vfio(argv: Sequence[str]) -> bool:
     return any(d.startswith("vfio") for d in device_drivers(argv))
 

@@ -103,6 +103,7 @@ def spawn(
 
     :raise UsageError: when the binary does not exist or cannot run.
     """
+    reap()
     with open(log, "ab", buffering=0) as out:
         os.chmod(log, 0o600)
         out.write(f"--- cprctl {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(argv)}\n".encode())
@@ -136,16 +137,23 @@ def _wait_exec(proc: subprocess.Popen[bytes], binary: str, timeout: float = 60.0
         time.sleep(0.002)
 
 
-#: Processes this cprctl started; reaped when they exit so they do not stay zombies.
+#: Processes this cprctl started and has not reaped yet: QEMUs (a long-lived process using the API starts
+#: many) and the scope's ``systemd-run`` that execs one. No SIGCHLD handler (the caller's to own): every
+#: `spawn`, `alive`, `wait_gone` and `kill` reaps those that exited (`reap`), whoever stopped them.
 _children: dict[int, subprocess.Popen[bytes]] = {}
+
+
+def reap() -> list[int]:
+    """Collect every child this process started that has exited, without waiting; their pids."""
+    gone = [pid for pid, child in list(_children.items()) if child.poll() is not None]
+    for pid in gone:
+        _children.pop(pid, None)
+    return gone
 
 
 def alive(pid: int | None) -> bool:
     """Whether *pid* runs (a zombie counts as gone: here PID 1 may never reap it)."""
-    if not pid:
-        return False
-    child = _children.get(pid)
-    if child is not None and child.poll() is not None:
+    if pid in reap() or not pid:
         return False
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -173,7 +181,18 @@ def wait_gone(pid: int, timeout: float) -> bool:
         if time.monotonic() > deadline:
             return False
         time.sleep(0.001)
+    _collect(pid)
     return True
+
+
+def _collect(pid: int, timeout: float = 5.0) -> None:
+    """Reap child *pid* that `alive` saw gone: its main thread may have exited (``Z``) before its other
+    threads, and only once they have can it be reaped."""
+    child = _children.get(pid)
+    if child is not None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(timeout)
+        reap()
 
 
 def kill(pid: int, timeout: float = 5.0) -> None:
