@@ -228,6 +228,14 @@ def _data_disk(path: Path, guest: Path) -> None:
         _run(["mkfs.ext4", "-q", "-F", "-L", "cprdata", "-d", str(stage), str(path)])
 
 
+def _die_with_parent() -> None:
+    """In the child: SIGKILL when the test process dies (a killed pytest leaves no host VM behind)."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 class AgentError(RuntimeError):
     pass
 
@@ -344,7 +352,9 @@ class HostVM:
             *extra,
         ]  # fmt: skip
         self.log = open(work / "qemu.log", "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
+        )
         self.boot_id = ""
         self.wait_boot()
 
