@@ -74,8 +74,8 @@ def snapshot(host: HostVM) -> dict[str, tuple[str, int, int]]:
     out = {}
     for name in GUESTS:
         text = console_text(host, name)
-        last = list(TICK.finditer(text))[-1]
-        out[name] = (last["boot"], int(last["n"]), len(text))
+        last = list(TICK.finditer(text))[-1]  # the console may end in a line half written: start past this one
+        out[name] = (last["boot"], int(last["n"]), last.end())
     return out
 
 
