@@ -47,7 +47,9 @@ def host() -> Iterator[HostVM]:
         for name, kw in GUESTS.items():
             launch_nested(vm, name, fill=FILL, **kw)  # type: ignore[arg-type]
         for name in GUESTS:
-            wait_tick(vm, name, 2)
+            # A first boot under the host VM's (TCG-emulated) SVM took 2 to 11 min here: its kernel's
+            # decompressor crawled in some runs, quiet machine or not.
+            wait_tick(vm, name, 2, timeout=900)
             wait_mem_ok(vm, name, 0)
         print(f"host VM ready with guests: {time.monotonic() - t:.0f} s")
         yield vm
@@ -168,7 +170,7 @@ def test_crash_in_the_middle_of_save_all(host: HostVM) -> None:
     assert lines, (st[other], detail, journal(host))
     host.exec(f"cprctl remove {other}; rm -rf /srv/vms/{other}", check=False)
     launch_nested(host, other, fill=FILL, **GUESTS[other])  # type: ignore[arg-type]
-    wait_tick(host, other, 2)
+    wait_tick(host, other, 2, timeout=900)
     wait_mem_ok(host, other, 0)
 
 
