@@ -1,0 +1,576 @@
+"""A real host for the reboot tests: a Debian 13 VM booted under QEMU, driven through its guest agent.
+
+The image (built once with mmdebstrap, cached under ``~/.cache/cprctl-hostvm/KEY``, KEY changing with
+the recipe) holds the cloud kernel and a second kernel version (for kexec), systemd, QEMU, qemu-guest-agent,
+kexec-tools and a venv with cprctl's dependencies. Each test module boots it once over a qcow2 overlay,
+with a second small disk carrying this checkout and the test guest in; cprctl is pip-installed from it
+into the venv. Commands run through the agent's ``guest-exec``, as an operator with only the agent would.
+Nested guests run with ``-accel kvm`` (the host VM's ``-cpu max`` emulates SVM), about 10x faster than
+nested TCG.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import fcntl
+import json
+import os
+import random
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from cprctl._demo import TICK, Tick, guest_argv
+
+REPO = Path(__file__).resolve().parent.parent
+CACHE = Path(os.environ.get("CPRCTL_HOSTVM_CACHE", Path.home() / ".cache" / "cprctl-hostvm"))
+#: Bump when the recipe below changes meaning; the key also covers the packages, deps and mirror.
+RECIPE = "2"
+PACKAGES = (
+    "linux-image-cloud-amd64,systemd-sysv,udev,dbus,procps,kmod,python3,python3-venv,qemu-system-x86,"
+    "qemu-utils,qemu-guest-agent,kexec-tools,e2fsprogs,iproute2,ca-certificates,pciutils"
+)
+VENV = "/opt/cprctl/venv"
+QEMU = "/usr/bin/qemu-system-x86_64"
+GUEST = "/opt/guest"  # the test guest inside the host VM
+WHEEL = "/opt/cprctl/wheel"  # the checkout's wheel, copied from the data disk
+IMAGE_SIZE = "12G"
+PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+#: Run in the root after mmdebstrap: a second cloud kernel (another version of the same suite, the
+#: highest one that is not the installed one), the venv, an empty root password, fstab, the agent.
+SECOND_KERNEL_HOOK = r"""
+set -e
+root="$1"
+have=$(chroot "$root" dpkg-query -W -f '${Package}\n' 'linux-image-[0-9]*-cloud-amd64')
+other=$(chroot "$root" apt-cache pkgnames linux-image- | grep -E '^linux-image-[0-9].*-cloud-amd64$' \
+        | grep -vxF "$have" | sort -V | tail -n 1)
+[ -n "$other" ] || { echo "no second cloud kernel version in the archive" >&2; exit 1; }
+chroot "$root" apt-get install -y -q --no-install-recommends "$other"
+"""
+
+
+def _deps() -> list[str]:
+    return list(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"])
+
+
+def _mirror() -> str:
+    """The Debian mirror this machine's own apt sources use (never a name written here)."""
+    for src in sorted(Path("/etc/apt/sources.list.d").glob("*.sources")):
+        for line in src.read_text().splitlines():
+            if line.startswith("URIs:"):
+                for uri in line.split()[1:]:
+                    if uri.rstrip("/").endswith("/debian"):
+                        return uri
+    legacy = Path("/etc/apt/sources.list")
+    if legacy.exists():
+        for line in legacy.read_text().splitlines():
+            parts = line.split()
+            if parts[:1] == ["deb"] and parts[-3:-2] and parts[1].rstrip("/").endswith("/debian"):
+                return parts[1]
+    raise RuntimeError("no Debian mirror in /etc/apt/sources.list.d/*.sources or /etc/apt/sources.list")
+
+
+def _key() -> str:
+    import hashlib
+
+    text = "\n".join([RECIPE, PACKAGES, SECOND_KERNEL_HOOK, *_deps(), _mirror()])
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _run(cmd: list[str], timeout: float = 1800, **kw: object) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False, **kw)  # type: ignore[call-overload]
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"{shlex.join(cmd)[:300]} failed ({done.returncode}):\n{done.stdout[-2000:]}{done.stderr[-3000:]}"
+        )
+    return done  # type: ignore[no-any-return]
+
+
+@dataclass(frozen=True)
+class Image:
+    """A built host image: the raw root disk and the kernels copied out of its /boot."""
+
+    folder: Path
+
+    @property
+    def disk(self) -> Path:
+        return self.folder / "root.img"
+
+    @property
+    def kernels(self) -> list[str]:
+        """Installed kernel versions, the one /vmlinuz points to (booted by default) first."""
+        return json.loads((self.folder / "kernels.json").read_text())  # type: ignore[no-any-return]
+
+    def vmlinuz(self, version: str) -> Path:
+        return self.folder / f"vmlinuz-{version}"
+
+    def initrd(self, version: str) -> Path:
+        return self.folder / f"initrd.img-{version}"
+
+
+def _customize(root: Path) -> None:
+    """Everything after mmdebstrap that runs against the root from outside."""
+    for path in ("etc/pip.conf", "etc/xdg/pip"):
+        src = Path("/") / path
+        if src.is_dir():
+            shutil.copytree(src, root / path, dirs_exist_ok=True)
+        elif src.exists():
+            (root / path).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(src, root / path)
+    # This machine's local CAs (a proxy's, say, that pip must trust to reach the index).
+    local = Path("/usr/local/share/ca-certificates")
+    if local.is_dir():
+        shutil.copytree(local, root / local.relative_to("/"), dirs_exist_ok=True)
+        _run(["chroot", str(root), "update-ca-certificates"])
+    _run(["chroot", str(root), "python3", "-m", "venv", VENV])
+    pip = ["chroot", str(root), f"{VENV}/bin/pip", "install", "-q", "--disable-pip-version-check"]
+    _run([*pip, *_deps(), "setuptools>=77", "wheel"])
+    _run(["chroot", str(root), "passwd", "-d", "root"])
+    (root / "etc/fstab").write_text("/dev/vda / ext4 defaults 0 1\n")
+    (root / "etc/hostname").write_text("cprhost\n")
+    wants = root / "etc/systemd/system/dev-virtio\\x2dports-org.qemu.guest_agent.0.device.wants"
+    wants.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        (wants / "qemu-guest-agent.service").symlink_to("/usr/lib/systemd/system/qemu-guest-agent.service")
+    # Nothing of these is wanted in a test host and each costs boot time or disk writes under TCG.
+    for unit in ("apt-daily.timer", "apt-daily-upgrade.timer", "e2scrub_all.timer", "fstrim.timer", "man-db.timer"):
+        (root / "etc/systemd/system" / unit).unlink(missing_ok=True)
+        with contextlib.suppress(FileExistsError):
+            (root / "etc/systemd/system" / unit).symlink_to("/dev/null")
+    (root / "etc/modules-load.d/cprctl-test.conf").write_text("kvm_amd\n")
+    # Under TCG on a busy machine a boot's units can take minutes: systemd's 90 s default failed
+    # systemd-modules-load (kvm_amd) on a load of 15 on 2 cores.
+    (root / "etc/systemd/system.conf.d").mkdir(parents=True, exist_ok=True)
+    (root / "etc/systemd/system.conf.d/90-cprctl-test.conf").write_text(
+        "[Manager]\nDefaultTimeoutStartSec=900s\nDefaultDeviceTimeoutSec=900s\n"
+    )
+    (root / "etc/sysctl.d/90-cprctl-test.conf").write_text("kernel.sysrq = 1\n")
+
+
+def _build(dest: Path) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix=".build.", dir=dest.parent))
+    try:
+        root = tmp / "root"
+        _run(
+            [
+                "mmdebstrap",
+                "--variant=apt",
+                f"--include={PACKAGES}",
+                "--customize-hook=" + SECOND_KERNEL_HOOK.replace("\n", "\n"),
+                "trixie",
+                str(root),
+                f"deb {_mirror()} trixie main",
+            ]
+        )
+        _customize(root)
+        versions = sorted(p.name.removeprefix("vmlinuz-") for p in (root / "boot").glob("vmlinuz-*"))
+        default = os.readlink(root / "vmlinuz").split("vmlinuz-", 1)[1]
+        out = tmp / "out"
+        out.mkdir()
+        for v in versions:
+            shutil.copy(root / f"boot/vmlinuz-{v}", out / f"vmlinuz-{v}")
+            shutil.copy(root / f"boot/initrd.img-{v}", out / f"initrd.img-{v}")
+        (out / "kernels.json").write_text(json.dumps([default, *(v for v in versions if v != default)]))
+        _run(["truncate", "-s", IMAGE_SIZE, str(out / "root.img")])
+        _run(["mkfs.ext4", "-q", "-F", "-L", "cprhost", "-d", str(root), str(out / "root.img")])
+        out.rename(dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def cached_image() -> Image:
+    """The host image for the current recipe, built on first use (one builder at a time)."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    dest = CACHE / _key()
+    with open(CACHE / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (dest / "kernels.json").exists():
+            shutil.rmtree(dest, ignore_errors=True)
+            t = time.monotonic()
+            _build(dest)
+            (dest / "build-seconds").write_text(f"{time.monotonic() - t:.0f}\n")
+        for old in CACHE.iterdir():  # images of other recipes, unless another checkout may still use them
+            if (
+                old.is_dir()
+                and old != dest
+                and not old.name.startswith(".")
+                and old.stat().st_mtime < time.time() - 86400
+            ):
+                shutil.rmtree(old, ignore_errors=True)
+    return Image(dest)
+
+
+def _data_disk(path: Path, guest: Path) -> None:
+    """A small ext4 disk with this checkout (what pip needs) and the test guest."""
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        stage = Path(tmp)
+        src = stage / "cprctl"
+        ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "build")
+        shutil.copytree(REPO / "src", src / "src", ignore=ignore)
+        for name in ("pyproject.toml", "README.md"):
+            shutil.copy(REPO / name, src / name)
+        # A wheel built here: building it under TCG inside takes minutes.
+        _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(stage / "wheel"), str(src)])
+        shutil.rmtree(src)
+        (stage / "guest").mkdir()
+        for name in ("vmlinuz", "initrd.img"):
+            shutil.copy(guest / name, stage / "guest" / name)
+        _run(["truncate", "-s", "256M", str(path)])
+        _run(["mkfs.ext4", "-q", "-F", "-L", "cprdata", "-d", str(stage), str(path)])
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGKILL when the test process dies (a killed pytest leaves no host VM behind)."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+class AgentError(RuntimeError):
+    pass
+
+
+class Agent:
+    """A synchronous client of the host VM's guest agent over its chardev socket (QEMU is the server)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock: socket.socket | None = None
+        self.buf = b""
+
+    def close(self) -> None:
+        if self.sock:
+            self.sock.close()
+        self.sock = None
+        self.buf = b""
+
+    def _connect(self) -> socket.socket:
+        if self.sock is None:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(str(self.path))
+            self.sock = s
+        return self.sock
+
+    def _read_until(self, sep: bytes, deadline: float) -> bytes:
+        sock = self._connect()
+        while sep not in self.buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("the guest agent did not answer")
+            sock.settimeout(left)
+            chunk = sock.recv(65536)
+            if not chunk:
+                self.close()
+                raise AgentError("the agent socket closed")
+            self.buf += chunk
+        head, _, self.buf = self.buf.partition(sep)
+        return head
+
+    def _sync(self, timeout: float) -> None:
+        """Discard whatever an earlier, timed-out call left; the agent answers from here on in order."""
+        deadline = time.monotonic() + timeout
+        token = random.randrange(1, 2**31)
+        sock = self._connect()
+        self.buf = b""
+        sock.sendall(b"\xff" + json.dumps({"execute": "guest-sync-delimited", "arguments": {"id": token}}).encode())
+        while True:
+            self._read_until(b"\xff", deadline)
+            line = self._read_until(b"\n", deadline)
+            with contextlib.suppress(ValueError):
+                if json.loads(line).get("return") == token:
+                    return
+
+    def call(self, command: str, timeout: float = 30, **arguments: object) -> object:
+        try:
+            self._sync(min(timeout, 10))
+            sock = self._connect()
+            sock.sendall(json.dumps({"execute": command, "arguments": arguments}).encode())
+            deadline = time.monotonic() + timeout
+            while True:
+                line = self._read_until(b"\n", deadline)
+                with contextlib.suppress(ValueError):
+                    reply = json.loads(line.strip(b"\xff"))
+                    if "error" in reply:
+                        raise AgentError(f"{command}: {reply['error'].get('desc')}")
+                    if "return" in reply:
+                        return reply["return"]
+        except (OSError, TimeoutError):
+            self.close()
+            raise
+
+    def answers(self, timeout: float = 5) -> bool:
+        try:
+            self.call("guest-ping", timeout=timeout)
+        except (OSError, TimeoutError, AgentError):
+            return False
+        return True
+
+
+@dataclass
+class Result:
+    rc: int
+    out: str
+    err: str
+
+
+class HostVM:
+    """The host VM's QEMU, started by this process, and its agent channel."""
+
+    def __init__(self, image: Image, work: Path, guest: Path, extra: tuple[str, ...] = (), append: str = "") -> None:
+        self.image = image
+        self.work = work
+        self.kernel = image.kernels[0]
+        self.overlay = work / "overlay.qcow2"
+        _run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(image.disk), str(self.overlay)])
+        self.data = work / "data.img"
+        _data_disk(self.data, guest)
+        self.console = work / "console.log"
+        self.agent = Agent(work / "qga.sock")
+        argv = [
+            QEMU,
+            "-accel", "tcg,thread=multi", "-cpu", "max", "-smp", "2", "-m", "3G", "-machine", "q35",
+            "-display", "none", "-nodefaults",
+            "-kernel", str(image.vmlinuz(self.kernel)), "-initrd", str(image.initrd(self.kernel)),
+            "-append", f"root=/dev/vda rw console=ttyS0 {append}".strip(),
+            "-drive", f"file={self.overlay},if=virtio,format=qcow2,cache=unsafe",
+            "-drive", f"file={self.data},if=virtio,format=raw",
+            "-chardev", f"file,id=con0,path={self.console},append=on", "-serial", "chardev:con0",
+            "-chardev", f"socket,id=qga0,path={self.agent.path},server=on,wait=off",
+            "-device", "virtio-serial-pci",
+            "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
+            "-qmp", f"unix:{work / 'qmp.sock'},server=on,wait=off",
+            *extra,
+        ]  # fmt: skip
+        self.log = open(work / "qemu.log", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
+        )
+        self.boot_id = ""
+        self.wait_boot()
+
+    # -- the channel -------------------------------------------------------------------------------
+    def exec(self, script: str, timeout: float = 300, check: bool = True) -> Result:
+        """Run *script* with sh as root inside, through guest-exec; its exit code and output."""
+        env = [f"PATH={PATH}", "HOME=/root", "LANG=C.UTF-8", "COLUMNS=250"]
+        started = self.agent.call("guest-exec", path="/bin/sh", arg=["-c", script], env=env, **{"capture-output": True})
+        pid = started["pid"]  # type: ignore[index]
+        deadline = time.monotonic() + timeout
+        pause = 0.05
+        while True:
+            st: dict[str, object] = self.agent.call("guest-exec-status", pid=pid)  # type: ignore[assignment]
+            if st.get("exited"):
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{script[:200]}: still running after {timeout:.0f} s")
+            time.sleep(pause)
+            pause = min(pause * 2, 2.0)
+        res = Result(
+            int(st.get("exitcode", -1)),  # type: ignore[call-overload]
+            base64.b64decode(str(st.get("out-data", ""))).decode(errors="replace"),
+            base64.b64decode(str(st.get("err-data", ""))).decode(errors="replace"),
+        )
+        if check and res.rc != 0:
+            raise AssertionError(f"{script}\nrc={res.rc}\n{res.out[-3000:]}\n{res.err[-3000:]}")
+        return res
+
+    def sh(self, script: str, timeout: float = 300) -> str:
+        return self.exec(script, timeout).out
+
+    def spawn(self, script: str) -> None:
+        """Start *script* inside and return at once (its output goes to /dev/null)."""
+        self.agent.call("guest-exec", path="/bin/sh", arg=["-c", f"({script}) >/dev/null 2>&1 &"], env=[f"PATH={PATH}"])
+
+    # -- boots ---------------------------------------------------------------------------------------
+    def wait_boot(self, timeout: float = 600) -> str:
+        """Wait until a boot other than the last one seen runs with systemd up; its boot id."""
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self.proc.poll() is None, f"the host VM's QEMU exited:\n{self.tail()}"
+            assert time.monotonic() < deadline, f"the host VM did not boot in {timeout:.0f} s:\n{self.tail()}"
+            if self.agent.answers(timeout=5):
+                with contextlib.suppress(OSError, TimeoutError, AgentError, AssertionError):
+                    boot = self.sh("cat /proc/sys/kernel/random/boot_id", timeout=30).strip()
+                    if boot and boot != self.boot_id:
+                        state = self.exec("systemctl is-system-running --wait", timeout=300, check=False).out.strip()
+                        assert state in ("running", "degraded"), f"host state {state}:\n{self.sh('systemctl --failed')}"
+                        self.boot_id = boot
+                        return boot
+            time.sleep(1)
+
+    def wait_silent(self, timeout: float = 600) -> None:
+        """Wait until the agent stops answering (the host is going down); it answers until late."""
+        deadline = time.monotonic() + timeout
+        while self.agent.answers(timeout=3):
+            assert time.monotonic() < deadline, f"the host VM did not go down in {timeout:.0f} s:\n{self.tail()}"
+            time.sleep(0.5)
+
+    def reboot_with(self, script: str, timeout: float = 900) -> float:
+        """Run *script* (which takes the host down), wait for the next boot; seconds it took."""
+        t = time.monotonic()
+        self.spawn(script)
+        self.wait_silent(timeout)
+        self.wait_boot(timeout)
+        return time.monotonic() - t
+
+    def crash(self) -> None:
+        """A power cut: sysrq b resets at once (no sync, no shutdown)."""
+        self.spawn("echo 1 > /proc/sys/kernel/sysrq; echo b > /proc/sysrq-trigger")
+
+    def console_since(self, mark: int) -> str:
+        """The host VM's serial console past byte offset *mark* (``console_since(0)``: all of it)."""
+        with open(self.console, "rb") as f:
+            f.seek(mark)
+            return f.read().decode(errors="replace")
+
+    def console_mark(self) -> int:
+        return self.console.stat().st_size
+
+    def tail(self, n: int = 4000) -> str:
+        try:
+            return self.console.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
+        self.agent.close()
+        self.log.close()
+
+    # -- set-up --------------------------------------------------------------------------------------
+    def install(self) -> None:
+        """pip-install the checkout (its wheel) into the venv, install the units, put the test guest in place."""
+        self.sh(
+            f"mkdir -p /mnt/data && mount -o ro /dev/vdb /mnt/data && rm -rf {WHEEL} && cp -a /mnt/data/wheel {WHEEL}"
+            f" && mkdir -p {GUEST} && cp /mnt/data/guest/* {GUEST}/ && umount /mnt/data"
+        )
+        self.sh(f"{VENV}/bin/pip install -q --no-deps --no-index --force-reinstall {WHEEL}/*.whl", timeout=600)
+        self.sh(f"ln -sf {VENV}/bin/cprctl /usr/local/bin/cprctl && cprctl install-units")
+        self.sh("systemctl start cprctl-guests.service")
+
+    def wait_kvm(self, timeout: float = 120) -> None:
+        self.sh(f"for i in $(seq {int(timeout)}); do [ -c /dev/kvm ] && exit 0; sleep 1; done; exit 1", timeout + 30)
+
+    def put(self, path: str, text: str, mode: int = 0o644) -> None:
+        handle = self.agent.call("guest-file-open", path=path, mode="w")
+        self.agent.call("guest-file-write", handle=handle, **{"buf-b64": base64.b64encode(text.encode()).decode()})
+        self.agent.call("guest-file-close", handle=handle)
+        self.sh(f"chmod {mode:o} {path}")
+
+    def arm_crash_at_restore(self) -> None:
+        """At the next boot, reset the host in the middle of the unit's restore-all (once)."""
+        self.put("/usr/local/sbin/crash-when", CRASH_WHEN, 0o755)
+        self.put("/etc/systemd/system/crash-restore.service", CRASH_UNIT)
+        self.sh(
+            "mkdir -p /etc/systemd/system/cprctl-guests.service.wants && ln -sf ../crash-restore.service"
+            " /etc/systemd/system/cprctl-guests.service.wants/ && systemctl daemon-reload"
+        )
+
+    def status(self) -> dict[str, dict[str, object]]:
+        rows = json.loads(self.sh("cprctl status --json"))
+        return {r["name"]: r for r in rows}
+
+
+#: Copied into the host VM: polls the VM records (5 ms) and resets the host at the moment named by argv[1]:
+#: ``save``: one VM saved (checkpoint, no operation) while another is not yet; ``restore``: a VM's restore
+#: under way before its guest resumes. A power cut there, with no sync.
+CRASH_WHEN = """\
+import json, pathlib, sys, time
+when = sys.argv[1]
+deadline = time.monotonic() + float(sys.argv[2])
+def records():
+    out = []
+    for p in pathlib.Path("/var/lib/cprctl/vms").glob("*/vm.json"):
+        try:
+            out.append(json.loads(p.read_text()))
+        except (OSError, ValueError):
+            pass
+    return out
+def moment(recs):
+    if when == "save":
+        saved = [r for r in recs if r.get("checkpoint") and not r.get("operation")]
+        return bool(saved) and any(not r.get("checkpoint") for r in recs)
+    ops = [r.get("operation") or {} for r in recs]
+    return any(o.get("kind") == "restore" and (o.get("steps") or [["started"]])[-1][0] in ("started", "verified")
+               for o in ops)
+while time.monotonic() < deadline:
+    recs = records()
+    if moment(recs):
+        line = " ".join(f"{r['name']}={bool(r.get('checkpoint'))}/{(r.get('operation') or {}).get('kind')}"
+                        for r in recs)
+        with open("/dev/kmsg", "w") as kmsg:  # to the serial console, which the test reads from outside
+            print("crash: " + line, file=kmsg, flush=True)
+        time.sleep(0.05)
+        pathlib.Path("/proc/sys/kernel/sysrq").write_text("1")
+        pathlib.Path("/proc/sysrq-trigger").write_text("b")
+    time.sleep(0.005)
+sys.exit("crash-when: the moment never came")
+"""
+
+#: A unit that arms the restore crash for the next boot only: it disarms itself durably (sync, before
+#: cprctl-guests.service starts) and then watches the restore.
+CRASH_UNIT = """\
+[Unit]
+DefaultDependencies=no
+After=local-fs.target
+Before=cprctl-guests.service
+
+[Service]
+ExecStartPre=/bin/sh -c 'rm -f /etc/systemd/system/cprctl-guests.service.wants/crash-restore.service && sync'
+ExecStart=/usr/bin/python3 /usr/local/sbin/crash-when restore 600
+"""
+
+
+# -- nested guests -----------------------------------------------------------------------------------
+def nested_argv(name: str, *, ram: str = "file", ram_mib: int = 128, fill: int = 32, ram_path: str | None = None,
+                extra: tuple[str, ...] = ()) -> list[str]:  # fmt: skip
+    """The test guest's command line inside the host VM, under the host VM's KVM."""
+    argv = guest_argv(
+        QEMU,
+        Path(GUEST),
+        Path(f"/srv/vms/{name}"),
+        ram_mib=ram_mib,
+        fill_mib=fill,
+        ram=ram,
+        ram_path=Path(ram_path) if ram_path else None,
+        extra=extra,
+    )
+    argv[argv.index("tcg")] = "kvm"
+    argv[argv.index("q35")] = "pc-q35-10.0"  # pinned: the restore must meet the same machine
+    return argv
+
+
+def console_ticks(host: HostVM, name: str) -> list[Tick]:
+    text = host.exec(f"cat /srv/vms/{name}/console.log", check=False).out
+    return [Tick(m["boot"], int(m["n"]), float(m["up"])) for m in TICK.finditer(text)]
+
+
+def console_text(host: HostVM, name: str) -> str:
+    return host.exec(f"cat /srv/vms/{name}/console.log", check=False).out
+
+
+def wait_tick(host: HostVM, name: str, above: int, timeout: float = 300) -> list[Tick]:
+    """Wait until nested guest *name* printed a tick numbered above *above*; all its ticks."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = console_ticks(host, name)
+        if any(t.n > above for t in found):
+            return found
+        assert time.monotonic() < deadline, f"{name}: no tick past {above}:\n{console_text(host, name)[-1500:]}"
+        time.sleep(2)
+
+
+def launch_nested(host: HostVM, name: str, **kw: object) -> None:
+    argv = nested_argv(name, **kw)  # type: ignore[arg-type]
+    host.sh(f"mkdir -p /srv/vms/{name} && cprctl launch {name} --agent -- {shlex.join(argv)}")
