@@ -48,7 +48,8 @@ async def devices(mon: Monitor) -> list[VirtioDevice]:
     try:
         listed = await mon.execute("x-query-virtio")
     except QemuError as exc:
-        if exc.error_class == "CommandNotFound":
+        # QEMU without the command, or one whose VM has no virtio device (it says so as an error).
+        if exc.error_class == "CommandNotFound" or "No virtio devices found" in str(exc):
             return []
         raise
     return [await _device(mon, d["path"]) for d in listed]
