@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import fcntl
 import json
 import os
 import random
@@ -29,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cprctl._demo import TICK, Tick, guest_argv
+
+from .cache import cached
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("CPRCTL_HOSTVM_CACHE", Path.home() / ".cache" / "cprctl-hostvm"))
@@ -189,24 +190,13 @@ def _build(dest: Path) -> None:
 
 def cached_image() -> Image:
     """The host image for the current recipe, built on first use (one builder at a time)."""
-    CACHE.mkdir(parents=True, exist_ok=True)
-    dest = CACHE / _key()
-    with open(CACHE / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (dest / "kernels.json").exists():
-            shutil.rmtree(dest, ignore_errors=True)
-            t = time.monotonic()
-            _build(dest)
-            (dest / "build-seconds").write_text(f"{time.monotonic() - t:.0f}\n")
-        for old in CACHE.iterdir():  # images of other recipes, unless another checkout may still use them
-            if (
-                old.is_dir()
-                and old != dest
-                and not old.name.startswith(".")
-                and old.stat().st_mtime < time.time() - 86400
-            ):
-                shutil.rmtree(old, ignore_errors=True)
-    return Image(dest)
+    return Image(cached(CACHE, _key(), "kernels.json", _timed_build))
+
+
+def _timed_build(dest: Path) -> None:
+    t = time.monotonic()
+    _build(dest)
+    (dest / "build-seconds").write_text(f"{time.monotonic() - t:.0f}\n")
 
 
 def _data_disk(path: Path, guest: Path) -> None:

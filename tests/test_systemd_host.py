@@ -21,7 +21,6 @@ agent; QEMU was not killed) and booted afresh by ``restore-all``.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import gzip
 import hashlib
 import json
@@ -40,6 +39,7 @@ import pytest
 
 from cprctl._demo import guest_argv, ticks
 
+from .cache import cached
 from .guestvm import guest_dir
 
 pytestmark = pytest.mark.qemu
@@ -117,22 +117,7 @@ def _build_root(dest: Path) -> None:
 
 def cached_root() -> Path:
     """The cached root for the current recipe, built on first use (one builder at a time)."""
-    CACHE.mkdir(parents=True, exist_ok=True)
-    dest = CACHE / _key()
-    with open(CACHE / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (dest / "usr/bin/qemu-system-x86_64").exists():
-            shutil.rmtree(dest, ignore_errors=True)
-            _build_root(dest)
-        for old in CACHE.iterdir():  # roots of other recipes, unless another checkout may still use them
-            if (
-                old.is_dir()
-                and old != dest
-                and not old.name.startswith(".")
-                and old.stat().st_mtime < time.time() - 86400
-            ):
-                shutil.rmtree(old, ignore_errors=True)
-    return dest
+    return cached(CACHE, _key(), "usr/bin/qemu-system-x86_64", _build_root)
 
 
 def _install(root: Path) -> None:
