@@ -39,6 +39,21 @@ def qemu(suite: str) -> Path:
     return (CACHE / suite).resolve() / "qemu-system-x86_64"
 
 
+def debian_mirror() -> str:
+    """The Debian mirror this machine's own apt sources use for bookworm (never written into the tests)."""
+    for source in sorted(Path("/etc/apt/sources.list.d").glob("*.sources")):
+        for stanza in source.read_text().split("\n\n"):
+            fields = dict(line.split(":", 1) for line in stanza.splitlines() if ":" in line and line[0] != "#")
+            if "bookworm" in fields.get("Suites", "").split() and (uris := fields.get("URIs", "").split()):
+                return uris[0]
+    legacy = Path("/etc/apt/sources.list")
+    for line in legacy.read_text().splitlines() if legacy.exists() else []:
+        words = line.split()
+        if len(words) >= 3 and words[0] == "deb" and words[2] == "bookworm":
+            return words[1]
+    raise AssertionError("no Debian apt source on this machine to take the mirror from")
+
+
 def root_of(wrapper: Path) -> Path:
     return wrapper.parent / "root"
 

@@ -147,12 +147,13 @@ def _install(root: Path) -> None:
 class Container:
     """A booted systemd-nspawn container of *root*."""
 
-    def __init__(self, root: Path, log: Path) -> None:
+    def __init__(self, root: Path, log: Path, private_network: bool = False) -> None:
         self.root = root
         self.log = log
+        boot = ["systemd-nspawn", "-D", str(root), "--boot", "--register=no", "--keep-unit", "--console=read-only"]
         with open(log, "ab") as out:
             self.proc = subprocess.Popen(
-                ["systemd-nspawn", "-D", str(root), "--boot", "--register=no", "--keep-unit", "--console=read-only"],
+                [*boot, *(["--private-network"] if private_network else [])],
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
