@@ -55,6 +55,10 @@ LOAD_TIMEOUT = 3600.0
 START_TIMEOUT = 180.0
 
 
+#: How a failed restore ends its message: nothing was lost.
+RETRY = "; the checkpoint is kept, restore can be retried"
+
+
 @dataclass(frozen=True)
 class RestoreResult:
     name: str
@@ -198,7 +202,7 @@ async def restore(
         target = _fallback(sd, name, qemu) if (qemu is None if fallback is None else fallback) else None
         if target is None:
             raise
-        why = str(first).removeprefix(f"{name}: ")
+        why = str(first).removeprefix(f"{name}: ").removesuffix(RETRY)  # it is not retried: it falls back
         note = f"{name}: on the build that wrote the checkpoint ({target}): {qemu or 'its binary'} could not: {why}"
         reporter.step(note)
         try:
@@ -322,9 +326,7 @@ async def _start_and_load(
             if said and isinstance(exc, QemuError):
                 kept.learn(vm, cp.build, argv[0], False, "restore", said)
                 vm.commit()
-            again = type(exc)(
-                f"{said + ' (' + str(exc) + ')' if said else exc}; the checkpoint is kept, restore can be retried"
-            )
+            again = type(exc)(f"{said + ' (' + str(exc) + ')' if said else exc}{RETRY}")
             again.__dict__.update(vars(exc))  # what it carries, e.g. `QemuError.error_class`
             raise again from exc
         raise

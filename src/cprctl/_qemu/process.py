@@ -266,13 +266,18 @@ def log_tail(log: Path, lines: int = 5) -> str:
 #: How QEMU starts the lines it prints to stderr (``qemu-system-x86_64: ...``).
 _QEMU_LINE = re.compile(r"^qemu-system-[\w-]+: (.*)$")
 #: QEMU's summary lines that add nothing to the first error (the cause comes first).
-_GENERIC = re.compile(r"^(load of migration failed|Failed to load |warning: )", re.IGNORECASE)
+_GENERIC = re.compile(r"^(load of migration failed|Failed to load )", re.IGNORECASE)
+#: A warning, never the error: bare, or after the option QEMU was parsing (11.1: ``-mon chardev=...: warning:
+#: '-mon' is deprecated``, printed at every start of a VM that cprctl gave a QMP monitor).
+_WARNING = re.compile(r"^(?:qemu-system-[\w-]+: )?(?:-\S.*?: )?warning: ", re.IGNORECASE)
+#: QEMU's last words when it is killed; not its error when this process killed it (a refusal, a rollback).
+_KILLED = re.compile(r"terminating on signal \d+ from pid (\d+)")
 
 
 def qemu_error(log: Path) -> str:
     """QEMU's own error from the last run in *log* (after cprctl's last ``--- cprctl`` line), in one line:
     its first error line, and the device whose state failed to load when it names one; else its last line
-    (a wrapper's own message); "" when it said nothing.
+    (a wrapper's own message); "" when it said nothing but warnings, or that this process killed it.
 
     E.g. ``VQ 0 vring.num 1024 exceeds allocated max 128; error while loading state for instance 0x0 of
     device '0000:00:02.0/virtio-console'``.
@@ -283,12 +288,17 @@ def qemu_error(log: Path) -> str:
         return ""
     lines = [line.strip() for line in ("\n" + text).rpartition("\n--- cprctl ")[2].splitlines() if line.strip()]
     lines = lines[1:] if ("\n" + text).find("\n--- cprctl ") >= 0 else lines  # not the marker itself
+    lines = [line for line in lines if not _WARNING.match(line) and not _killed_by_us(line)]
     said = [m[1].strip() for line in lines if (m := _QEMU_LINE.match(line))]
     errors = [line for line in said if not _GENERIC.match(line)]
     if not errors:
         return said[-1] if said else (lines[-1] if lines else "")
     device = next((line for line in errors[1:] if line.startswith("error while loading state")), None)
     return "; ".join(dict.fromkeys([errors[0], *([device] if device else [])]))
+
+
+def _killed_by_us(line: str) -> bool:
+    return (m := _KILLED.search(line)) is not None and int(m[1]) == os.getpid()
 
 
 def bytes_read(pid: int) -> int | None:
