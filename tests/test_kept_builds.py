@@ -242,3 +242,29 @@ def test_once_a_fixed_qemu_is_installed_update_all_moves_the_vm_off_the_kept_bui
     assert kept.Builds(state_dir).ids() == [st.build]
     cprctl.stop("k1", state_dir=state_dir)
     cprctl.remove("k1", state_dir=state_dir)
+
+
+def test_a_restore_goes_straight_to_the_kept_build_when_the_disk_qemu_is_known_not_to_load(state_dir: Path) -> None:
+    binary = qemu_copy(state_dir.parent / "pkg9" / "bin")
+    with open(binary, "ab") as f:
+        f.write(b"k9 build")
+    vm = GuestVM.launch("k9", state_dir, ram="file", fill=8, qemu=str(binary), work=state_dir.parent / "k9-w")
+    new = binary.with_name("new")
+    small_bios(new)
+    os.rename(new, binary)  # the upgrade: a QEMU that cannot load k9's state
+    assert cli("update", "k9", "--qemu", str(binary), state_dir=state_dir).returncode == 1  # learnt: it fails
+    assert vm.status().loads == "fails"
+    mark = vm.mark()
+    assert cli("save", "k9", state_dir=state_dir).returncode == 0
+    log = state_dir / "vms" / "k9" / "qemu.log"
+    runs = log.read_text().count("--- cprctl")
+    out = cli("restore", "k9", "--json", state_dir=state_dir)
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout)
+    assert "known not to load its state" in res["fallback"] and "mismatch: pc.bios" in res["fallback"], res
+    # One QEMU started, the kept build's: none only to fail as it is known to (at boot, each costs time).
+    starts = [line for line in log.read_text().splitlines() if line.startswith("--- cprctl")]
+    assert len(starts) == runs + 1 and f"{state_dir}/builds/" in starts[-1], starts[runs:]
+    vm.assert_continued(mark, fill=8)
+    cprctl.stop("k9", state_dir=state_dir)
+    cprctl.remove("k9", state_dir=state_dir)

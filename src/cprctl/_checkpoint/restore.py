@@ -196,10 +196,13 @@ async def restore(
         own error line is in the message). With a fallback, the error says both failures.
     """
     reporter = reporter or Quiet()
+    allowed = qemu is None if fallback is None else fallback
     try:
+        if allowed and (known := await asyncio.to_thread(_known_not_to_load, sd, name, qemu)):
+            raise QemuError(f"{name}: {known}")  # no QEMU started only to fail the same way (at boot: time)
         result = await _restore_on(sd, name, qemu, force, sync_time, reporter, trust_identity)
     except (CheckFailed, QemuError, UsageError) as first:
-        target = _fallback(sd, name, qemu) if (qemu is None if fallback is None else fallback) else None
+        target = _fallback(sd, name, qemu) if allowed else None
         if target is None:
             raise
         why = str(first).removeprefix(f"{name}: ").removesuffix(RETRY)  # it is not retried: it falls back
@@ -214,6 +217,19 @@ async def restore(
         result = replace(result, fallback=note)
     kept.collect(sd.path)
     return result
+
+
+def _known_not_to_load(sd: StateDir, name: str, qemu: str | None) -> str | None:
+    """Why *qemu* (default: the VM's own binary) is known not to load the checkpoint when a kept build can,
+    from what was learnt (a failed standby, restore or trial of the same two builds); else None."""
+    try:
+        vm = open_vm(sd, name)
+        if vm.record.checkpoint is None or vm.running():
+            return None
+        load = kept.loadability(vm, qemu)
+    except CprctlError:
+        return None
+    return f"known not to load its state: {load.reason}" if load.verdict == "fails" and load.kept else None
 
 
 def _fallback(sd: StateDir, name: str, qemu: str | None) -> str | None:
