@@ -8,7 +8,9 @@ why in one line; a fault at each step before the new QEMU runs the guest leaves 
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,7 @@ from cprctl._qemu import process
 from cprctl._qemu.qmp import Monitor
 from cprctl.errors import QemuError
 
-from .guestvm import QEMU, GuestVM, cli
+from .guestvm import QEMU, GuestVM, cli, op_step, spawn_cli, wait_record
 
 pytestmark = pytest.mark.qemu
 
@@ -34,6 +36,8 @@ def launch(name: str, state_dir: Path, qemu: str = QEMU, extra: tuple[str, ...] 
 def test_update_by_cpr_transfer_keeps_the_guest_and_copies_no_ram(state_dir: Path) -> None:
     vm = launch("xfer", state_dir)
     old_pid = vm.status().pid
+    found = json.loads(cli("check", "xfer", "--json", state_dir=state_dir).stdout)
+    assert any(f["code"] == "update-mode" and "by QEMU's cpr-transfer" in f["message"] for f in found), found
     mark = vm.mark()
     res = cprctl.update("xfer", QEMU, state_dir=state_dir)  # auto: memfd RAM the standby would pre-copy
     assert res.warm and res.mode == "cpr-transfer" and res.mode_reason is None, res
@@ -54,6 +58,8 @@ def test_update_by_cpr_transfer_keeps_the_guest_and_copies_no_ram(state_dir: Pat
 
 def test_without_shared_aux_ram_it_falls_back_to_the_standby_saying_why(state_dir: Path) -> None:
     vm = GuestVM.launch("noaux", state_dir, ram="anon", fill=32, extra=MEMFD)
+    found = json.loads(cli("check", "noaux", "--json", state_dir=state_dir).stdout)
+    assert any(f["code"] == "update-mode" and "aux-ram-share=on" in f["message"] for f in found), found
     mark = vm.mark()
     done = cli("update", "noaux", "--qemu", QEMU, "--mode", "cpr-transfer", state_dir=state_dir)
     assert done.returncode == 0, done.stderr
@@ -102,5 +108,61 @@ def test_a_fault_before_the_new_qemu_runs_the_guest_leaves_it_running_on_the_old
 
     res = cprctl.update("fault", QEMU, state_dir=state_dir)  # and the next update goes through
     assert res.mode == "cpr-transfer" and os.path.exists(f"/proc/{res.pid}")
+    vm.assert_continued(mark, fill=96)
+    vm.stop()
+
+
+def test_across_releases_by_cpr_transfer(state_dir: Path) -> None:
+    """10.0.2 (this host) -> 11.1.3 moves by cpr-transfer; 10.0.13 -> 11.1.3 with the agent's virtio-serial is
+    refused once the new QEMU answers (its virtqueues are smaller), which cancels the old QEMU's cpr-transfer:
+    the guest runs on 10.0.13 untouched."""
+    from . import qemuroots
+    from .test_upgrade import one_line_refusal
+
+    if why := qemuroots.available():
+        pytest.skip(why)
+    q10, q11 = qemuroots.qemu("trixie"), qemuroots.qemu("unstable")
+    pin = ("-machine", "pc-q35-10.0")
+    vm = launch("x102", state_dir, extra=pin)
+    mark = vm.mark()
+    res = cprctl.update("x102", str(q11), state_dir=state_dir)
+    assert res.mode == "cpr-transfer" and vm.status().argv[0] == str(q11), res
+    vm.assert_continued(mark, fill=96)
+    res = cprctl.update("x102", str(q11), state_dir=state_dir)  # and on within 11.1.3
+    assert res.mode == "cpr-transfer", res
+    vm.assert_continued(mark, fill=96)
+    vm.stop()
+
+    vm = launch("x13", state_dir, qemu=str(q10), extra=pin)
+    pid, mark = vm.status().pid, vm.mark()
+    out = cli("update", "x13", "--qemu", str(q11), "--mode", "cpr-transfer", state_dir=state_dir)
+    one_line_refusal(out, "virtio-serial-device", "allocates 128")
+    st = vm.status()
+    assert st.state == "running" and st.pid == pid and st.operation is None, st
+    vm.assert_continued(mark, fill=96)
+    vm.stop()
+
+
+def test_cprctl_killed_after_the_cpr_state_went_over(state_dir: Path) -> None:
+    """Killed once the new QEMU answers QMP (so the old one's cpr-transfer migrate is under way): the next
+    command finishes the update or rolls it back (cancelling the old QEMU's migration); the guest runs on."""
+    vm = launch("kill", state_dir)
+    mark = vm.mark()
+    proc = spawn_cli("update", "kill", "--qemu", QEMU, "--mode", "cpr-transfer", state_dir=state_dir)
+    rec = wait_record(state_dir, "kill", lambda r: op_step(r)[0] == "update" and r["operation"].get("socket_suffix"))
+    new_qmp = Path(str(rec["qmp"]) + rec["operation"]["socket_suffix"])  # type: ignore[index]
+    deadline = time.monotonic() + 120
+    while not new_qmp.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    proc.kill()
+    proc.wait()
+    out = cli("status", "kill", state_dir=state_dir)
+    assert out.returncode == 0, out.stderr
+    st = vm.status()
+    assert st.state == "running" and st.operation is None, st
+    vm.assert_continued(mark, fill=96)
+    leftovers = [p.name for p in (state_dir / "vms" / "kill").iterdir() if "~" in p.name]
+    assert not leftovers, leftovers
+    assert cprctl.update("kill", QEMU, state_dir=state_dir).mode == "cpr-transfer"  # nothing left in the way
     vm.assert_continued(mark, fill=96)
     vm.stop()

@@ -73,11 +73,9 @@ from .record import Operation
 from .report import Quiet, Reporter
 from .restore import restore
 from .save import save, suspend_guest
-from .vm import VM, open_vm, recover, resume_guest, settle_update
+from .vm import CPR_SOCKET, VM, open_vm, recover, resume_guest, settle_update
 
 MIGRATION_SOCKET = "migrate.sock"
-#: The cpr channel of a cpr-transfer (``cpr.sock~TOKEN`` in the VM's folder).
-CPR_SOCKET = "cpr.sock"
 #: What a QEMU says when a host resource is held by the QEMU beside it (the two cannot run side by side).
 RESOURCE_CONFLICTS = re.compile(
     r"Address already in use|Failed to get .*lock|Is another process using|Device or resource busy"
