@@ -329,7 +329,8 @@ async def _switch(vm: VM, old: Monitor, plan: Plan, binary: str, reporter: Repor
     except BaseException as exc:
         if op.step == "standby":  # the new QEMU never got the guest: just stop it
             if is_transfer(plan):  # first cancel the old QEMU's cpr-transfer, which has not stopped the guest
-                await resume_guest(old, False)
+                with contextlib.suppress(QemuError):  # else it fails once the new QEMU is gone: the guest runs on
+                    await resume_guest(old, False)
             await asyncio.to_thread(process.kill, new_pid)
             drop_sockets(sockets, suffix)
             r.operation = None
