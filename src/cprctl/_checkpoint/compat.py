@@ -351,20 +351,16 @@ def transfer_blockers(
     return why
 
 
-def handover_mode(asked: HandoverMode, blockers: Sequence[str], argv: Sequence[str]) -> tuple[str, str | None]:
+def handover_mode(asked: HandoverMode, blockers: Sequence[str]) -> tuple[str, str | None]:
     """``(mode, why not cpr-transfer)`` for a warm update asked to run in *asked* mode.
 
-    ``auto`` takes cpr-transfer when it can and when it keeps more of the VM in place than the standby:
-    RAM that is shared memory but not a named file (memfd, ``memory-backend-ram,share=on``) which the
-    standby would pre-copy while the guest runs. When every RAM block is a named shared file both keep
-    RAM in place, and the standby, whose pause measured the same (benchmarks/RESULTS.md), stays. An
-    explicit ``cpr-transfer`` that cannot run falls back to the standby, with the reason.
+    ``auto`` takes cpr-transfer wherever it can run: it keeps in place RAM that the standby would pre-copy
+    (memfd, ``memory-backend-ram,share=on``), and where all RAM is in named shared files its pause measured
+    a third to a half of the standby's on the same guest (benchmarks/RESULTS.md, "cpr-transfer against the
+    standby"). An explicit ``cpr-transfer`` that cannot run falls back to the standby, with the reason.
     """
     if asked == "standby":
         return "standby", None
     if blockers:
         return "standby", "; ".join(blockers)
-    copied = [b.id for b in qargv.ram_layout(argv).backends if not b.named_shared_file]
-    if asked == "auto" and not copied:
-        return "standby", None
     return "cpr-transfer", None

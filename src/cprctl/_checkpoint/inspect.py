@@ -16,7 +16,7 @@ from .._qemu.qmp import Monitor
 from .._store import StateDir, VMLock
 from ..errors import BusyError, CprctlError, QemuError
 from . import disks, kept, statefile, timeline
-from .compat import binary_findings, handover_mode, load_finding, transfer_blockers
+from .compat import binary_findings, load_finding, transfer_blockers
 from .facts import binary_info, gather, mount_of, ram_fact, vfio_refusal
 from .plan import (
     VOLATILE_FS,
@@ -246,12 +246,8 @@ async def _mode_finding(vm: VM, version: tuple[int, int, int], binary: str, susp
         return []  # the binary findings say why
     argv = vm.record.argv
     blockers = transfer_blockers(argv, version, info, suspend)
-    mode, _ = handover_mode("auto", blockers, argv)
-    if mode == "cpr-transfer":
-        how = "QEMU's cpr-transfer: every RAM block is shared memory and its fd goes to the new QEMU, none is copied"
-        return [Finding("update-mode", "info", f"'update' hands the guest over by {how}")]
     if not blockers:
-        how = "the standby: its RAM stays in place either way ('--mode cpr-transfer' can run too)"
+        how = "QEMU's cpr-transfer: every RAM block is shared memory and its fd goes to the new QEMU, none is copied"
         return [Finding("update-mode", "info", f"'update' hands the guest over by {how}")]
     return [
         Finding(

@@ -257,7 +257,7 @@ async def _handover(
     if asked == "standby":
         return "standby", None
     blockers = transfer_blockers(vm.record.argv, old_version, await binary_info(binary), plan.suspend)
-    mode, why_not = handover_mode(asked, blockers, vm.record.argv)
+    mode, why_not = handover_mode(asked, blockers)
     if why_not and asked == "cpr-transfer":
         reporter.step(f"{vm.name}: no cpr-transfer ({why_not}); warm standby instead")
     return mode, why_not if asked == "cpr-transfer" else None
