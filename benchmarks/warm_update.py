@@ -14,6 +14,12 @@ For each guest RAM size and kind (``file``: a shared file, cpr-reboot with ``x-i
 
 Writes (or replaces) the "Warm update" section of ``benchmarks/RESULTS.md``. Run as root:
 ``benchmarks/bench.py --warm-update`` (or this file directly).
+
+``--modes N`` (issue 15) instead compares QEMU's cpr-transfer with the standby on the *same* guest:
+for each RAM kind (``memfd``: memory-backend-memfd, which the standby pre-copies; ``file``: a shared
+file, kept in place by both), one guest with ``-machine aux-ram-share=on`` and the dirtier running is
+updated N times by each, alternating the order every round; pause and the whole update's time.
+Writes the "cpr-transfer against the standby" section.
 """
 
 from __future__ import annotations
@@ -119,7 +125,14 @@ async def dirty_round_ms(qga: str, name: str) -> float:
 
 
 def case_argv(case: Case, qemu: str, guest: Path, folder: Path) -> list[str]:
-    """The guest's argv; kind ``realistic``: RAM in a shared file, 2 vCPUs, virtio-net, xHCI + tablet, qcow2 overlay."""
+    """The guest's argv; kind ``realistic``: RAM in a shared file, 2 vCPUs, virtio-net, xHCI + tablet, qcow2 overlay;
+    ``memfd-x``/``file-x``: memfd RAM or a shared file, with ``aux-ram-share=on`` (cpr-transfer can run)."""
+    if case.ram in ("memfd-x", "file-x"):
+        extra: tuple[str, ...] = ("-machine", "aux-ram-share=on")
+        if case.ram == "memfd-x":
+            extra += ("-object", f"memory-backend-memfd,id=m0,size={case.size}M", "-machine", "memory-backend=m0")
+        kind = "file" if case.ram == "file-x" else "anon"
+        return guest_argv(qemu, guest, folder, ram_mib=case.size, fill_mib=case.size // 2, ram=kind, extra=extra)
     if case.ram != "realistic":
         return guest_argv(qemu, guest, folder, ram_mib=case.size, fill_mib=case.size // 2, ram=case.ram)
     base, overlay = folder / "base.qcow2", folder / "overlay.qcow2"
@@ -394,9 +407,72 @@ def _ms(v: float | None) -> str:
     return f"{v:.1f}" if v is not None else ""
 
 
-def write_section(path: Path, text: str) -> None:
+MODES_SECTION = "## cpr-transfer against the standby (issue 15)"
+
+
+def run_modes(size: int, ram: str, qemu: str, guest: Path, work: Path, sd: Path, n: int) -> dict[str, Case]:
+    """One guest, updated *n* times by each mode, alternating which goes first; the Cases by mode
+    (``notes``: the whole update's wall time in ms, one per handover)."""
+    cases = {m: Case(size, ram, m) for m in ("standby", "cpr-transfer")}
+    name = f"m{ram}{size}"
+    folder = work / name
+    folder.mkdir()
+    cprctl.launch(name, case_argv(Case(size, ram, ""), qemu, guest, folder), agent=True, state_dir=sd)
+    con = Guest(folder)
+    seen = con.wait_mem_ok(0, 120 + size / 10)
+    status = cprctl.status(name, state_dir=sd)[0]
+    assert status.qga
+    asyncio.run(start_dirtier(status.qga, name))
+    for i in range(n):
+        for mode in ("standby", "cpr-transfer") if i % 2 == 0 else ("cpr-transfer", "standby"):
+            t = time.perf_counter()
+            upd = cprctl.update(name, qemu, mode=mode, state_dir=sd)  # type: ignore[arg-type]
+            wall = (time.perf_counter() - t) * 1000
+            if upd.mode != mode:
+                raise RuntimeError(f"{name}: asked {mode}, ran {upd.mode}: {upd.mode_reason or upd.cold_reason}")
+            cases[mode].pauses.append(upd.pause_ms)
+            cases[mode].notes.append(f"{wall:.0f}")
+            print(f"  {mode}: paused {upd.pause_ms:.1f} ms, update {wall:.0f} ms", flush=True)
+            seen = con.wait_mem_ok(seen, 120)
+    rounds.append(asyncio.run(dirty_round_ms(status.qga, name)))
+    cprctl.stop(name, state_dir=sd)
+    cprctl.remove(name, state_dir=sd)
+    return cases
+
+
+def modes_markdown(
+    results: list[dict[str, Case]], machine: dict[str, str], argv: list[str], runtime: float, load: str
+) -> str:
+    round_ms = statistics.median(rounds) if rounds else None
+    lines = [
+        MODES_SECTION,
+        "",
+        f"Command: `{' '.join(argv)}` — runtime {runtime / 60:.1f} min; {machine.get('date', '')}, "
+        f"{machine.get('cores', '?')} cores, {machine.get('QEMU', '')}.",
+        "",
+        "- One demo guest per RAM kind under TCG, 1 vCPU, `-machine aux-ram-share=on`, the memfill pattern "
+        f"(`mem ok` after every handover) and the dirtier ({DIRTY_MIB} MiB of page cache per round, a round took "
+        f"a median {_ms(round_ms)} ms). Each round updates it once by each mode, the order alternating.",
+        "- *memfd-x*: `memory-backend-memfd` (the standby pre-copies it while the guest runs; cpr-transfer passes "
+        "its fd). *file-x*: RAM in a shared file (both keep it in place).",
+        "- pause = STOP of the old QEMU to RESUME of the new one; update = the whole `update()` call.",
+        f"- Host load during the run: {load}.",
+        "",
+        "| RAM | mode | pauses ms | median | worst | update ms (median, worst) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for cases in results:
+        for c in cases.values():
+            walls = [float(w) for w in c.notes]
+            wall = f"{statistics.median(walls):.0f}, {max(walls):.0f}" if walls else ""
+            worst = _ms(max(c.pauses)) if c.pauses else ""
+            lines.append(f"| {c.size} MiB {c.ram} | {c.who} | {_list(c)} | {_ms(c.median)} | {worst} | {wall} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_section(path: Path, text: str, section: str = SECTION) -> None:
     old = path.read_text() if path.exists() else ""
-    head, found, rest = old.partition(SECTION)
+    head, found, rest = old.partition(section)
     tail = ""
     if found:
         after = rest.find("\n## ")
@@ -429,6 +505,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--first", type=int, default=0, help="N fresh realistic guests each, one handover each (first handover)"
     )
+    ap.add_argument("--modes", type=int, default=0, help="N rounds of cpr-transfer against the standby (issue 15)")
     args = ap.parse_args(argv)
     signal.signal(signal.SIGTERM, _on_sigterm)
     global dirty_sleep
@@ -453,6 +530,22 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             kill_under(work)
             shutil.rmtree(work, ignore_errors=True)
+        return 0
+    if args.modes:
+        full = ["benchmarks/warm_update.py", *(argv if argv is not None else sys.argv[1:])]
+        results: list[dict[str, Case]] = []
+        try:
+            for size in [int(s) for s in args.sizes.split(",")]:
+                for ram in args.kinds.split(","):
+                    print(f"{time.strftime('%H:%M:%S')} {size} MiB {ram}", flush=True)
+                    results.append(run_modes(size, ram, qemu, guest, work, work / "state", args.modes))
+        finally:
+            kill_under(work)
+            shutil.rmtree(work, ignore_errors=True)
+        machine = machine_info(qemu, Path(args.workdir))
+        text = modes_markdown(results, machine, full, time.monotonic() - started, load)
+        print(text)
+        write_section(Path(args.out), text, MODES_SECTION)
         return 0
     cases: list[Case] = []
     try:

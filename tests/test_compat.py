@@ -10,9 +10,11 @@ from cprctl._checkpoint.compat import (
     QueueMismatch,
     binary_findings,
     firmware,
+    handover_mode,
     queue_args,
     queue_mismatches,
     size_property,
+    transfer_blockers,
 )
 from cprctl._qemu.probe import BinaryInfo, devices, machines, migration_schema
 from cprctl._qemu.virtio import VirtioDevice
@@ -189,3 +191,29 @@ def test_firmware_of_a_binary_in_another_root_is_looked_for_there(tmp_path: Path
         "/k/vmlinuz",  # the host's path (a wrapper binds it in)
         str(tmp_path / "usr/share/seabios/bios-256k.bin"),
     ]
+
+
+XFER = ["q", "-machine", "pc-q35-10.0,aux-ram-share=on", "-object", "memory-backend-memfd,id=m0,size=1G"]
+XFER += ["-machine", "memory-backend=m0"]
+
+
+def test_cpr_transfer_needs_the_mode_in_both_qemus_and_every_ram_block_shared(tmp_path: Path) -> None:
+    new = info(tmp_path, modes=frozenset({"normal", "cpr-reboot", "cpr-transfer"}))
+    assert transfer_blockers(XFER, (10, 0, 2), new) == []
+    assert transfer_blockers(XFER, (9, 2, 0), new) == ["the running QEMU 9.2.0 has no cpr-transfer (QEMU >= 10.0)"]
+    assert transfer_blockers(XFER, (10, 0, 2), info(tmp_path)) == ["/opt/q has no cpr-transfer"]
+    no_aux = [w.replace(",aux-ram-share=on", "") for w in XFER]
+    assert transfer_blockers(no_aux, (10, 0, 2), new) == ["the VM was started without -machine aux-ram-share=on"]
+    private = [w.replace("memfd,", "ram,") for w in XFER]
+    assert transfer_blockers(private, (10, 0, 2), new) == ["RAM backend 'm0' is not share=on"]
+    plain = ["q", "-machine", "q35,aux-ram-share=on", "-m", "1G"]
+    assert transfer_blockers(plain, (10, 0, 2), new) == ["its main RAM is not a memory backend with share=on"]
+    assert "suspended" in transfer_blockers(XFER, (10, 0, 2), new, suspend=True)[0]
+
+
+def test_auto_takes_cpr_transfer_wherever_it_can_run() -> None:
+    assert handover_mode("auto", []) == ("cpr-transfer", None)
+    assert handover_mode("cpr-transfer", []) == ("cpr-transfer", None)
+    assert handover_mode("standby", []) == ("standby", None)
+    assert handover_mode("auto", ["no aux"]) == ("standby", "no aux")  # update reports it only when asked
+    assert handover_mode("cpr-transfer", ["no aux", "private"]) == ("standby", "no aux; private")

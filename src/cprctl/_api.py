@@ -17,6 +17,7 @@ from ._store import StateDir
 # a restore needs (its start-up falls inside the guest's pause), not the fleet, update and inspection
 # machinery, and ``import cprctl`` stays cheap.
 if TYPE_CHECKING:
+    from ._checkpoint.compat import HandoverMode
     from ._checkpoint.fleet import VMOutcome
     from ._checkpoint.inspect import VMStatus
     from ._checkpoint.plan import Finding, Strategy, SuspendMode
@@ -113,6 +114,7 @@ def update(
     force: bool = False,
     warm: bool = True,
     sync_time: bool = True,
+    mode: HandoverMode = "auto",
     reporter: Reporter | None = None,
     state_dir: PathLike = None,
 ) -> UpdateResult:
@@ -122,6 +124,9 @@ def update(
     directly: the guest pauses for milliseconds) when the VM's configuration
     allows two QEMUs side by side; otherwise, or with ``warm=False``, save +
     restore. ``UpdateResult.cold_reason`` says why the cold path ran.
+    *mode* picks how a warm update hands over: ``auto``, ``standby``, or QEMU's
+    ``cpr-transfer`` (falls back to the standby when it cannot run; ``UpdateResult.mode``
+    and ``mode_reason`` say which ran and why).
     """
     from ._checkpoint import update as _update
 
@@ -134,6 +139,7 @@ def update(
             force=force,
             warm=warm,
             sync_time=sync_time,
+            mode=mode,
             reporter=reporter,
         )
     )

@@ -243,6 +243,13 @@ def restore(state_dir: str | None, name: str, qemu: str | None, no_sync_time: bo
 @click.option("--qemu", required=True, help="The new QEMU binary.")
 @_suspend
 @click.option("--cold", is_flag=True, help="Save to a file and restart, even where a warm standby could run.")
+@click.option(
+    "--mode",
+    type=click.Choice(["auto", "standby", "cpr-transfer"]),
+    default="auto",
+    show_default=True,
+    help="How a warm update hands the guest over: QEMU's cpr-transfer, or the standby (auto picks).",
+)
 @click.option("--no-sync-time", is_flag=True, help="Do not set the guest clock from the host (cold path).")
 @_force
 @_json
@@ -253,6 +260,7 @@ def update(
     qemu: str,
     suspend: Any,
     cold: bool,
+    mode: Any,
     no_sync_time: bool,
     force: bool,
     as_json: bool,
@@ -267,6 +275,7 @@ def update(
             force=force,
             warm=not cold,
             sync_time=not no_sync_time,
+            mode=mode,
             reporter=rep,
             state_dir=state_dir,
         )
@@ -274,7 +283,9 @@ def update(
     if as_json:
         out.print_json(json.dumps(res.__dict__))
     else:
-        how = "warm standby" if res.warm else f"cold: {res.cold_reason}"
+        how = {"cpr-transfer": "cpr-transfer", "standby": "warm standby"}.get(res.mode, f"cold: {res.cold_reason}")
+        if res.mode_reason:
+            how += f"; no cpr-transfer: {res.mode_reason}"
         out.print(f"{name}: running on {qemu}, pid {res.pid}; guest paused {res.pause_ms:.1f} ms ({how})")
 
 

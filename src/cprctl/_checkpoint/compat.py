@@ -316,3 +316,51 @@ def _unloadable(binary: str, m: QueueMismatch) -> Finding:
         f"{binary} allocates {m.maximum} and {how}",
         "keep the VM on the QEMU build it runs on (machine-type compatibility differs between these builds)",
     )
+
+
+#: How a warm update hands the guest over: QEMU's ``cpr-transfer`` mode, or the standby with cpr-reboot /
+#: normal-mode migration (see `update`). ``auto`` picks (see `handover_mode`).
+HandoverMode = Literal["auto", "standby", "cpr-transfer"]
+#: The first QEMU release with ``cpr-transfer`` (docs/devel/migration/CPR.rst; 10.0.2 and 10.0.13 have it).
+TRANSFER_VERSION = (10, 0, 0)
+
+
+def transfer_blockers(
+    argv: Sequence[str], old_version: tuple[int, int, int], new: BinaryInfo, suspend: bool = False
+) -> list[str]:
+    """Why a warm update of *argv* cannot use ``cpr-transfer`` onto *new* (empty: it can).
+
+    cpr-transfer passes each RAM block's fd to the new QEMU over a unix socket, so every RAM block
+    must be shared memory: every memory backend ``share=on`` (memfd is by default) and, for the
+    blocks QEMU makes itself (ROMs, VGA), ``-machine aux-ram-share=on``. Both QEMUs need the mode.
+    """
+    why: list[str] = []
+    if old_version < TRANSFER_VERSION:
+        why.append(f"the running QEMU {'.'.join(map(str, old_version))} has no cpr-transfer (QEMU >= 10.0)")
+    if "cpr-transfer" not in new.modes:
+        why.append(f"{new.path} has no cpr-transfer")
+    if qargv.machine_props(argv).get("aux-ram-share", "off") not in qargv.TRUE:
+        why.append("the VM was started without -machine aux-ram-share=on")
+    for b in qargv.ram_layout(argv).backends:
+        if b.kind in ("default", "mem-path"):
+            why.append("its main RAM is not a memory backend with share=on")
+        elif not b.share:
+            why.append(f"RAM backend {b.id!r} is not share=on")
+    if suspend:
+        why.append("the guest is suspended for the handover (cpr-transfer here keeps no VFIO device)")
+    return why
+
+
+def handover_mode(asked: HandoverMode, blockers: Sequence[str]) -> tuple[str, str | None]:
+    """``(mode, why not cpr-transfer)`` for a warm update asked to run in *asked* mode.
+
+    ``auto`` takes cpr-transfer wherever it can run: it keeps in place RAM that the standby would pre-copy
+    (memfd, ``memory-backend-ram,share=on``), and where all RAM is in named shared files its pause measured
+    a third to a half of the standby's on the same guest (benchmarks/RESULTS.md, "cpr-transfer against the
+    standby"). An explicit ``cpr-transfer`` that cannot run falls back to the standby, with the reason.
+    """
+    if asked == "standby":
+        return "standby", None
+    if blockers:
+        return "standby", "; ".join(blockers)
+    return "cpr-transfer", None

@@ -244,7 +244,7 @@ async def update_all(
                 res = await update(sd, name, target, suspend=suspend, force=force, reporter=reporter)
             except CprctlError as exc:
                 return _not_done(sd, name, exc)
-            how = "warm" if res.warm else f"cold ({res.cold_reason})"
+            how = {"cpr-transfer": "warm (cpr-transfer)", "standby": "warm"}.get(res.mode, f"cold ({res.cold_reason})")
             detail = f"{how} onto {target}, paused {res.pause_ms:.1f} ms"
             return VMOutcome(name, "updated", detail, "running", None, res.pause_ms, res.warm)
 

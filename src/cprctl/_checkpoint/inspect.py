@@ -16,9 +16,20 @@ from .._qemu.qmp import Monitor
 from .._store import StateDir, VMLock
 from ..errors import BusyError, CprctlError, QemuError
 from . import disks, kept, statefile, timeline
-from .compat import binary_findings, load_finding
+from .compat import binary_findings, load_finding, transfer_blockers
 from .facts import binary_info, gather, mount_of, ram_fact, vfio_refusal
-from .plan import VOLATILE_FS, Finding, Plan, Strategy, SuspendMode, choose, direct_io, findings, warm_blockers
+from .plan import (
+    VOLATILE_FS,
+    Finding,
+    Plan,
+    Strategy,
+    SuspendMode,
+    choose,
+    direct_io,
+    findings,
+    wants_suspend,
+    warm_blockers,
+)
 from .precopy import warm_path
 from .report import Quiet, Reporter
 from .trial import trial as trial_load
@@ -210,6 +221,9 @@ async def _check(
                     f"'update' can run warm: the new QEMU starts beside this one; {warm_path(facts)}",
                 )
             )
+            found += await _mode_finding(
+                vm, facts.qemu_version, binary or vm.record.argv[0], wants_suspend(facts, suspend)
+            )
         return found, choose(facts, suspend, strategy)
     if vm.record.checkpoint is not None:
         found = _check_saved(vm, reboot)
@@ -222,6 +236,27 @@ async def _check(
             "not-running", "error", f"{name} is {vm.state()}: nothing to check", "launch it again with 'cprctl launch'"
         )
     ], None
+
+
+async def _mode_finding(vm: VM, version: tuple[int, int, int], binary: str, suspend: bool) -> list[Finding]:
+    """How a warm update onto *binary* would hand over: cpr-transfer or the standby (see `compat.handover_mode`)."""
+    try:
+        info = await binary_info(binary)
+    except CprctlError:
+        return []  # the binary findings say why
+    argv = vm.record.argv
+    blockers = transfer_blockers(argv, version, info, suspend)
+    if not blockers:
+        how = "QEMU's cpr-transfer: every RAM block is shared memory and its fd goes to the new QEMU, none is copied"
+        return [Finding("update-mode", "info", f"'update' hands the guest over by {how}")]
+    return [
+        Finding(
+            "update-mode",
+            "info",
+            f"'update' cannot use QEMU's cpr-transfer: {'; '.join(blockers)}",
+            "launch it with -machine aux-ram-share=on and share=on memory backends (QEMU >= 10.0)",
+        )
+    ]
 
 
 async def _binary(vm: VM, binary: str, caps: dict[str, bool], params: dict[str, str | int | bool]) -> list[Finding]:

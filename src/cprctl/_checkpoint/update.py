@@ -20,12 +20,26 @@ What this needs, from QEMU's source and tried here:
 
 Configurations that cannot run two QEMUs side by side fall back to the cold
 path (save to a file, quit, restore), and ``check`` says why: see `plan.warm_blockers`.
+
+QEMU's own ``cpr-transfer`` mode (10.0+) runs the same standby differently: the
+new QEMU starts with a second ``-incoming`` naming a cpr channel (a unix socket)
+and blocks reading it before it opens its monitor; the old QEMU's ``migrate``
+(mode ``cpr-transfer``, channels main + cpr) sends the fd of every RAM block
+over it while the guest runs on, so RAM that is shared memory but no named file
+(memfd) stays in place instead of being pre-copied. The new QEMU then answers
+QMP (``inmigrate``): cprctl compares its virtqueues as for the standby, and only
+its ``migrate-incoming`` lets the old QEMU stop the guest and send the device
+state. Until then a ``migrate_cancel`` leaves the guest running on the old QEMU
+(tried here: a cancelled or a failed cpr channel never stopped the guest).
+`compat.handover_mode` picks between the two.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import json
 import os
 import re
 import secrets
@@ -42,7 +56,16 @@ from .._qemu.sockets import drop_sockets, take_over_sockets
 from .._store import StateDir, VMLock
 from ..errors import CheckFailed, CprctlError, QemuError, VMStateError
 from . import disks, kept, precopy, warmup
-from .compat import Resize, binary_findings, queue_args, queue_mismatches, require
+from .compat import (
+    HandoverMode,
+    Resize,
+    binary_findings,
+    handover_mode,
+    queue_args,
+    queue_mismatches,
+    require,
+    transfer_blockers,
+)
 from .facts import binary_info, gather
 from .lifecycle import SOCKET_PATH_MAX
 from .plan import Finding, Plan, SuspendMode, choose, findings, warm_blockers
@@ -50,7 +73,7 @@ from .record import Operation
 from .report import Quiet, Reporter
 from .restore import restore
 from .save import save, suspend_guest
-from .vm import VM, open_vm, recover, settle_update
+from .vm import CPR_SOCKET, VM, open_vm, recover, resume_guest, settle_update
 
 MIGRATION_SOCKET = "migrate.sock"
 #: What a QEMU says when a host resource is held by the QEMU beside it (the two cannot run side by side).
@@ -72,6 +95,10 @@ class UpdateResult:
     #: Why the cold path was taken, when it was.
     cold_reason: str | None
     timings_ms: dict[str, float]
+    #: How the guest moved: ``cpr-transfer``, ``standby`` (warm) or ``cold``.
+    mode: str = "standby"
+    #: Why cpr-transfer did not run, when it was asked for (``--mode cpr-transfer``) or would have kept more.
+    mode_reason: str | None = None
 
 
 def _side_by_side(argv: Sequence[str], suffix: str) -> list[str]:
@@ -107,6 +134,7 @@ async def update(
     force: bool = False,
     sync_time: bool = True,
     warm: bool = True,
+    mode: HandoverMode = "auto",
     reporter: Reporter | None = None,
 ) -> UpdateResult:
     """Move running VM *name* onto QEMU binary *qemu*: warm standby when possible, else save + restore.
@@ -133,7 +161,7 @@ async def update(
             reason = "; ".join(blockers)
         else:
             try:
-                result = await _warm(sd, name, binary.path, suspend, force, reporter)
+                result = await _warm(sd, name, binary.path, suspend, force, reporter, mode)
             except _NoStandby as exc:
                 reason = str(exc)
             else:
@@ -187,7 +215,7 @@ async def _cold(
             f"(pid {res.pid}, paused {res.pause_ms:.0f} ms)"
         )
     timings = {"total": (time.perf_counter() - t) * 1000, **res.timings_ms}
-    return UpdateResult(name, res.pid, res.pause_ms, False, reason, timings)
+    return UpdateResult(name, res.pid, res.pause_ms, False, reason, timings, "cold")
 
 
 class _NoStandby(Exception):
@@ -195,7 +223,7 @@ class _NoStandby(Exception):
 
 
 async def _warm(
-    sd: StateDir, name: str, binary: str, suspend: SuspendMode, force: bool, reporter: Reporter
+    sd: StateDir, name: str, binary: str, suspend: SuspendMode, force: bool, reporter: Reporter, asked: HandoverMode
 ) -> UpdateResult:
     vm = open_vm(sd, name)
     with VMLock(vm.folder, name, "update"):
@@ -210,12 +238,48 @@ async def _warm(
                 raise CheckFailed(name, found)
             if blockers := warm_blockers(r.argv, facts):
                 raise _NoStandby("; ".join(blockers))
-            plan, compat = over_socket(choose(facts, suspend)), list(r.compat_args)
+            plan, compat = choose(facts, suspend), list(r.compat_args)
+            mode, why_not = await _handover(vm, facts.qemu_version, binary, plan, asked, reporter)
+            plan = transfer_plan(plan) if mode == "cpr-transfer" else over_socket(plan)
             try:
-                return await _switch(vm, old, plan, binary, reporter, compat)
+                res = await _switch(vm, old, plan, binary, reporter, compat)
             except Resize as exc:  # once: a second mismatch is refused by `queue_args`
                 reporter.step(f"{vm.name}: {binary} allocates smaller virtqueues; starting it with {exc.args_}")
-                return await _switch(vm, old, plan, binary, reporter, exc.args_)
+                res = await _switch(vm, old, plan, binary, reporter, exc.args_)
+            return dataclasses.replace(res, mode=mode, mode_reason=why_not)
+
+
+async def _handover(
+    vm: VM, old_version: tuple[int, int, int], binary: str, plan: Plan, asked: HandoverMode, reporter: Reporter
+) -> tuple[str, str | None]:
+    """The warm handover's mode (see `compat.handover_mode`); says in one line why not cpr-transfer when
+    it was asked for."""
+    if asked == "standby":
+        return "standby", None
+    blockers = transfer_blockers(vm.record.argv, old_version, await binary_info(binary), plan.suspend)
+    mode, why_not = handover_mode(asked, blockers)
+    if why_not and asked == "cpr-transfer":
+        reporter.step(f"{vm.name}: no cpr-transfer ({why_not}); warm standby instead")
+    return mode, why_not if asked == "cpr-transfer" else None
+
+
+def transfer_plan(plan: Plan) -> Plan:
+    """*plan* for QEMU's cpr-transfer: every RAM block's fd goes over the cpr channel, so no RAM is sent
+    (x-ignore-shared, pre-copy, multifd are all off)."""
+    caps = dict.fromkeys(plan.capabilities, False)
+    params: dict[str, str | int | bool] = {"mode": "cpr-transfer"}
+    if "max-bandwidth" in plan.parameters:
+        params["max-bandwidth"] = plan.parameters["max-bandwidth"]
+    return Plan("in-place", plan.suspend, caps, params, 0)
+
+
+def is_transfer(plan: Plan) -> bool:
+    return plan.parameters.get("mode") == "cpr-transfer"
+
+
+def cpr_channel(path: Path) -> dict[str, object]:
+    """The cpr channel of a cpr-transfer (QAPI ``MigrationChannel``): a unix socket, the only kind that passes fds."""
+    return {"channel-type": "cpr", "addr": {"transport": "socket", "type": "unix", "path": str(path)}}
 
 
 def over_socket(plan: Plan) -> Plan:
@@ -233,9 +297,7 @@ def over_socket(plan: Plan) -> Plan:
     return precopy.precopy_plan(Plan("stream", plan.suspend, caps, params, 0))
 
 
-async def _switch(
-    vm: VM, old: Monitor, plan: Plan, binary: str, reporter: Reporter, compat: list[str]
-) -> UpdateResult:
+async def _switch(vm: VM, old: Monitor, plan: Plan, binary: str, reporter: Reporter, compat: list[str]) -> UpdateResult:
     r = vm.record
     argv = [binary, *r.argv[1:]]
     timings: dict[str, float] = {}
@@ -243,6 +305,9 @@ async def _switch(
     suffix = f"~{secrets.token_hex(2)}"
     handover = _hand_over(r.pid, [*argv, *compat], vm.folder, suffix)
     standby_argv = qargv.incoming(_side_by_side(handover.argv, suffix))
+    cpr = vm.folder / f"{CPR_SOCKET}{suffix}"
+    if is_transfer(plan):  # a second -incoming: the new QEMU reads the cpr state from it before anything else
+        standby_argv += ["-incoming", json.dumps(cpr_channel(cpr))]
     t = time.perf_counter()
     try:
         new_pid = process.spawn(standby_argv, vm.log_path, cwd=r.cwd, scope=vm.name, pass_fds=handover.fds)
@@ -254,6 +319,8 @@ async def _switch(
     op.mark("standby")
     vm.commit()
     try:
+        if is_transfer(plan):
+            await _send_cpr_state(vm, old, plan, new_pid, cpr)
         async with Monitor(r.qmp + suffix, vm.name, new_pid, timeout=30) as new:
             timings["standby"] = (time.perf_counter() - t) * 1000
             reporter.step(f"{vm.name}: new QEMU {binary} waits beside the old one (pid {new_pid})")
@@ -261,6 +328,9 @@ async def _switch(
             return await _migrate(vm, old, new, plan, argv, sockets, suffix, timings, reporter, handover)
     except BaseException as exc:
         if op.step == "standby":  # the new QEMU never got the guest: just stop it
+            if is_transfer(plan):  # first cancel the old QEMU's cpr-transfer, which has not stopped the guest
+                with contextlib.suppress(QemuError):  # else it fails once the new QEMU is gone: the guest runs on
+                    await resume_guest(old, False)
             await asyncio.to_thread(process.kill, new_pid)
             drop_sockets(sockets, suffix)
             r.operation = None
@@ -278,6 +348,31 @@ async def _switch(
             error_class = exc.error_class if isinstance(exc, QemuError) else None
             raise QemuError(f"{vm.name}: warm update failed: {why}; {done}", error_class=error_class) from exc
         raise
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            cpr.unlink()
+
+
+async def _send_cpr_state(vm: VM, old: Monitor, plan: Plan, new_pid: int, cpr: Path) -> None:
+    """Start the old QEMU's cpr-transfer: once the new QEMU listens on the cpr channel, ``migrate`` with the
+    main and cpr channels. The old QEMU sends the cpr state (its RAM fds) at once and then waits, the guest
+    running, until the new QEMU's ``migrate-incoming`` (see `_migrate`).
+
+    :raise QemuError: the new QEMU exited or did not listen within 30 s.
+    """
+    deadline = time.monotonic() + 30
+    while not cpr.exists():
+        if not process.alive(new_pid):
+            raise QemuError(f"{vm.name}: QEMU (pid {new_pid}) exited")
+        if time.monotonic() > deadline:
+            raise QemuError(f"{vm.name}: the new QEMU did not listen on its cpr channel {cpr} in 30 s")
+        await asyncio.sleep(0.002)
+    await old.set_migration(plan.capabilities, plan.parameters)
+    main = {
+        "channel-type": "main",
+        "addr": {"transport": "socket", "type": "unix", "path": str(vm.folder / MIGRATION_SOCKET)},
+    }
+    await old.execute("migrate", {"channels": [main, cpr_channel(cpr)]})
 
 
 async def _fit_queues(vm: VM, old: Monitor, new: Monitor, binary: str, compat: list[str]) -> None:
@@ -338,9 +433,11 @@ async def _migrate(
         with handover.vnc:
             await new.give_fd(VNC_FD, handover.vnc.fileno())
     uri = f"unix:{vm.folder / MIGRATION_SOCKET}"
-    await new.set_migration(*precopy.incoming_side(plan))
-    await new.execute("migrate-incoming", {"uri": uri})
-    await old.set_migration(plan.capabilities, plan.parameters)
+    transfer = is_transfer(plan)
+    if not transfer:  # a cpr-transfer's new QEMU takes its mode from the cpr state; the old one is set
+        await new.set_migration(*precopy.incoming_side(plan))
+        await new.execute("migrate-incoming", {"uri": uri})
+        await old.set_migration(plan.capabilities, plan.parameters)
     op.mark("migrating")
     op.suspended_by_us = plan.suspend
     vm.commit()
@@ -351,7 +448,10 @@ async def _migrate(
     reporter.step(f"{vm.name}: handing the guest over to pid {new.pid}")
     t = time.perf_counter()
     before = time.time()
-    await old.execute("migrate", {"uri": uri})
+    if transfer:  # the new QEMU listens on the main channel: the old one connects, stops the guest, sends
+        await new.execute("migrate-incoming", {"uri": uri})
+    else:
+        await old.execute("migrate", {"uri": uri})
     if precopy.is_precopy(plan):
         timings.update(await precopy.run(old, reporter, vm.name))
     else:
@@ -382,7 +482,8 @@ async def _migrate(
     await asyncio.to_thread(kept.settle, vm, previous, reporter)
     vm.commit()
     how = f"pre-copy: {timings['precopy'] / 1000:.1f} s, {timings['passes']:.0f} passes" if "precopy" in timings else ""
-    reporter.step(f"{vm.name}: {status} on {argv[0]} after a {pause_ms:.1f} ms pause (warm standby{how and '; '}{how})")
+    kind = "cpr-transfer" if transfer else "warm standby"
+    reporter.step(f"{vm.name}: {status} on {argv[0]} after a {pause_ms:.1f} ms pause ({kind}{how and '; '}{how})")
     return UpdateResult(vm.name, new.pid or 0, pause_ms, True, None, timings)
 
 

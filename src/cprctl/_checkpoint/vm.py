@@ -25,6 +25,8 @@ STATE_FILE = "state.cpr"
 #: Every capability a save may turn on; a rolled-back save turns them off again.
 PLAN_CAPABILITIES = ("x-ignore-shared", "mapped-ram", "multifd")
 LOG_FILE = "qemu.log"
+#: The cpr channel of a warm update by cpr-transfer (``cpr.sock~TOKEN`` in the VM's folder; see `update`).
+CPR_SOCKET = "cpr.sock"
 
 
 @dataclass
@@ -210,6 +212,8 @@ async def settle_update(vm: VM, old: Monitor | None = None) -> str:
     r, op = vm.record, vm.record.operation
     assert op is not None and op.binary
     argv = [op.binary, *r.argv[1:]]
+    with contextlib.suppress(FileNotFoundError):  # a cpr-transfer's channel, if it was one
+        (vm.folder / f"{CPR_SOCKET}{op.socket_suffix}").unlink()
     status = "gone"
     if op.new_pid and vm.alive(op.new_pid):
         with contextlib.suppress(QemuError):
