@@ -328,11 +328,15 @@ async def _start_and_load(
             again.__dict__.update(vars(exc))  # what it carries, e.g. `QemuError.error_class`
             raise again from exc
         raise
+    t = time.perf_counter()
     await asyncio.to_thread(kept.learn, vm, cp.build, argv[0], True, "restore")
     await asyncio.to_thread(kept.settle, vm, previous, reporter, cp.build)
     vm.commit()
+    timings["settle"] = (time.perf_counter() - t) * 1000
     if sync_time and vm.record.qga and result.status == "running":
+        t = time.perf_counter()
         await _sync_time(vm, reporter)
+        timings["sync_time"] = (time.perf_counter() - t) * 1000
     return result
 
 
@@ -384,7 +388,9 @@ async def _load(
     async with Monitor(r.qmp, vm.name, pid, timeout=START_TIMEOUT) as mon:
         timings["start"] = (time.perf_counter() - t_start) * 1000
         # From here on, not while QEMU itself starts: after a reboot it reads its binary and libraries.
+        t = time.perf_counter()
         await _fit_queues(vm, cp, mon, argv[0], op.compat_args)
+        timings["queues"] = (time.perf_counter() - t) * 1000
         hashing = start_verifying()
         t = time.perf_counter()
         await mon.set_migration({**cp.capabilities, **await late_block_activate(mon)}, cp.parameters)
