@@ -444,7 +444,9 @@ async def _load(
         r.argv, r.compat_args = qargv.for_relaunch(argv), list(op.compat_args)
         retire_checkpoint(vm, pid, pause_ms if status == "running" else None)
         r.operation = None
-        vm.commit()
+        # Not flushed here: the commit after `kept.settle` (in `_start_and_load`) is, a moment later. A host crash
+        # before it finds step "resuming" (flushed before ``cont``) and boots the VM afresh, as it would then.
+        vm.commit(durable=False)
         timings["retire"] = (time.perf_counter() - t) * 1000
         reporter.step(f"{vm.name}: {status} again after a {pause_ms:.0f} ms pause")
         return RestoreResult(vm.name, pid, pause_ms, status, woke, timings)

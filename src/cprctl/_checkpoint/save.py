@@ -121,7 +121,9 @@ async def save(
             await finish_quit(vm, mon)
             checkpoint.timings_ms["quit"] = (time.perf_counter() - t1) * 1000
         r.operation = None
-        vm.commit()
+        # Not flushed: the checkpoint was (step "saved"); after a host crash before this reaches the disk,
+        # recovery finishes the save from that step just the same (`vm._recover_save`).
+        vm.commit(durable=False)
         return SaveResult(
             name, plan.strategy, checkpoint.state_file, checkpoint.size, checkpoint.suspended, checkpoint.timings_ms
         )
