@@ -35,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -327,29 +328,122 @@ def markdown(cases: list[Case], machine: dict[str, str], argv: list[str], runtim
     return "\n".join(lines) + "\n"
 
 
+#: The last `run_first` results (cprctl, by hand), for bench.py's summary.
+last_first: tuple[Case, Case] | None = None
+
 FIRST_SECTION = "## First warm handover of freshly booted realistic guests (issue 17)"
+
+
+#: Seconds a fresh realistic guest may take to boot, fill its RAM and start the dirtier (two boot at once).
+FIRST_BOOT_TIMEOUT = 900.0
+
+
+class HandGuest:
+    """A by-hand realistic guest for one first handover, driven in a thread of its own (its QMP clients
+    belong to that thread's event loop): boot, fill, dirtier (`ready`), then on `go` one handover
+    (`done`), then on `finish` quit."""
+
+    def __init__(self, case: Case, qemu: str, guest: Path, work: Path, tag: str) -> None:
+        self.case, self.folder = case, work / f"hand-{case.ram}{case.size}{tag}"
+        self.folder.mkdir()
+        self.argv = cprctl_pinned(case_argv(case, qemu, guest, self.folder))
+        self.ready, self.go, self.done, self.finish = (threading.Event() for _ in range(4))
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name=f"hand{tag}")
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._chain())
+        except BaseException as exc:  # reported by the main thread
+            self.error = exc
+        finally:
+            self.ready.set()
+            self.done.set()
+
+    async def _chain(self) -> None:
+        cur = Hand(self.argv, self.folder, 0, incoming=False)
+        try:
+            await cur.connect()
+            con = Guest(self.folder)
+            seen = await asyncio.to_thread(con.wait_mem_ok, 0, FIRST_BOOT_TIMEOUT)
+            await start_dirtier(str(cur.qga_path), "by-hand")
+            self.ready.set()
+            await asyncio.to_thread(self.go.wait)
+            nxt = Hand(self.argv, self.folder, 1, incoming=True)
+            pause, note = await handover(cur, nxt, self.case.ram, self.folder / "mig.sock")
+            cur = nxt
+            self.case.pauses.append(pause)
+            self.case.notes.append(note)
+            await asyncio.to_thread(con.wait_mem_ok, seen, 120)
+            self.done.set()
+            await asyncio.to_thread(self.finish.wait)
+        finally:
+            await cur.quit()
+
+    def wait(self, event: threading.Event, timeout: float) -> None:
+        if not event.wait(timeout) or self.error is not None:
+            raise RuntimeError(f"by-hand guest {self.folder.name}: {self.error or 'timed out'}") from self.error
+
+
+def first_pair(i: int, cp: Case, hand: Case, qemu: str, guest: Path, work: Path) -> None:
+    """Pair *i* of `run_first`: a cprctl guest and a by-hand guest boot and fill at the same time, then each
+    is handed over once, in turn (cprctl first in even pairs), while the other runs; then both stop."""
+    tag = f"-{i}"
+    name, folder, sd = f"{cp.ram}{cp.size}{tag}", work / f"{cp.ram}{cp.size}{tag}", work / "state"
+    folder.mkdir()
+    by_hand = HandGuest(hand, qemu, guest, work, tag)
+    load = os.getloadavg()[0]
+    cp.loads.append(load)
+    hand.loads.append(load)
+    by_hand.thread.start()
+    launched = False
+    try:
+        cprctl.launch(name, case_argv(cp, qemu, guest, folder), agent=True, state_dir=sd)
+        launched = True
+        con = Guest(folder)
+        seen = con.wait_mem_ok(0, FIRST_BOOT_TIMEOUT)
+        status = cprctl.status(name, state_dir=sd)[0]
+        assert status.qga
+        asyncio.run(start_dirtier(status.qga, name))
+        by_hand.wait(by_hand.ready, FIRST_BOOT_TIMEOUT)
+        for who in ("cprctl", "hand") if i % 2 == 0 else ("hand", "cprctl"):
+            if who == "cprctl":
+                upd = cprctl.update(name, qemu, state_dir=sd)
+                if not upd.warm:
+                    raise RuntimeError(f"{name}: update ran cold: {upd.cold_reason}")
+                cp.pauses.append(upd.pause_ms)
+                t = upd.timings_ms
+                cp.notes.append(f"old QEMU {t.get('downtime', 0):.0f} ms, warm-up {t.get('warm_up', 0):.0f} ms")
+                seen = con.wait_mem_ok(seen, 120)
+            else:
+                by_hand.go.set()
+                by_hand.wait(by_hand.done, 300)
+            case = cp if who == "cprctl" else hand
+            print(f"  {who}: {case.pauses[-1]:.1f} ms ({case.notes[-1]})", flush=True)
+    finally:
+        by_hand.finish.set()
+        by_hand.go.set()  # a guest still waiting for its turn quits without a handover
+        by_hand.thread.join(60)
+        if launched:
+            with contextlib.suppress(cprctl.CprctlError):
+                cprctl.stop(name, state_dir=sd)
+            with contextlib.suppress(cprctl.CprctlError):
+                cprctl.remove(name, state_dir=sd, force=True)
+        for path in (folder, by_hand.folder):
+            shutil.rmtree(path, ignore_errors=True)  # its 1 GiB RAM file
 
 
 def run_first(
     runs: int, size: int, qemu: str, guest: Path, work: Path, done: Callable[[Case, Case], None]
 ) -> tuple[Case, Case]:
-    """*runs* fresh realistic guests each for cprctl and by hand, alternating (which goes first too): boot,
-    fill, start the dirtier, one handover, stop; *done* hears the results after each pair."""
+    """*runs* fresh realistic guests each for cprctl and by hand (see `first_pair`: booted two at a time, handed
+    over in turn, which goes first alternating); *done* hears the results after each pair."""
     cp, hand = Case(size, "realistic", "cprctl"), Case(size, "realistic", "hand")
     for i in range(runs):
         if i:
             done(cp, hand)
-        for who in ("cprctl", "hand") if i % 2 == 0 else ("hand", "cprctl"):
-            case = cp if who == "cprctl" else hand
-            case.loads.append(os.getloadavg()[0])
-            print(f"{time.strftime('%H:%M:%S')} first handover {i + 1}/{runs}: {who}", flush=True)
-            if who == "cprctl":
-                run_cprctl(case, qemu, guest, work, work / "state", 1, tag=f"-{i}")
-            else:
-                run_by_hand(case, qemu, guest, work, 1, tag=f"-{i}")
-            for folder in work.glob(f"*realistic{size}-{i}"):
-                shutil.rmtree(folder, ignore_errors=True)  # its 1 GiB RAM file
-            print(f"  {who}: {case.pauses[-1]:.1f} ms ({case.notes[-1] if case.notes else ''})", flush=True)
+        print(f"{time.strftime('%H:%M:%S')} first handovers, pair {i + 1}/{runs}", flush=True)
+        first_pair(i, cp, hand, qemu, guest, work)
     return cp, hand
 
 
@@ -371,11 +465,12 @@ def first_markdown(cp: Case, hand: Case, machine: dict[str, str], argv: list[str
             f"{machine.get('cores', '?')} cores, {machine.get('QEMU', '')}; the machine is shared with other "
             "developers' QEMUs (load average as each guest booted in the table).",
             "",
-            f"Each run boots a fresh realistic guest ({cp.size} MiB RAM in a shared file, 2 vCPUs, virtio-net, "
-            "xHCI + tablet, qcow2 overlay over a qcow2 base), waits for its memfill pattern, starts the "
-            f"dirtier ({DIRTY_MIB} MiB per round), and hands it over ONCE (its first handover after boot) onto the "
-            "same binary: `cprctl update` or the by-hand script; cprctl and by hand alternate (and which goes "
-            "first). Pause = STOP of the old QEMU to RESUME of the new one.",
+            f"Each pair boots two fresh realistic guests at the same time ({cp.size} MiB RAM in a shared file, "
+            "2 vCPUs, virtio-net, xHCI + tablet, qcow2 overlay over a qcow2 base), waits for their memfill "
+            f"pattern, starts their dirtier ({DIRTY_MIB} MiB per round), and hands each over ONCE (its first "
+            "handover after boot) onto the same binary, in turn, while the other runs: one with `cprctl update`, "
+            "the other with the by-hand script (which goes first alternates from pair to pair). Pause = STOP of "
+            "the old QEMU to RESUME of the new one.",
             "",
             "| who | runs | p50 ms | worst ms | pauses ms, in order | load average at boot | of which the old QEMU's "
             "downtime (stop, disk flush, device state) |",
@@ -525,8 +620,10 @@ def main(argv: list[str] | None = None) -> int:
             print(text, flush=True)
             write_first(Path(args.out), text)
 
+        global last_first
         try:
-            write(*run_first(args.first, size, qemu, guest, work, write))
+            last_first = run_first(args.first, size, qemu, guest, work, write)
+            write(*last_first)
         finally:
             kill_under(work)
             shutil.rmtree(work, ignore_errors=True)

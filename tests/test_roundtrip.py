@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,18 @@ def test_anonymous_ram_goes_into_the_state_file(state_dir: Path) -> None:
     loads = [(d, t) for w, d, t in loading.reports if w == "loading"]
     assert loads and all(t == on_disk for _, t in loads), "load progress counts the bytes on disk"
     assert max(d for d, _ in loads) > 0, "QEMU's reads of the state file show as load progress"
+    assert not Path(saved.state_file).exists(), "the checkpoint is retired once the guest runs"
+    for thread in threading.enumerate():
+        if thread.name == "cprctl-retire":
+            thread.join(60)
+    folder = Path(saved.state_file).parent
+    assert not list(folder.glob("state.cpr*")), "the retired state file is deleted in the background"
+    # What a killed cprctl retired but did not delete goes at the next operation on the VM.
+    leftover = folder / "state.cpr.retired-dead"
+    leftover.write_bytes(b"x" * 4096)
+    cprctl.save("anon", state_dir=state_dir)
+    assert not leftover.exists()
+    cprctl.restore("anon", state_dir=state_dir)
     vm.stop()
 
 

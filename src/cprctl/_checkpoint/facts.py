@@ -75,9 +75,14 @@ def vfio_refusal(argv: list[str]) -> Finding | None:
 
 
 async def has_cpr_mode(mon: Monitor) -> bool:
-    """Whether QEMU's schema has ``cpr-reboot`` among its migration modes."""
-    schema: list[dict[str, Any]] = await mon.execute("query-qmp-schema")
-    return any(e.get("meta-type") == "enum" and "cpr-reboot" in e.get("values", []) for e in schema)
+    """Whether QEMU offers the ``cpr-reboot`` migration mode.
+
+    Asked through ``query-migrate-parameters``: a mode is chosen only through its ``mode`` parameter, which
+    came in QEMU 8.2 with ``MigMode`` whose first mode besides ``normal`` is ``cpr-reboot``. Not through the
+    schema (``query-qmp-schema``): a 200 KB answer that took 0.4 s here on a loaded host, inside every save.
+    """
+    params: dict[str, Any] = await mon.execute("query-migrate-parameters")
+    return "mode" in params
 
 
 async def vfio_devices(mon: Monitor) -> list[str]:
@@ -140,14 +145,20 @@ def supports_direct_io(folder: Path) -> bool:
 
 async def gather(record: VMRecord, mon: Monitor, state_dir: Path, suspend: SuspendMode = "auto") -> Facts:
     """Everything the plan and the check need, read without changing the VM."""
-    caps = await mon.execute("query-migrate-capabilities")
-    summary = await mon.execute("query-memory-size-summary")
-    vfio = await vfio_devices(mon)
-    status = await mon.status()
+    # Asked all at once: QEMU answers them in turn, the round trips overlap (each took 1-10 ms here).
+    caps, summary, vfio, status, version, cpr, plugged = await asyncio.gather(
+        mon.execute("query-migrate-capabilities"),
+        mon.execute("query-memory-size-summary"),
+        vfio_devices(mon),
+        mon.status(),
+        mon.version(),
+        has_cpr_mode(mon),
+        hotplugged(mon, record.argv),
+    )
     base = Facts(
         record.name,
-        await mon.version(),
-        await has_cpr_mode(mon),
+        version,
+        cpr,
         record.machine,
         [ram_fact(b) for b in qargv.ram_layout(record.argv).backends],
         int(summary.get("base-memory", 0)) + int(summary.get("plugged-memory", 0)),
@@ -171,7 +182,7 @@ async def gather(record: VMRecord, mon: Monitor, state_dir: Path, suspend: Suspe
             "state_free": vfs.f_bavail * vfs.f_frsize,
             "state_dio": supports_direct_io(state_dir),
             "cores": os.cpu_count() or 1,
-            "hotplugged": await hotplugged(mon, record.argv),
+            "hotplugged": plugged,
             "kernel": running_kernel(),
         }
     )

@@ -243,17 +243,20 @@ def load(path: Path) -> VMRecord:
     return decode(data, str(path))
 
 
-def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Replace *path* with *data*: temp file, fsync, rename, fsync the folder."""
+def write_atomic(path: Path, data: bytes, mode: int = 0o600, durable: bool = True) -> None:
+    """Replace *path* with *data*: temp file, fsync, rename, fsync the folder. Without *durable*, no fsync:
+    other processes see the new content at once, but a host crash may leave the old one."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
     try:
         os.write(fd, data)
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(tmp, path)
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
 def fsync_dir(folder: Path) -> None:
@@ -264,6 +267,6 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def save(path: Path, record: VMRecord) -> None:
-    """Write *record* to *path* atomically (0600)."""
-    write_atomic(path, encode(record))
+def save(path: Path, record: VMRecord, durable: bool = True) -> None:
+    """Write *record* to *path* atomically (0600); see `write_atomic` for *durable*."""
+    write_atomic(path, encode(record), durable=durable)

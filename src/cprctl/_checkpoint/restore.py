@@ -346,11 +346,15 @@ async def _start_and_load(
             again.__dict__.update(vars(exc))  # what it carries, e.g. `QemuError.error_class`
             raise again from exc
         raise
+    t = time.perf_counter()
     await asyncio.to_thread(kept.learn, vm, cp.build, argv[0], True, "restore")
     await asyncio.to_thread(kept.settle, vm, previous, reporter, cp.build)
     vm.commit()
+    timings["settle"] = (time.perf_counter() - t) * 1000
     if sync_time and vm.record.qga and result.status == "running":
+        t = time.perf_counter()
         await _sync_time(vm, reporter)
+        timings["sync_time"] = (time.perf_counter() - t) * 1000
     return result
 
 
@@ -402,7 +406,9 @@ async def _load(
     async with Monitor(r.qmp, vm.name, pid, timeout=START_TIMEOUT) as mon:
         timings["start"] = (time.perf_counter() - t_start) * 1000
         # From here on, not while QEMU itself starts: after a reboot it reads its binary and libraries.
+        t = time.perf_counter()
         await _fit_queues(vm, cp, mon, argv[0], op.compat_args)
+        timings["queues"] = (time.perf_counter() - t) * 1000
         hashing = start_verifying()
         t = time.perf_counter()
         await mon.set_migration({**cp.capabilities, **await late_block_activate(mon)}, cp.parameters)
@@ -456,7 +462,9 @@ async def _load(
         r.argv, r.compat_args = qargv.for_relaunch(argv), list(op.compat_args)
         retire_checkpoint(vm, pid, pause_ms if status == "running" else None)
         r.operation = None
-        vm.commit()
+        # Not flushed here: the commit after `kept.settle` (in `_start_and_load`) is, a moment later. A host crash
+        # before it finds step "resuming" (flushed before ``cont``) and boots the VM afresh, as it would then.
+        vm.commit(durable=False)
         timings["retire"] = (time.perf_counter() - t) * 1000
         reporter.step(f"{vm.name}: {status} again after a {pause_ms:.0f} ms pause")
         return RestoreResult(vm.name, pid, pause_ms, status, woke, timings)

@@ -82,17 +82,21 @@ async def save(
         t0 = time.perf_counter()
         # At the latest now: the checkpoint names the build that writes it (restore may fall back to it).
         await asyncio.to_thread(kept.keep, vm, reporter)
+        timings = {"keep": (time.perf_counter() - t0) * 1000}
         async with Monitor(r.qmp, name, r.pid) as mon:
-            facts = await gather(r, mon, vm.folder, suspend)
+            facts, nodes = await asyncio.gather(
+                gather(r, mon, vm.folder, suspend), mon.execute("query-named-block-nodes", {"flat": True})
+            )
             found = findings(facts, reboot=reboot, suspend=suspend, strategy=strategy)
             if [f for f in found if f.blocking and not (force and f.forceable)]:
                 raise CheckFailed(name, found)
             plan = choose(facts, suspend, strategy)
-            nodes = await mon.execute("query-named-block-nodes", {"flat": True})
-            timings = {"check": (time.perf_counter() - t0) * 1000}
+            timings["check"] = (time.perf_counter() - t0) * 1000
             r.operation = Operation("save", os.getpid(), time.time(), state_file=str(vm.state_path))
             r.operation.mark("planned")
-            vm.commit()
+            # Not flushed: the guest still runs, and after a host crash before "migrating" (flushed) the VM is
+            # booted afresh either way; a killed cprctl's successor reads it all the same.
+            vm.commit(durable=False)
             try:
                 checkpoint = await _checkpoint(
                     vm,
@@ -117,7 +121,9 @@ async def save(
             await finish_quit(vm, mon)
             checkpoint.timings_ms["quit"] = (time.perf_counter() - t1) * 1000
         r.operation = None
-        vm.commit()
+        # Not flushed: the checkpoint was (step "saved"); after a host crash before this reaches the disk,
+        # recovery finishes the save from that step just the same (`vm._recover_save`).
+        vm.commit(durable=False)
         return SaveResult(
             name, plan.strategy, checkpoint.state_file, checkpoint.size, checkpoint.suspended, checkpoint.timings_ms
         )
@@ -146,7 +152,10 @@ async def _checkpoint(
         timings["preflush"] = (time.perf_counter() - t) * 1000
     # The virtqueues a restore on another build must allocate, asked while the guest still runs (not
     # in its pause): a guest's driver may only shrink a queue below what QEMU allocated.
-    queues = await virtio.devices(mon)
+    t = time.perf_counter()
+    hashable = _blocks_to_hash(mon, r.pid, plan) if plan.strategy == "mapped-ram" else _no_blocks()
+    queues, blocks = await asyncio.gather(virtio.devices(mon), hashable)
+    timings["virtio"] = (time.perf_counter() - t) * 1000
     if plan.suspend:
         reporter.step(f"{vm.name}: suspending the guest through its agent")
         op.suspended_by_us = True
@@ -156,19 +165,22 @@ async def _checkpoint(
         stopped_at = await suspend_guest(vm, mon)
         timings["suspend"] = (time.perf_counter() - t) * 1000
         status = "suspended"
+    t = time.perf_counter()
     op.mark("migrating")
     vm.commit()
+    timings["journal"] = (time.perf_counter() - t) * 1000
     reporter.step(f"{vm.name}: saving ({plan.strategy}) to {vm.state_path}")
     vm.state_path.unlink(missing_ok=True)
     t = time.perf_counter()
     before = time.time()
     await mon.set_migration(plan.capabilities, plan.parameters)
-    blocks = await _blocks_to_hash(mon, r.pid, plan) if plan.strategy == "mapped-ram" else None
+    timings["setup"] = (time.perf_counter() - t) * 1000
     await mon.execute("migrate", {"uri": f"file:{vm.state_path}"})
     os.chmod(vm.state_path, 0o600)
     hashing = _MemoryDigest(r.pid, reporter)
     if blocks:
         await hashing.start(mon, blocks)
+        timings["stopped"] = (time.perf_counter() - t) * 1000
     try:
         await mon.wait_migration(timeout=3600, on_progress=lambda i: migration_progress(reporter, i))
         timings["migrate"] = (time.perf_counter() - t) * 1000
@@ -209,6 +221,10 @@ async def _checkpoint(
     op.mark("saved")
     vm.commit()
     return checkpoint
+
+
+async def _no_blocks() -> list[RamBlock] | None:
+    return None
 
 
 async def _blocks_to_hash(mon: Monitor, pid: int | None, plan: Plan) -> list[RamBlock] | None:

@@ -440,7 +440,11 @@ async def _migrate(
         await old.set_migration(plan.capabilities, plan.parameters)
     op.mark("migrating")
     op.suspended_by_us = plan.suspend
-    vm.commit()
+    # Not flushed to disk (an fsync here, just before the stop, is a journal commit of the whole filesystem:
+    # it may still be flushing the guest's RAM file when the old QEMU's own flush at the stop comes). After a
+    # host crash both QEMUs are gone whichever step the disk holds, and the VM is booted afresh
+    # (`settle_update`, or `note_host_down` when no update shows); a killed cprctl's successor reads it anyway.
+    vm.commit(durable=False)
     t = time.perf_counter()
     await _warm_up(vm, old, new)
     timings["warm_up"] = (time.perf_counter() - t) * 1000
