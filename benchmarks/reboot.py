@@ -197,7 +197,7 @@ def _med_worst(values: list[float]) -> tuple[float, float]:
 def section(rounds: list[Round], facts: dict[str, str], info: dict[str, str], args: argparse.Namespace) -> str:
     lines = [TITLE, ""]
     lines.append(
-        f"`benchmarks/reboot.py --rounds {args.rounds} --ram-mib {args.ram_mib} --fill {args.fill}`, "
+        f"`benchmarks/reboot.py --rounds {args.rounds} --ram-mib {args.ram_mib} --fill {args.fill}"
         f"{' --firmware-only' if args.firmware_only else ''}`, {info['date']}. The Debian 13 host VM "
         "(tests/hostvm.py: 2 vCPUs under TCG, 3 GiB, QEMU 10.0.13 and cprctl with its unit inside) runs two "
         f"nested guests with `-accel kvm` (the host VM's emulated SVM): `file` ({args.ram_mib} MiB in a "
@@ -280,8 +280,9 @@ def section(rounds: list[Round], facts: dict[str, str], info: dict[str, str], ar
             f"| {r.n} | {r.kind} | {r.kernel} | {r.loadavg:.1f} | {r.wall_s:.0f} | {_line(r, 'file')} "
             f"| {_line(r, 'anon')} |"
         )
-    lines += ["", "Inside the host VM (last boot):", ""]
-    lines += [f"- {k}: {v}" for k, v in facts.items()]
+    if facts:
+        lines += ["", "Inside the host VM (last boot):", ""]
+        lines += [f"- {k}: {v}" for k, v in facts.items()]
     lines += ["", "This machine: " + "; ".join(f"{k} {v}" for k, v in info.items()), ""]
     return "\n".join(lines)
 
