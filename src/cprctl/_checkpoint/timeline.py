@@ -83,8 +83,6 @@ def segments(t: Timeline) -> dict[str, float]:
 
 #: Segments that are the host's own (across a reboot); ``saved`` (no reboot) is idle time, nobody's.
 HOST = ("shutdown", "reboot", "kernel", "boot")
-#: Steps of a restore that are QEMU's own: its start (less cprctl's ``spawn``, the scope), load and ``cont``.
-QEMU_RESTORE = ("start", "load", "cont")
 
 
 def shares(t: Timeline) -> dict[str, float] | None:
@@ -96,7 +94,7 @@ def shares(t: Timeline) -> dict[str, float] | None:
     seg = segments(t)
     save = seg["save"]
     qemu_save = min(save, t.save_ms["migrate_stopped"] / 1000)
-    r = t.restore_ms
+    r = t.restore_ms  # QEMU's own steps: its start (less cprctl's ``spawn``, the scope), load and ``cont``
     qemu_restore = (r.get("start", 0.0) - r.get("spawn", 0.0) + r["load"] + r.get("cont", 0.0)) / 1000
     qemu_restore = min(seg["restore"], qemu_restore)
     host = sum(seg.get(k, 0.0) for k in HOST)
