@@ -150,8 +150,16 @@ def test_timeline_across_a_reboot(state_dir: Path) -> None:
     assert abs(sum(v for k, v in down.items() if k != "total") - down["total"]) < 0.01, down
     assert abs(down["total"] * 1000 - st["last_pause_ms"]) < 5, (down, st["last_pause_ms"])
     assert all(v >= 0 for v in down.values()) and down["boot"] == 0, down
+    # Whose time it was, from the save's and restore's real steps: QEMU's, the host's, cprctl's own.
+    sh, steps = st["downtime_shares"], st["downtime_steps_ms"]
+    assert {"migrate_stopped", "digest", "flush"} <= set(steps["save"]), steps
+    assert {"check", "spawn", "start", "load", "cont"} <= set(steps["restore"]), steps
+    assert abs(sh["qemu"] + sh["host"] + sh["cprctl"] + sh["idle"] - sh["total"]) < 0.01, sh
+    assert sh["qemu"] > 0 and sh["cprctl"] > 0 and sh["idle"] == 0, sh
+    assert abs(sh["host"] - down["shutdown"] - down["reboot"] - down["boot"]) < 0.01, (sh, down)
     text = cli("status", state_dir=state_dir).stdout
     assert f"{down['total']:.1f} s: save {down['save']:.1f}, shutdown" in text, text
+    assert f"cprctl's own {sh['cprctl']:.1f} s" in text, text
     plan = cli("reboot", "--dry-run", state_dir=state_dir).stdout  # the host's part, as last measured
     assert f"the host's own reboot (last time {down['reboot'] + down['boot']:.1f} s)" in plan, plan
     # Saved and restored within one boot: the time between is "saved".

@@ -41,3 +41,29 @@ def test_saved_alone_or_restored_in_the_same_boot() -> None:
     assert alone == {"save": 0.4, "reboot": 9.6, "boot": 30.0, "queue": 0.0, "restore": 0.2, "total": 40.2}
     same = timeline.segments(Timeline(100.0, 100.4, 105.0, 105.3))
     assert same == {"save": 0.4, "saved": 4.6, "restore": 0.3, "total": 5.3}
+
+
+def test_shares_split_the_downtime_into_qemu_host_and_cprctl() -> None:
+    """QEMU: its migration after the stop, its start (less the scope's spawn), load and cont; the host: shutdown,
+    reboot, kernel and boot; cprctl: the rest (hashing, queue, checks, records)."""
+    saved = cp(fleet_done_at=101.0, timings_ms={"migrate": 350.0, "migrate_stopped": 300.0, "digest": 80.0})
+    steps = {"check": 100.0, "spawn": 50.0, "start": 150.0, "load": 200.0, "verify_wait": 20.0, "cont": 30.0}
+    t = timeline.make(saved, 131.0, 131.5, boot_at=110.0, cprctl_at=130.2, init_at=112.0, restore_ms=steps)
+    assert t.save_ms["digest"] == 80.0 and t.restore_ms == steps
+    sh = timeline.shares(t)
+    # qemu: 0.3 + (0.15 - 0.05 + 0.2 + 0.03); host: 0.6 + 9 + 2 + 18.2; cprctl: 31.5 - 0.63 - 29.8
+    assert sh == {"qemu": 0.63, "host": 29.8, "cprctl": 1.07, "idle": 0.0, "total": 31.5}
+    assert sum(v for k, v in sh.items() if k != "total") == sh["total"]
+
+
+def test_shares_without_a_reboot_count_the_wait_as_idle() -> None:
+    saved = cp(timings_ms={"migrate_stopped": 300.0})
+    t = timeline.make(saved, 105.0, 105.3, None, None, restore_ms={"start": 100.0, "load": 100.0})
+    assert timeline.shares(t) == {"qemu": 0.5, "host": 0.0, "cprctl": 0.2, "idle": 4.6, "total": 5.3}
+
+
+def test_shares_of_an_older_record_are_unknown() -> None:
+    """A checkpoint an older cprctl wrote has no migrate_stopped step: no split rather than a wrong one."""
+    t = timeline.make(cp(timings_ms={"migrate": 300.0}), 105.0, 105.3, None, None, restore_ms={"load": 100.0})
+    assert timeline.shares(t) is None
+    assert timeline.shares(Timeline(100.0, 100.4, 105.0, 105.3)) is None

@@ -311,6 +311,8 @@ def status(state_dir: str | None, name: str | None, as_json: bool) -> None:
             from ._checkpoint.timeline import describe
 
             pause = describe(r.downtime)
+            if r.downtime_shares:
+                pause += f"; cprctl's own {r.downtime_shares['cprctl']:.1f} s"
         state = f"{r.state} [yellow](binary replaced)[/]" if r.binary_replaced else r.state
         state = f"{state} [yellow](kept build)[/]" if r.kept_from else state
         if r.loads == "fails":

@@ -21,10 +21,10 @@ from . import inspect, lifecycle, timeline
 from .plan import Finding, SuspendMode
 from .report import Quiet, Reporter
 from .restore import restore
-from .save import save
-from .trial import trial as trial_load
-from .update import update
 from .vm import open_vm
+
+# save, trial and update are imported where used: restore-all runs at boot, in every guest's downtime, and
+# python's imports are a part of it that cprctl adds (issue 16's benchmark: the timeline's ``queue``).
 
 Outcome = Literal["saved", "restored", "updated", "failed", "left running", "skipped", "shut down", "cold-booted"]
 
@@ -104,6 +104,8 @@ async def save_all(
         in_place = all(b.named_shared_file for b in ram_layout(open_vm(sd, name).record.argv).backends)
         async with limit, contextlib.nullcontext() if in_place else writers:
             try:
+                from .save import save
+
                 res = await save(sd, name, suspend=suspend, reboot=reboot, force=force, reporter=reporter)
                 outcome = VMOutcome(name, "saved", f"{res.strategy}, {res.size / 1e6:.1f} MB", "saved", res.strategy)
                 if trial:
@@ -124,6 +126,8 @@ async def save_all(
 async def _tried(sd: StateDir, name: str) -> str:
     """A trial load of *name*'s new checkpoint, in a few words."""
     try:
+        from .trial import trial as trial_load
+
         tried = await trial_load(sd, name)
     except CprctlError as exc:
         return f"trial load failed to run: {exc}"
@@ -241,6 +245,8 @@ async def update_all(
     async def one(name: str, target: str) -> VMOutcome:
         async with limit:
             try:
+                from .update import update
+
                 res = await update(sd, name, target, suspend=suspend, force=force, reporter=reporter)
             except CprctlError as exc:
                 return _not_done(sd, name, exc)

@@ -79,6 +79,10 @@ class VMStatus:
     #: across a host reboot ``shutdown``, ``reboot``, ``boot``, ``queue``, else ``saved``; ``restore``;
     #: ``total``); None before its first restore.
     downtime: dict[str, float] | None = None
+    #: The same downtime by who spent it (`timeline.shares`: ``qemu``, ``host``, ``cprctl``, ``idle``,
+    #: ``total``), and the save's and restore's steps in ms (``{"save": ..., "restore": ...}``).
+    downtime_shares: dict[str, float] | None = None
+    downtime_steps_ms: dict[str, dict[str, float]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -115,6 +119,8 @@ def vm_status(vm: VM) -> VMStatus:
         *_loads(vm, pid is not None),
         r.lost,
         timeline.segments(r.timeline) if r.timeline else None,
+        timeline.shares(r.timeline) if r.timeline else None,
+        {"save": r.timeline.save_ms, "restore": r.timeline.restore_ms} if r.timeline else None,
     )
 
 

@@ -123,6 +123,10 @@ class Timeline(msgspec.Struct, forbid_unknown_fields=True):
     #: When the boot's init (PID 1) started: the kernel's own start-up ends there (in a container, whose
     #: kernel does not restart, the container's boot begins there).
     init_at: float | None = None
+    #: The save's and the restore's own steps (ms; ``Checkpoint.timings_ms``, `RestoreResult.timings_ms`):
+    #: `timeline.shares` splits the downtime by them into QEMU's, cprctl's and the host's.
+    save_ms: dict[str, float] = {}
+    restore_ms: dict[str, float] = {}
 
 
 class Operation(msgspec.Struct, forbid_unknown_fields=True):

@@ -303,6 +303,7 @@ async def _start_and_load(
         os.unlink(vm.record.qmp)
     t = time.perf_counter()
     pid = process.spawn([*qargv.incoming([*argv, *compat]), "-S"], vm.log_path, cwd=vm.record.cwd, scope=name)
+    timings["spawn"] = (time.perf_counter() - t) * 1000  # the scope's systemd-run until it exec'd QEMU
     op.new_pid = pid
     op.mark("started")
     vm.commit()
@@ -442,8 +443,10 @@ async def _load(
             op.mark("resuming")  # one commit for both: recovery resumes only from "resuming"
         vm.commit()
         if cont:
+            t_cont = time.perf_counter()
             await mon.execute("cont")  # a guest saved suspended goes back to suspended (QEMU >= 9.0)
             status = await mon.wait_status({"running", "suspended"}, 30)
+            timings["cont"] = (time.perf_counter() - t_cont) * 1000
         if status == "suspended" and cp.suspended:
             if op.step != "resuming":
                 op.mark("resuming")
@@ -458,7 +461,7 @@ async def _load(
         t = time.perf_counter()
         op.mark("resumed")
         if status == "running":
-            r.timeline = _timeline(cp, op.started - timings["check"] / 1000, resumed)
+            r.timeline = _timeline(cp, op.started - timings["check"] / 1000, resumed, timings)
         r.argv, r.compat_args = qargv.for_relaunch(argv), list(op.compat_args)
         retire_checkpoint(vm, pid, pause_ms if status == "running" else None)
         r.operation = None
@@ -470,13 +473,13 @@ async def _load(
         return RestoreResult(vm.name, pid, pause_ms, status, woke, timings)
 
 
-def _timeline(cp: Checkpoint, restore_at: float, running_at: float) -> Timeline:
+def _timeline(cp: Checkpoint, restore_at: float, running_at: float, timings: dict[str, float]) -> Timeline:
     """Where the downtime went; across a host reboot (another boot id than the save's), with the new
     kernel's start and this cprctl's (at boot, the unit's ``restore-all``)."""
     if cp.boot_id and cp.boot_id != clock.boot_id():
         init = clock.process_start(1)
-        return timeline.make(cp, restore_at, running_at, clock.boot_time(), clock.process_start(), init)
-    return timeline.make(cp, restore_at, running_at, None, None)
+        return timeline.make(cp, restore_at, running_at, clock.boot_time(), clock.process_start(), init, timings)
+    return timeline.make(cp, restore_at, running_at, None, None, restore_ms=timings)
 async def _fit_queues(vm: VM, cp: Checkpoint, mon: Monitor, binary: str, compat: list[str]) -> None:
     """Compare the checkpoint's virtqueues with what the new QEMU allocated (see `compat.queue_args`).
 

@@ -185,6 +185,8 @@ async def _checkpoint(
         await mon.wait_migration(timeout=3600, on_progress=lambda i: migration_progress(reporter, i))
         timings["migrate"] = (time.perf_counter() - t) * 1000
         stopped_at = stopped_at or mon.event_time("STOP", before - 1) or before
+        # The migration's part of the guest's pause (`timeline.shares`: QEMU's own share of the downtime).
+        timings["migrate_stopped"] = max(0.0, time.time() - stopped_at) * 1000
         t = time.perf_counter()
         size, digest, ram = await _digest(vm, plan, hashing, reporter)
     finally:

@@ -12,6 +12,11 @@ that restored it, its restore's start and the guest's resume):
     queue      -> its restore began: cprctl's start-up, restores before its own
     restore    -> its guest running again
 
+`shares` splits the same downtime by who spent it: QEMU (its migration after the guest stopped, its start,
+its load and its ``cont``), the host (the shutdown after the saves, firmware or kexec, kernel, systemd) and
+cprctl (everything else: hashing and flushing after the save, python's start and imports at boot, the
+restores queued before this one, the state file's checks, the records it writes, the scope it starts QEMU in).
+
 Without a reboot in between, ``saved`` (its checkpoint -> its restore) stands for shutdown, reboot, kernel,
 boot and queue. In a container (systemd-nspawn) the kernel does not restart: ``reboot`` runs to the start
 of the container's init, and there is no ``kernel``.
@@ -32,10 +37,22 @@ def make(
     boot_at: float | None,
     cprctl_at: float | None,
     init_at: float | None = None,
+    restore_ms: dict[str, float] | None = None,
 ) -> Timeline:
-    """The timeline of a restore from *cp*; *boot_at*, *cprctl_at* and *init_at* only when the host rebooted
-    since the save."""
-    return Timeline(cp.stopped_at, cp.saved_at, restore_at, running_at, cp.fleet_done_at, boot_at, cprctl_at, init_at)
+    """The timeline of a restore from *cp* (whose steps took *restore_ms*); *boot_at*, *cprctl_at* and
+    *init_at* only when the host rebooted since the save."""
+    return Timeline(
+        cp.stopped_at,
+        cp.saved_at,
+        restore_at,
+        running_at,
+        cp.fleet_done_at,
+        boot_at,
+        cprctl_at,
+        init_at,
+        dict(cp.timings_ms),
+        dict(restore_ms or {}),
+    )
 
 
 def segments(t: Timeline) -> dict[str, float]:
@@ -61,6 +78,29 @@ def segments(t: Timeline) -> dict[str, float]:
         out["queue"] = t.restore_at - started
     out["restore"] = t.running_at - t.restore_at
     out["total"] = t.running_at - t.stopped_at
+    return {k: round(v, 3) for k, v in out.items()}
+
+
+#: Segments that are the host's own (across a reboot); ``saved`` (no reboot) is idle time, nobody's.
+HOST = ("shutdown", "reboot", "kernel", "boot")
+
+
+def shares(t: Timeline) -> dict[str, float] | None:
+    """Seconds of the downtime that were QEMU's, the host's and cprctl's (see the module's doc), then
+    ``idle`` (saved without a reboot) and ``total``; None when the save's or restore's steps were not
+    recorded (an older cprctl)."""
+    if "migrate_stopped" not in t.save_ms or "load" not in t.restore_ms:
+        return None
+    seg = segments(t)
+    save = seg["save"]
+    qemu_save = min(save, t.save_ms["migrate_stopped"] / 1000)
+    r = t.restore_ms  # QEMU's own steps: its start (less cprctl's ``spawn``, the scope), load and ``cont``
+    qemu_restore = (r.get("start", 0.0) - r.get("spawn", 0.0) + r["load"] + r.get("cont", 0.0)) / 1000
+    qemu_restore = min(seg["restore"], qemu_restore)
+    host = sum(seg.get(k, 0.0) for k in HOST)
+    idle = seg.get("saved", 0.0)
+    qemu = qemu_save + qemu_restore
+    out = {"qemu": qemu, "host": host, "cprctl": seg["total"] - qemu - host - idle, "idle": idle, "total": seg["total"]}
     return {k: round(v, 3) for k, v in out.items()}
 
 
