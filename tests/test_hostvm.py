@@ -20,7 +20,16 @@ import pytest
 from cprctl._demo import TICK
 
 from .guestvm import guest_dir
-from .hostvm import CRASH_WHEN, HostVM, cached_image, console_text, console_ticks, launch_nested, wait_tick
+from .hostvm import (
+    CRASH_WHEN,
+    HostVM,
+    cached_image,
+    console_text,
+    console_ticks,
+    launch_all,
+    launch_nested,
+    wait_tick,
+)
 
 pytestmark = [pytest.mark.qemu, pytest.mark.hostvm]
 
@@ -33,25 +42,24 @@ FILL = 8
 
 @pytest.fixture(scope="module")
 def host() -> Iterator[HostVM]:
-    t = time.monotonic()
+    phases = Phases()
     image = cached_image()
-    print(f"host image: {time.monotonic() - t:.0f} s ({image.folder})")
+    phases.done(f"host image ({image.folder.name})")
     work = Path(tempfile.mkdtemp(prefix="cprctl-hostvm.", dir="/var/tmp"))
     vm: HostVM | None = None
     try:
-        t = time.monotonic()
-        vm = HostVM(image, work, guest_dir())
-        print(f"host VM booted: {time.monotonic() - t:.0f} s")
+        vm = phases.vm = HostVM(image, work, guest_dir())
+        phases.done("host VM booted")
         vm.install()
+        phases.done("checkout installed")
         vm.wait_kvm()
-        for name, kw in GUESTS.items():
-            launch_nested(vm, name, fill=FILL, **kw)  # type: ignore[arg-type]
+        phases.done("/dev/kvm")
+        launch_all(vm, GUESTS)  # type: ignore[arg-type]
+        phases.done("guests launched")
         for name in GUESTS:
-            # A first boot under the host VM's (TCG-emulated) SVM took 2 to 11 min here: its kernel's
-            # decompressor crawled in some runs, quiet machine or not.
             wait_tick(vm, name, 2, timeout=900)
             wait_mem_ok(vm, name, 0)
-        print(f"host VM ready with guests: {time.monotonic() - t:.0f} s")
+            phases.done(f"guest {name} ticking, its RAM checked")
         yield vm
     except BaseException:
         if vm:
@@ -61,6 +69,40 @@ def host() -> Iterator[HostVM]:
         if vm:
             vm.stop()
         shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def cost(host: HostVM, request: pytest.FixtureRequest) -> Iterator[None]:
+    """Prints each test's wall-clock time and the host VM's CPU time in it."""
+    t, cpu = time.monotonic(), host.cpu_seconds()
+    yield
+    print(
+        f"\n{request.node.name}: {time.monotonic() - t:.0f} s, host VM CPU {host.cpu_seconds() - cpu:.0f} s"
+        f" (load {load()})"
+    )
+
+
+class Phases:
+    """Prints how long each phase of the set-up took, in wall-clock time and in the host VM's CPU time
+    (pytest -s shows it; make test-hostvm runs so)."""
+
+    def __init__(self) -> None:
+        self.start = self.last = time.monotonic()
+        self.cpu = 0.0
+        self.vm: HostVM | None = None
+
+    def done(self, what: str) -> None:
+        now = time.monotonic()
+        cpu = self.vm.cpu_seconds() if self.vm else 0.0
+        print(
+            f"hostvm set-up: {what}: {now - self.last:.0f} s, host VM CPU {cpu - self.cpu:.0f} s"
+            f" (total {now - self.start:.0f} s, CPU {cpu:.0f} s; load {load()})"
+        )
+        self.last, self.cpu = now, cpu
+
+
+def load() -> str:
+    return Path("/proc/loadavg").read_text().split()[0]
 
 
 def wait_mem_ok(host: HostVM, name: str, after: int, timeout: float = 120) -> None:
@@ -113,21 +155,25 @@ def journal(host: HostVM, boots: str = "-b") -> str:
 def test_systemctl_reboot(host: HostVM) -> None:
     before = snapshot(host)
     took = host.reboot_with("systemctl reboot")
-    print(f"systemctl reboot: host back in {took:.0f} s")
+    print(f"systemctl reboot: host back in {took:.0f} s (load {load()})")
     assert_back(host, before)
     prev = journal(host, "-b -1")
     assert "file: saved" in prev and "anon: saved" in prev, prev
 
 
-def test_kexec_into_other_kernel(host: HostVM) -> None:
+def test_cprctl_reboot_kexec_into_other_kernel(host: HostVM) -> None:
+    """``cprctl reboot --kexec``: into the newest installed kernel (not the one booted), every guest back."""
     before = snapshot(host)
     running = host.sh("uname -r").strip()
-    other = next(v for v in host.image.kernels if v != running)
-    host.sh(f"kexec -l /boot/vmlinuz-{other} --initrd=/boot/initrd.img-{other} --reuse-cmdline")
-    took = host.reboot_with("systemctl kexec")
-    print(f"systemctl kexec {running} -> {other}: host back in {took:.0f} s")
+    (other,) = set(host.image.kernels) - {running}
+    plan = host.sh("cprctl reboot --kexec --dry-run")  # exits non-zero when the reboot would be refused
+    assert f"/boot/vmlinuz-{other}" in plan, plan
+    took = host.reboot_with("cprctl reboot --kexec")
+    print(f"cprctl reboot --kexec {running} -> {other}: host back in {took:.0f} s (load {load()})")
     assert host.sh("uname -r").strip() == other
     assert_back(host, before)
+    prev = journal(host, "-b -1")
+    assert "file: saved" in prev and "anon: saved" in prev, prev
 
 
 def test_crash_right_after_save_all(host: HostVM) -> None:
