@@ -127,18 +127,29 @@ def snapshot(host: HostVM) -> dict[str, tuple[str, int, int]]:
     return out
 
 
-def assert_back(host: HostVM, before: dict[str, tuple[str, int, int]], names: tuple[str, ...] = tuple(GUESTS)) -> None:
-    """Every guest in *names* runs again: the same boot id, the counter on without a gap, RAM intact."""
+def assert_back(
+    host: HostVM, before: dict[str, tuple[str, int, int]], names: tuple[str, ...] = tuple(GUESTS), crashed: bool = False
+) -> None:
+    """Every guest in *names* runs again: the same boot id, the counter on without a gap, RAM intact.
+
+    After a power cut (*crashed*) the guests' console files, which QEMU writes and nobody syncs, may have lost
+    what reached only the host's page cache: the ticks printed between the snapshot and the save. The counter
+    may then jump forward once, never back (a guest restored from an older state would count again).
+    """
     st = host.status()
     for name in names:
         boot, last, mark = before[name]
         assert st[name]["state"] == "running", (name, st[name], journal(host))
         wait_tick(host, name, last + 1)
         text = console_text(host, name)
-        after = [(m["boot"], int(m["n"])) for m in TICK.finditer(text, mark)]
+        after = [(m["boot"], int(m["n"])) for m in TICK.finditer(text, min(mark, len(text)))]
         assert {b for b, _ in after} == {boot}, f"{name} rebooted: {text[-1500:]}"
         ns = [n for _, n in after]
-        assert ns == list(range(last + 1, last + 1 + len(ns))), f"{name}: counter not continuous from {last}: {ns}"
+        steps = [b - a for a, b in zip([last, *ns], ns, strict=False)]
+        jumps = [d for d in steps if d != 1]
+        ok = not jumps or (crashed and len(jumps) == 1 and jumps[0] > 1)
+        assert ok, f"{name}: counter not continuous from {last}: {ns}"
+        mark = min(mark, len(text))
         wait_mem_ok(host, name, mark)
         text = console_text(host, name)[mark:]
         assert "mem BAD" not in text and "memfill exited" not in text, text[-1500:]
@@ -188,7 +199,7 @@ def test_crash_right_after_save_all(host: HostVM) -> None:
     host.crash()  # no sync, no shutdown: only what the save made durable survives
     host.wait_silent()
     host.wait_boot()
-    assert_back(host, before)
+    assert_back(host, before, crashed=True)
 
 
 def test_crash_in_the_middle_of_save_all(host: HostVM) -> None:
@@ -204,7 +215,7 @@ def test_crash_in_the_middle_of_save_all(host: HostVM) -> None:
     st = host.status()
     saved = [n for n in GUESTS if n in moment.split("crash:")[-1] and f"{n}=True/None" in moment]
     assert len(saved) == 1, (moment, st)
-    assert_back(host, before, (saved[0],))
+    assert_back(host, before, (saved[0],), crashed=True)
     (other,) = set(GUESTS) - set(saved)
     boot = before[other][0]
     if st[other]["state"] == "running":  # cold-booted: a new boot of the guest, never the partial state
@@ -231,4 +242,4 @@ def test_crash_in_the_middle_of_restore_all(host: HostVM) -> None:
     mark = host.console_mark()
     host.reboot_with("systemctl reboot")  # the shutdown saves; the boot crashes mid-restore, boots again
     crash_line(host, mark)
-    assert_back(host, before)
+    assert_back(host, before, crashed=True)
