@@ -482,13 +482,16 @@ def test_a_qemu_slow_to_open_qmp_is_waited_for(state_dir: Path, monkeypatch: pyt
 
     from .guestvm import guest_dir, wrapper
 
-    monkeypatch.setattr(qmp, "CONNECT_TIMEOUT", 0.5)  # stands for the 30 s a running QEMU gets
     work = state_dir.parent / "slow-work"
     slow = wrapper(work, "qemu-system-x86_64", "sleep 2")
     argv = guest_argv(str(slow), guest_dir(), work, ram_mib=128, fill_mib=0, ram="anon")
-    rec = cprctl.launch("slow", argv, state_dir=state_dir)
+    with monkeypatch.context() as m:
+        m.setattr(qmp, "CONNECT_TIMEOUT", 0.5)  # stands for the 30 s a running QEMU gets
+        rec = cprctl.launch("slow", argv, state_dir=state_dir)
     assert process.alive(rec.pid)
     cprctl.stop("slow", state_dir=state_dir)
-    rec = cprctl.start("slow", state_dir=state_dir)  # as restore-all's cold boot of a VM lost at shutdown
+    with monkeypatch.context() as m:
+        m.setattr(qmp, "CONNECT_TIMEOUT", 0.5)
+        rec = cprctl.start("slow", state_dir=state_dir)  # as restore-all's cold boot of a VM lost at shutdown
     assert process.alive(rec.pid)
     cprctl.stop("slow", state_dir=state_dir)
