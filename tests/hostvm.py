@@ -552,8 +552,8 @@ def nested_argv(name: str, *, ram: str = "file", ram_mib: int = 128, fill: int =
     argv[argv.index("tcg")] = "kvm"
     # Without SVM of its own: under KVM, -cpu max hands the host VM's (emulated) SVM on to the guest and its
     # migration stream carries KVM's nested state, which failed to load at boot for the anonymous-RAM guest
-    # ('Failed to set nested state: Invalid argument'). Not enough: with -svm that guest's restore at boot
-    # still failed once (reason not yet read); the file-RAM guest restores either way.
+    # ('Failed to set nested state: Invalid argument'). With -svm it loads, but cprctl's RAM digest of pc.ram
+    # then differs from the recorded one (under KVM, not TCG: an open product issue); the file-RAM guest restores.
     argv[argv.index("max")] = "max,-svm"
     argv[argv.index("q35")] = "pc-q35-10.0"  # pinned: the restore must meet the same machine
     return argv
