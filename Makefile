@@ -51,10 +51,10 @@ unit: venv
 test: deps venv guest old-qemu qemu-roots lint
 	$(VENV)/bin/pytest -q -ra -m "not hostvm"
 
-# Real host reboots (systemctl reboot, kexec, crashes) in a Debian 13 host VM; its image is cached
-# under ~/.cache/cprctl-hostvm. Not yet in .ci/run: its nested guests' first boot takes 2-11 min here.
+# Real host reboots (systemctl reboot, cprctl reboot --kexec, crashes) in a Debian 13 host VM; its image
+# is cached under ~/.cache/cprctl-hostvm. .ci/run runs it after `make test`; -s shows its set-up phases.
 test-hostvm: deps venv guest
-	$(VENV)/bin/pytest -q -ra -s -m hostvm
+	$(VENV)/bin/pytest -q -ra -s --durations=0 -m hostvm
 
 bench: deps venv guest
 	$(VENV)/bin/python benchmarks/bench.py --guest $(GUEST_DIR)

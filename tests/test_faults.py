@@ -472,3 +472,26 @@ def test_new_qemu_dying_during_a_warm_update_resumes_the_guest_on_the_old_one(st
     vm.assert_continued(mark, fill=32)
     assert cli("check", "wdie", state_dir=state_dir).returncode == 0  # QMP still at its usual path
     vm.stop()
+
+
+def test_a_qemu_slow_to_open_qmp_is_waited_for(state_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A QEMU that opens its QMP socket later than a running one must answer (a busy host at boot) is
+    not killed: launch and a cold boot wait for it (`qmp.START_TIMEOUT`), and only then give up."""
+    from cprctl._demo import guest_argv
+    from cprctl._qemu import qmp
+
+    from .guestvm import guest_dir, wrapper
+
+    work = state_dir.parent / "slow-work"
+    slow = wrapper(work, "qemu-system-x86_64", "sleep 2")
+    argv = guest_argv(str(slow), guest_dir(), work, ram_mib=128, fill_mib=0, ram="anon")
+    with monkeypatch.context() as m:
+        m.setattr(qmp, "CONNECT_TIMEOUT", 0.5)  # stands for the 30 s a running QEMU gets
+        rec = cprctl.launch("slow", argv, state_dir=state_dir)
+    assert process.alive(rec.pid)
+    cprctl.stop("slow", state_dir=state_dir)
+    with monkeypatch.context() as m:
+        m.setattr(qmp, "CONNECT_TIMEOUT", 0.5)
+        rec = cprctl.start("slow", state_dir=state_dir)  # as restore-all's cold boot of a VM lost at shutdown
+    assert process.alive(rec.pid)
+    cprctl.stop("slow", state_dir=state_dir)

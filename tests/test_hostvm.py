@@ -20,38 +20,50 @@ import pytest
 from cprctl._demo import TICK
 
 from .guestvm import guest_dir
-from .hostvm import CRASH_WHEN, HostVM, cached_image, console_text, console_ticks, launch_nested, wait_tick
+from .hostvm import (
+    CRASH_WHEN,
+    HostVM,
+    cached_image,
+    console_text,
+    console_ticks,
+    launch_all,
+    launch_nested,
+    wait_tick,
+)
 
 pytestmark = [pytest.mark.qemu, pytest.mark.hostvm]
 
 if os.geteuid() != 0 or not shutil.which("mmdebstrap") or not shutil.which("mkfs.ext4"):
     pytest.skip("needs root, mmdebstrap and mkfs.ext4 (scripts/install-deps.sh)", allow_module_level=True)
 
-GUESTS = {"file": {"ram": "file"}, "anon": {"ram": "anon"}}
 FILL = 8
+#: A nested guest's first boot: the guest with its RAM in a file took 773 s (339 s of the host VM's CPU) at a
+#: load of 10-16 on 2 cores (each of its first page touches goes through the host VM's emulated nested paging
+#: and ext4); the one with anonymous RAM a few minutes.
+FIRST_BOOT_S = 1800
+GUESTS: dict[str, dict[str, object]] = {"file": {"ram": "file", "fill": FILL}, "anon": {"ram": "anon", "fill": FILL}}
 
 
 @pytest.fixture(scope="module")
 def host() -> Iterator[HostVM]:
-    t = time.monotonic()
+    phases = Phases()
     image = cached_image()
-    print(f"host image: {time.monotonic() - t:.0f} s ({image.folder})")
+    phases.done(f"host image ({image.folder.name})")
     work = Path(tempfile.mkdtemp(prefix="cprctl-hostvm.", dir="/var/tmp"))
     vm: HostVM | None = None
     try:
-        t = time.monotonic()
-        vm = HostVM(image, work, guest_dir())
-        print(f"host VM booted: {time.monotonic() - t:.0f} s")
+        vm = phases.vm = HostVM(image, work, guest_dir())
+        phases.done("host VM booted")
         vm.install()
+        phases.done("checkout installed")
         vm.wait_kvm()
-        for name, kw in GUESTS.items():
-            launch_nested(vm, name, fill=FILL, **kw)  # type: ignore[arg-type]
+        phases.done("/dev/kvm")
+        launch_all(vm, GUESTS)
+        phases.done("guests launched")
         for name in GUESTS:
-            # A first boot under the host VM's (TCG-emulated) SVM took 2 to 11 min here: its kernel's
-            # decompressor crawled in some runs, quiet machine or not.
-            wait_tick(vm, name, 2, timeout=900)
+            wait_tick(vm, name, 2, timeout=FIRST_BOOT_S)
             wait_mem_ok(vm, name, 0)
-        print(f"host VM ready with guests: {time.monotonic() - t:.0f} s")
+            phases.done(f"guest {name} ticking, its RAM checked")
         yield vm
     except BaseException:
         if vm:
@@ -61,6 +73,40 @@ def host() -> Iterator[HostVM]:
         if vm:
             vm.stop()
         shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def cost(host: HostVM, request: pytest.FixtureRequest) -> Iterator[None]:
+    """Prints each test's wall-clock time and the host VM's CPU time in it."""
+    t, cpu = time.monotonic(), host.cpu_seconds()
+    yield
+    print(
+        f"\n{request.node.name}: {time.monotonic() - t:.0f} s, host VM CPU {host.cpu_seconds() - cpu:.0f} s"
+        f" (load {load()})"
+    )
+
+
+class Phases:
+    """Prints how long each phase of the set-up took, in wall-clock time and in the host VM's CPU time
+    (pytest -s shows it; make test-hostvm runs so)."""
+
+    def __init__(self) -> None:
+        self.start = self.last = time.monotonic()
+        self.cpu = 0.0
+        self.vm: HostVM | None = None
+
+    def done(self, what: str) -> None:
+        now = time.monotonic()
+        cpu = self.vm.cpu_seconds() if self.vm else 0.0
+        print(
+            f"hostvm set-up: {what}: {now - self.last:.0f} s, host VM CPU {cpu - self.cpu:.0f} s"
+            f" (total {now - self.start:.0f} s, CPU {cpu:.0f} s; load {load()})"
+        )
+        self.last, self.cpu = now, cpu
+
+
+def load() -> str:
+    return Path("/proc/loadavg").read_text().split()[0]
 
 
 def wait_mem_ok(host: HostVM, name: str, after: int, timeout: float = 120) -> None:
@@ -81,18 +127,29 @@ def snapshot(host: HostVM) -> dict[str, tuple[str, int, int]]:
     return out
 
 
-def assert_back(host: HostVM, before: dict[str, tuple[str, int, int]], names: tuple[str, ...] = tuple(GUESTS)) -> None:
-    """Every guest in *names* runs again: the same boot id, the counter on without a gap, RAM intact."""
+def assert_back(
+    host: HostVM, before: dict[str, tuple[str, int, int]], names: tuple[str, ...] = tuple(GUESTS), crashed: bool = False
+) -> None:
+    """Every guest in *names* runs again: the same boot id, the counter on without a gap, RAM intact.
+
+    After a power cut (*crashed*) the guests' console files, which QEMU writes and nobody syncs, may have lost
+    what reached only the host's page cache: the ticks printed between the snapshot and the save. The counter
+    may then jump forward once, never back (a guest restored from an older state would count again).
+    """
     st = host.status()
     for name in names:
         boot, last, mark = before[name]
         assert st[name]["state"] == "running", (name, st[name], journal(host))
         wait_tick(host, name, last + 1)
         text = console_text(host, name)
-        after = [(m["boot"], int(m["n"])) for m in TICK.finditer(text, mark)]
+        after = [(m["boot"], int(m["n"])) for m in TICK.finditer(text, min(mark, len(text)))]
         assert {b for b, _ in after} == {boot}, f"{name} rebooted: {text[-1500:]}"
         ns = [n for _, n in after]
-        assert ns == list(range(last + 1, last + 1 + len(ns))), f"{name}: counter not continuous from {last}: {ns}"
+        steps = [b - a for a, b in zip([last, *ns], ns, strict=False)]
+        jumps = [d for d in steps if d != 1]
+        ok = not jumps or (crashed and len(jumps) == 1 and jumps[0] > 1)
+        assert ok, f"{name}: counter not continuous from {last}: {ns}"
+        mark = min(mark, len(text))
         wait_mem_ok(host, name, mark)
         text = console_text(host, name)[mark:]
         assert "mem BAD" not in text and "memfill exited" not in text, text[-1500:]
@@ -113,21 +170,25 @@ def journal(host: HostVM, boots: str = "-b") -> str:
 def test_systemctl_reboot(host: HostVM) -> None:
     before = snapshot(host)
     took = host.reboot_with("systemctl reboot")
-    print(f"systemctl reboot: host back in {took:.0f} s")
+    print(f"systemctl reboot: host back in {took:.0f} s (load {load()})")
     assert_back(host, before)
     prev = journal(host, "-b -1")
     assert "file: saved" in prev and "anon: saved" in prev, prev
 
 
-def test_kexec_into_other_kernel(host: HostVM) -> None:
+def test_cprctl_reboot_kexec_into_other_kernel(host: HostVM) -> None:
+    """``cprctl reboot --kexec``: into the newest installed kernel (not the one booted), every guest back."""
     before = snapshot(host)
     running = host.sh("uname -r").strip()
-    other = next(v for v in host.image.kernels if v != running)
-    host.sh(f"kexec -l /boot/vmlinuz-{other} --initrd=/boot/initrd.img-{other} --reuse-cmdline")
-    took = host.reboot_with("systemctl kexec")
-    print(f"systemctl kexec {running} -> {other}: host back in {took:.0f} s")
+    (other,) = set(host.image.kernels) - {running}
+    plan = host.sh("cprctl reboot --kexec --dry-run")  # exits non-zero when the reboot would be refused
+    assert f"/boot/vmlinuz-{other}" in plan, plan
+    took = host.reboot_with("cprctl reboot --kexec")
+    print(f"cprctl reboot --kexec {running} -> {other}: host back in {took:.0f} s (load {load()})")
     assert host.sh("uname -r").strip() == other
     assert_back(host, before)
+    prev = journal(host, "-b -1")
+    assert "file: saved" in prev and "anon: saved" in prev, prev
 
 
 def test_crash_right_after_save_all(host: HostVM) -> None:
@@ -138,7 +199,7 @@ def test_crash_right_after_save_all(host: HostVM) -> None:
     host.crash()  # no sync, no shutdown: only what the save made durable survives
     host.wait_silent()
     host.wait_boot()
-    assert_back(host, before)
+    assert_back(host, before, crashed=True)
 
 
 def test_crash_in_the_middle_of_save_all(host: HostVM) -> None:
@@ -154,11 +215,11 @@ def test_crash_in_the_middle_of_save_all(host: HostVM) -> None:
     st = host.status()
     saved = [n for n in GUESTS if n in moment.split("crash:")[-1] and f"{n}=True/None" in moment]
     assert len(saved) == 1, (moment, st)
-    assert_back(host, before, (saved[0],))
+    assert_back(host, before, (saved[0],), crashed=True)
     (other,) = set(GUESTS) - set(saved)
     boot = before[other][0]
     if st[other]["state"] == "running":  # cold-booted: a new boot of the guest, never the partial state
-        deadline = time.monotonic() + 900
+        deadline = time.monotonic() + FIRST_BOOT_S
         while not {t.boot for t in console_ticks(host, other)} - {boot}:
             assert time.monotonic() < deadline, f"{other} runs but never booted afresh:\n{console_text(host, other)}"
             time.sleep(2)
@@ -169,8 +230,8 @@ def test_crash_in_the_middle_of_save_all(host: HostVM) -> None:
     lines = [ln for ln in (detail + journal(host)).splitlines() if other in ln and "lost" in ln]
     assert lines, (st[other], detail, journal(host))
     host.exec(f"cprctl remove {other}; rm -rf /srv/vms/{other}", check=False)
-    launch_nested(host, other, fill=FILL, **GUESTS[other])  # type: ignore[arg-type]
-    wait_tick(host, other, 2, timeout=900)
+    launch_nested(host, other, **GUESTS[other])
+    wait_tick(host, other, 2, timeout=FIRST_BOOT_S)
     wait_mem_ok(host, other, 0)
 
 
@@ -181,4 +242,4 @@ def test_crash_in_the_middle_of_restore_all(host: HostVM) -> None:
     mark = host.console_mark()
     host.reboot_with("systemctl reboot")  # the shutdown saves; the boot crashes mid-restore, boots again
     crash_line(host, mark)
-    assert_back(host, before)
+    assert_back(host, before, crashed=True)

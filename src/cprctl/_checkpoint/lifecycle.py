@@ -17,7 +17,7 @@ from .._qemu import argv as qargv
 from .._qemu import process
 from .._qemu.agent import Agent
 from .._qemu.process import Binary
-from .._qemu.qmp import Monitor
+from .._qemu.qmp import START_TIMEOUT, Monitor
 from .._store import StateDir, VMLock
 from ..errors import AgentError, CheckFailed, QemuError, UsageError, VMStateError
 from . import kept
@@ -124,9 +124,9 @@ def refuse_unpinnable(name: str, argv: Sequence[str]) -> None:
 
 
 async def wait_qmp(vm: VM, pid: int) -> None:
-    """Wait for QMP of a QEMU just started; stop it and say why if it never answers."""
+    """Wait for QMP of a QEMU just started (up to `START_TIMEOUT`); stop it and say why if it never answers."""
     try:
-        async with Monitor(vm.record.qmp, vm.name, pid):
+        async with Monitor(vm.record.qmp, vm.name, pid, timeout=START_TIMEOUT):
             pass
     except QemuError as exc:
         process.kill(pid)

@@ -38,7 +38,7 @@ from .._qemu import argv as qargv
 from .._qemu import process, ramblocks, virtio
 from .._qemu.agent import Agent
 from .._qemu.process import Binary
-from .._qemu.qmp import Monitor
+from .._qemu.qmp import START_TIMEOUT, Monitor
 from .._store import StateDir, VMLock
 from ..errors import AgentError, CheckFailed, CheckpointError, CprctlError, QemuError, UsageError, VMStateError
 from . import disks, kept, ramdigest, statefile, timeline
@@ -50,9 +50,6 @@ from .report import Quiet, Reporter
 from .vm import VM, open_vm, recover, retire_checkpoint
 
 LOAD_TIMEOUT = 3600.0
-#: Seconds a restored QEMU may take to open its QMP socket (given up at once if it exits): at boot on a busy
-#: host it took over 30 s (the host VM test, while kvm_amd was loading), and a VM must not stay down for that.
-START_TIMEOUT = 180.0
 
 
 #: How a failed restore ends its message: nothing was lost.

@@ -42,6 +42,14 @@ def command_error(name: str, cmd: str, exc: BaseException, timeout: float) -> Qe
     return QemuError(f"{name}: {cmd}: {message}", error_class=error_class)
 
 
+#: Seconds to wait for a running QEMU's QMP greeting.
+CONNECT_TIMEOUT = 30.0
+#: Seconds a QEMU just started (launched, booted afresh, restored) may take to open its QMP socket; given up at
+#: once if it exits. At boot on a busy host (the host VM tests) QEMU took over 30 s, and a VM given up on then
+#: is killed: a cold boot or restore at boot would fail for a QEMU that was only slow.
+START_TIMEOUT = 180.0
+
+
 class Monitor:
     """One QMP connection. Use as ``async with Monitor(path, name) as mon:``.
 
@@ -49,11 +57,11 @@ class Monitor:
     answering, or goes away; the message names the VM and the command.
     """
 
-    def __init__(self, path: str, name: str, pid: int | None = None, timeout: float = 30.0) -> None:
+    def __init__(self, path: str, name: str, pid: int | None = None, timeout: float | None = None) -> None:
         self.path = path
         self.name = name
         self.pid = pid
-        self.timeout = timeout
+        self.timeout = CONNECT_TIMEOUT if timeout is None else timeout
         self._qmp = QMPClient(name)
 
     async def __aenter__(self) -> Monitor:
