@@ -15,11 +15,20 @@ write (a zero page: mapped-ram leaves it out) reads as zeros in both QEMUs. In
 private anonymous RAM, a chunk none of whose pages is in memory or swapped out
 (``/proc/PID/pagemap``) was never touched or was discarded: it is zeros and is not
 read (a loading QEMU leaves the pages the save did not write untouched).
+
+Under KVM the loading QEMU's memory is not quite the saved one: when QEMU hands the vCPUs'
+clock state to KVM at the end of the load, KVM rewrites each vCPU's ``pvclock_vcpu_time_info``
+(the kvmclock page the guest registered: its version goes up by 2, its flags change) in guest
+RAM, before the guest runs. A block whose digest then differs is compared with the state file
+page by page (`reconcile`): it passes only when the file's pages still hash to the recorded
+digest and every byte the loaded QEMU holds otherwise is in such a record.
 """
 
 from __future__ import annotations
 
 import mmap
+import os
+import struct
 import threading
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -96,3 +105,70 @@ def digests(pid: int, blocks: Iterable[RamBlock], progress: Progress = no_progre
         at += n
         result[b.name] = f"{ALGORITHM}:{h.hexdigest()}"
     return result
+
+
+#: KVM's ``pvclock_vcpu_time_info``: 32 bytes, little-endian: version u32, pad u32, tsc_timestamp u64,
+#: system_time u64, tsc_to_system_mul u32, tsc_shift s8, flags u8, pad[2].
+PVCLOCK = struct.Struct("<IIQQIbB2x")
+#: The record's bytes KVM writes (all but the pads 4-7 and 30-31).
+_PVCLOCK_FIELDS = frozenset(range(4)) | frozenset(range(8, 30))
+#: More rewritten records than this is no clock update (one per vCPU, a Linux guest's one per possible CPU).
+MAX_REWRITTEN = 1024
+
+
+def pvclock_update(saved: bytes, loaded: bytes) -> bool:
+    """Whether 32-byte records *saved* and *loaded* are one kvmclock record before and after KVM updated it:
+    both have the record's shape (even version, zero pads, a multiplier, a shift of at most 32 either way),
+    the version went up, and only the record's fields differ."""
+    if saved[4:8] != bytes(4) or loaded[4:8] != bytes(4) or saved[30:] != bytes(2) or loaded[30:] != bytes(2):
+        return False
+    (v1, _, _, _, mul1, shift1, _), (v2, _, _, _, mul2, shift2, _) = PVCLOCK.unpack(saved), PVCLOCK.unpack(loaded)
+    if v1 % 2 or v2 % 2 or v2 <= v1 or not mul1 or not mul2 or abs(shift1) > 32 or abs(shift2) > 32:
+        return False
+    return all(i in _PVCLOCK_FIELDS for i in range(32) if saved[i] != loaded[i])
+
+
+def rewritten(saved: bytes, loaded: bytes) -> int | None:
+    """How many 32-byte records differ between equal-sized *saved* and *loaded*, when each is a kvmclock
+    update (`pvclock_update`); None when any difference is not."""
+    count = 0
+    for at in range(0, len(saved), PVCLOCK.size):
+        a, b = saved[at : at + PVCLOCK.size], loaded[at : at + PVCLOCK.size]
+        if a != b:
+            if not pvclock_update(a, b):
+                return None
+            count += 1
+    return count
+
+
+def reconcile(pid: int, block: RamBlock, path: str, pages: int, want: str) -> int:
+    """Check block *block* of loaded QEMU *pid* against its pages in mapped-ram state file *path* (at offset
+    *pages*): the file's pages must hash to *want* (the save's digest of the saving QEMU's memory), and the
+    loaded memory must equal them but for kvmclock records KVM rewrote. Returns how many it rewrote.
+
+    :raise ValueError: the file's pages do not hash to *want*, or the memory differs otherwise.
+    :raise OSError: the memory or the file cannot be read.
+    """
+    total, h = 0, xxhash.xxh3_128()
+    mem_buf, file_buf = mmap.mmap(-1, CHUNK), mmap.mmap(-1, CHUNK)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        with Memory(pid) as mem:
+            for off in range(0, block.used, CHUNK):
+                length = min(CHUNK, block.used - off)
+                mem.read_into(mem_buf, length, block.host + off)
+                if os.preadv(fd, [memoryview(file_buf)[:length]], pages + off) != length:
+                    raise ValueError(f"the state file ends inside RAM block {block.name}")
+                h.update(xxhash.xxh3_128(memoryview(file_buf)[:length]).digest())
+                if mem_buf[:length] != file_buf[:length]:
+                    n = rewritten(file_buf[:length], mem_buf[:length])
+                    if n is None:
+                        raise ValueError(f"RAM block {block.name} as loaded differs from the state file at {off:#x}")
+                    total += n
+    finally:
+        os.close(fd)
+    if f"{ALGORITHM}:{h.hexdigest()}" != want:
+        raise ValueError(f"the state file's pages of RAM block {block.name} do not match the recorded digest")
+    if total > MAX_REWRITTEN:
+        raise ValueError(f"RAM block {block.name}: {total} records differ, more than a clock update rewrites")
+    return total
