@@ -91,6 +91,21 @@ def test_a_kvmclock_update_is_told_from_other_differences() -> None:
     assert ramdigest.rewritten(page[:96] + SAVED_CLOCK + page[128:], bytes(loaded)) is None
 
 
+def test_a_wall_clock_update_is_told_from_other_differences() -> None:
+    saved = bytearray(8192)
+    saved[4100:4112] = ramdigest.WALLCLOCK.pack(2, 1764460000, 5000)  # a guest's wall clock, 4-aligned
+    loaded = bytearray(saved)
+    loaded[4100:4112] = ramdigest.WALLCLOCK.pack(4, 1764463600, 999_999_999)
+    assert ramdigest.rewritten(bytes(saved), bytes(loaded)) == 1
+    loaded[4100:4112] = ramdigest.WALLCLOCK.pack(3, 1764463600, 0)  # odd: KVM is half-way, or no clock
+    assert ramdigest.rewritten(bytes(saved), bytes(loaded)) is None
+    loaded[4100:4112] = ramdigest.WALLCLOCK.pack(4, 1764463600, 10**9)
+    assert ramdigest.rewritten(bytes(saved), bytes(loaded)) is None
+    loaded[4100:4112] = ramdigest.WALLCLOCK.pack(4, 1764463600, 0)
+    loaded[4112] = 1  # past the record
+    assert ramdigest.rewritten(bytes(saved), bytes(loaded)) is None
+
+
 def test_reconcile_passes_a_clock_update_and_nothing_else(tmp_path: pytest.TempPathFactory) -> None:
     saved = bytearray(os.urandom(6 << 20))
     saved[0x1000 + 64 : 0x1000 + 96] = SAVED_CLOCK

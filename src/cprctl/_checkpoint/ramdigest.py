@@ -112,6 +112,8 @@ def digests(pid: int, blocks: Iterable[RamBlock], progress: Progress = no_progre
 PVCLOCK = struct.Struct("<IIQQIbB2x")
 #: The record's bytes KVM writes (all but the pads 4-7 and 30-31).
 _PVCLOCK_FIELDS = frozenset(range(4)) | frozenset(range(8, 30))
+#: Records are compared within a page (neither record crosses one where KVM puts them).
+PAGE = 4096
 #: More rewritten records than this is no clock update (one per vCPU, a Linux guest's one per possible CPU).
 MAX_REWRITTEN = 1024
 
@@ -128,16 +130,45 @@ def pvclock_update(saved: bytes, loaded: bytes) -> bool:
     return all(i in _PVCLOCK_FIELDS for i in range(32) if saved[i] != loaded[i])
 
 
+#: KVM's ``pvclock_wall_clock``: 12 bytes, 4-aligned, little-endian: version u32, sec u32, nsec u32. KVM writes
+#: it at once when the wall-clock MSR is written, as QEMU does when it hands a loaded vCPU's MSRs back.
+WALLCLOCK = struct.Struct("<III")
+
+
+def wallclock_update(saved: bytes, loaded: bytes) -> bool:
+    """Whether 12-byte records *saved* and *loaded* are one wall-clock record before and after KVM rewrote it
+    (even versions going up, nanoseconds under a second)."""
+    (v1, _, n1), (v2, _, n2) = WALLCLOCK.unpack(saved), WALLCLOCK.unpack(loaded)
+    return not v1 % 2 and not v2 % 2 and v2 > v1 and n1 < 10**9 and n2 < 10**9
+
+
+def _explained(saved: bytes, loaded: bytes, at: int) -> int | None:
+    """The end of a kvmclock or wall-clock record that KVM rewrote and that holds differing byte *at*."""
+    r = at - at % PVCLOCK.size
+    if r + PVCLOCK.size <= len(saved) and pvclock_update(saved[r : r + PVCLOCK.size], loaded[r : r + PVCLOCK.size]):
+        return r + PVCLOCK.size
+    w = at - at % 4
+    end = w + WALLCLOCK.size
+    if end <= len(saved) and wallclock_update(saved[w:end], loaded[w:end]):
+        return end
+    return None
+
+
 def rewritten(saved: bytes, loaded: bytes) -> int | None:
-    """How many 32-byte records differ between equal-sized *saved* and *loaded*, when each is a kvmclock
-    update (`pvclock_update`); None when any difference is not."""
+    """How many records differ between equal-sized *saved* and *loaded*, when each is a kvmclock record
+    (`pvclock_update`) or the wall-clock record (`wallclock_update`, found by its version, the first byte to
+    differ) that KVM rewrote; None when any difference is not."""
     count = 0
-    for at in range(0, len(saved), PVCLOCK.size):
-        a, b = saved[at : at + PVCLOCK.size], loaded[at : at + PVCLOCK.size]
-        if a != b:
-            if not pvclock_update(a, b):
+    for page in range(0, len(saved), PAGE):
+        a, b = saved[page : page + PAGE], loaded[page : page + PAGE]
+        at = len(a) if a == b else 0
+        while at < len(a):
+            if a[at] == b[at]:
+                at += 1
+            elif (end := _explained(a, b, at)) is None:
                 return None
-            count += 1
+            else:
+                count, at = count + 1, end
     return count
 
 
