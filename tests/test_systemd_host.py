@@ -104,15 +104,22 @@ def _build_root(dest: Path) -> None:
                 *map(str, _apt_sources()),
             ]
         )
-        wheels = root / "opt/cprctl/wheels"
-        _run([sys.executable, "-m", "pip", "download", "-q", "-d", str(wheels), *_deps()])
-        nspawn = ["systemd-nspawn", "-q", "-D", str(root), "--register=no", "--keep-unit"]
-        _run([*nspawn, "python3", "-m", "venv", VENV])
-        _run([*nspawn, f"{VENV}/bin/pip", "install", "-q", "--no-index", "-f", "/opt/cprctl/wheels", *_deps()])
-        shutil.rmtree(wheels)
+        install_venv(root)
         root.rename(dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def install_venv(root: Path, python_version: str | None = None) -> None:
+    """A venv with cprctl's dependencies at VENV in *root*: wheels downloaded here with this host's pip
+    configuration (for *python_version* when the root's Python is another), installed offline inside."""
+    wheels = root / "opt/cprctl/wheels"
+    pin = ["--python-version", python_version, "--only-binary=:all:"] if python_version else []
+    _run([sys.executable, "-m", "pip", "download", "-q", *pin, "-d", str(wheels), *_deps()])
+    nspawn = ["systemd-nspawn", "-q", "-D", str(root), "--register=no", "--keep-unit"]
+    _run([*nspawn, "python3", "-m", "venv", VENV])
+    _run([*nspawn, f"{VENV}/bin/pip", "install", "-q", "--no-index", "-f", "/opt/cprctl/wheels", *_deps()])
+    shutil.rmtree(wheels)
 
 
 def cached_root() -> Path:

@@ -31,7 +31,6 @@ import os
 import re
 import shlex
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -44,7 +43,7 @@ from cprctl._demo import guest_argv, ticks
 
 from .cache import cached
 from .qemuroots import debian_mirror
-from .test_systemd_host import VENV, Container, _deps, _install, _run, wait_ticks
+from .test_systemd_host import Container, _deps, _install, _run, install_venv, wait_ticks
 
 pytestmark = pytest.mark.qemu
 
@@ -100,13 +99,7 @@ def _build_root(dest: Path) -> None:
             timeout=1800,
         )
         assert list((root / DEBS.lstrip("/")).glob("qemu-system-x86_*.deb")), "no unstable QEMU .deb downloaded"
-        wheels = root / "opt/cprctl/wheels"
-        pip = [sys.executable, "-m", "pip", "download", "-q", "--python-version", "3.13", "--only-binary=:all:"]
-        _run([*pip, "-d", str(wheels), *_deps()])
-        nspawn = ["systemd-nspawn", "-q", "-D", str(root), "--register=no", "--keep-unit"]
-        _run([*nspawn, "python3", "-m", "venv", VENV])
-        _run([*nspawn, f"{VENV}/bin/pip", "install", "-q", "--no-index", "-f", "/opt/cprctl/wheels", *_deps()])
-        shutil.rmtree(wheels)
+        install_venv(root, "3.13")
         root.rename(dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
