@@ -62,9 +62,9 @@ def _free_vnc_display() -> int:
 
 def _greeting(port: int) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        data = b""
-        while len(data) < 12:
-            chunk = s.recv(256)
+        data = b""  # a monitor's greeting; QEMU may first send an event left over from the last client's session
+        while len(data) < 12 or (data.startswith(b"{") and b'"QMP"' not in data):
+            chunk = s.recv(4096)
             if not chunk:
                 break
             data += chunk
