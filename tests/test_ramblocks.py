@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+from pathlib import Path
 
 import pytest
 import xxhash
@@ -113,22 +114,24 @@ def test_reconcile_passes_a_clock_update_and_nothing_else(tmp_path: pytest.TempP
     for off in range(0, len(saved), statefile.CHUNK):
         want.update(xxhash.xxh3_128(bytes(saved[off : off + statefile.CHUNK])).digest())
     digest = f"xxh3_128c:{want.hexdigest()}"
-    path = os.path.join(str(tmp_path), "state")
+    path = Path(str(tmp_path)) / "state"
+    bitmap = b"\xff" * (len(saved) // 4096 // 8)  # every page written
     with open(path, "wb") as f:
-        f.write(b"x" * 8192 + saved)
+        f.write(bitmap + b"x" * (8192 - len(bitmap)) + saved)
+    mapped = statefile.MappedBlock("pc.ram", len(saved), 8192, 0)
     loaded = bytearray(saved)
     loaded[0x1000 + 64 : 0x1000 + 96] = LOADED_CLOCK
     buf = mmap.mmap(-1, len(loaded))
     buf[:] = loaded
     block = ramblocks.RamBlock("pc.ram", len(loaded), ctypes.addressof(ctypes.c_char.from_buffer(buf)))
-    assert ramdigest.reconcile(os.getpid(), block, path, 8192, digest) == 1
+    assert ramdigest.reconcile(os.getpid(), block, path, mapped, digest) == 1
     buf[0x300000] ^= 0xFF  # the loaded memory differs elsewhere
     with pytest.raises(ValueError, match="differs from the state file at 0x0"):
-        ramdigest.reconcile(os.getpid(), block, path, 8192, digest)
+        ramdigest.reconcile(os.getpid(), block, path, mapped, digest)
     buf[0x300000] ^= 0xFF
     with open(path, "r+b") as f:  # the file's pages are not what was saved (and the memory agrees with them)
         f.seek(8192 + 0x500000)
         f.write(bytes([saved[0x500000] ^ 1]))
     buf[0x500000] ^= 1
     with pytest.raises(ValueError, match="do not match the recorded digest"):
-        ramdigest.reconcile(os.getpid(), block, path, 8192, digest)
+        ramdigest.reconcile(os.getpid(), block, path, mapped, digest)

@@ -21,23 +21,24 @@ clock state to KVM at the end of the load, KVM rewrites each vCPU's ``pvclock_vc
 (the kvmclock page the guest registered: its version goes up by 2, its flags change) in guest
 RAM, before the guest runs. A block whose digest then differs is compared with the state file
 page by page (`reconcile`): it passes only when the file's pages still hash to the recorded
-digest and every byte the loaded QEMU holds otherwise is in such a record.
+digest and every byte the loaded QEMU holds otherwise is in such a record or in the
+wall-clock record KVM writes when QEMU hands the wall-clock MSR back.
 """
 
 from __future__ import annotations
 
 import mmap
-import os
 import struct
 import threading
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import xxhash
 
 from .._qemu import ramblocks
 from .._qemu.ramblocks import Memory, RamBlock
-from .statefile import ALGORITHM, CHUNK, Progress, no_progress
+from .statefile import ALGORITHM, CHUNK, MappedBlock, Progress, loaded_chunks, no_progress
 
 #: The digest of a chunk of zeros.
 ZERO_CHUNK = bytes(xxhash.xxh3_128(bytes(CHUNK)).digest())
@@ -172,32 +173,25 @@ def rewritten(saved: bytes, loaded: bytes) -> int | None:
     return count
 
 
-def reconcile(pid: int, block: RamBlock, path: str, pages: int, want: str) -> int:
-    """Check block *block* of loaded QEMU *pid* against its pages in mapped-ram state file *path* (at offset
-    *pages*): the file's pages must hash to *want* (the save's digest of the saving QEMU's memory), and the
-    loaded memory must equal them but for kvmclock records KVM rewrote. Returns how many it rewrote.
+def reconcile(pid: int, block: RamBlock, path: Path, mapped: MappedBlock, want: str) -> int:
+    """Check block *block* of loaded QEMU *pid* against the same block *mapped* in mapped-ram state file *path*
+    as QEMU loads it (`statefile.loaded_chunks`): that must hash to *want* (the save's digest of the saving
+    QEMU's memory), and the loaded memory must equal it but for the kvmclock and wall-clock records KVM
+    rewrote. Returns how many it rewrote.
 
     :raise ValueError: the file's pages do not hash to *want*, or the memory differs otherwise.
     :raise OSError: the memory or the file cannot be read.
     """
     total, h = 0, xxhash.xxh3_128()
-    mem_buf, file_buf = mmap.mmap(-1, CHUNK), mmap.mmap(-1, CHUNK)
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        with Memory(pid) as mem:
-            for off in range(0, block.used, CHUNK):
-                length = min(CHUNK, block.used - off)
-                mem.read_into(mem_buf, length, block.host + off)
-                if os.preadv(fd, [memoryview(file_buf)[:length]], pages + off) != length:
-                    raise ValueError(f"the state file ends inside RAM block {block.name}")
-                h.update(xxhash.xxh3_128(memoryview(file_buf)[:length]).digest())
-                if mem_buf[:length] != file_buf[:length]:
-                    n = rewritten(file_buf[:length], mem_buf[:length])
-                    if n is None:
-                        raise ValueError(f"RAM block {block.name} as loaded differs from the state file at {off:#x}")
-                    total += n
-    finally:
-        os.close(fd)
+    mem_buf = mmap.mmap(-1, CHUNK)
+    with Memory(pid) as mem:
+        for off, chunk in zip(range(0, block.used, CHUNK), loaded_chunks(path, mapped), strict=True):
+            mem.read_into(mem_buf, len(chunk), block.host + off)
+            h.update(xxhash.xxh3_128(chunk).digest())
+            if mem_buf[: len(chunk)] != chunk:
+                if (n := rewritten(chunk, mem_buf[: len(chunk)])) is None:
+                    raise ValueError(f"RAM block {block.name} as loaded differs from the state file at {off:#x}")
+                total += n
     if f"{ALGORITHM}:{h.hexdigest()}" != want:
         raise ValueError(f"the state file's pages of RAM block {block.name} do not match the recorded digest")
     if total > MAX_REWRITTEN:

@@ -168,9 +168,9 @@ async def _reconcile(vm: VM, pid: int, block: ramblocks.RamBlock, want: str, act
     """
     path = vm.checkpoint_file()
     try:
-        pages = {b.name: b.pages for b in statefile.mapped_ram_layout(path)}.get(block.name, 0)
-        if pages:
-            await asyncio.to_thread(ramdigest.reconcile, pid, block, str(path), pages, want)
+        mapped = next((b for b in statefile.mapped_ram_layout(path) if b.name == block.name and b.pages), None)
+        if mapped is not None:
+            await asyncio.to_thread(ramdigest.reconcile, pid, block, path, mapped, want)
             return
         detail = "the block is not in the file"
     except (OSError, ValueError, CheckpointError) as exc:

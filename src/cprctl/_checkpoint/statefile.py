@@ -358,14 +358,13 @@ def device_digest(path: Path, blocks: list[MappedBlock], fsync: bool = False) ->
     return f"{DEVICE_ALGORITHM}:{h.hexdigest()}"
 
 
-def loaded_digest(path: Path, block: MappedBlock, page: int = 4096) -> str:
-    """``"xxh3_128c:<hex>"`` of RAM block *block* as QEMU loads it from *path*: its pages whose bit is set
-    in the block's bitmap, zeros elsewhere (what `ramdigest.digests` finds in the loading QEMU's memory).
+def loaded_chunks(path: Path, block: MappedBlock, page: int = 4096) -> Iterator[bytes]:
+    """RAM block *block* as QEMU loads it from *path*, CHUNK bytes at a time: its pages whose bit is set in
+    the block's bitmap, zeros elsewhere.
 
     :raise FileNotFoundError: the file is gone.
     """
     pages = block.used // page
-    total = xxhash.xxh3_128()
     with open(path, "rb") as f:
         bitmap = os.pread(f.fileno(), (pages + 63) // 64 * 8, block.bitmap)
         for off in range(0, block.used, CHUNK):
@@ -376,7 +375,18 @@ def loaded_digest(path: Path, block: MappedBlock, page: int = 4096) -> str:
                 n = first + i
                 if not bitmap[n // 8] >> (n % 8) & 1:
                     buf[i * page : (i + 1) * page] = bytes(page)
-            total.update(xxhash.xxh3_128(buf).digest())
+            yield bytes(buf)
+
+
+def loaded_digest(path: Path, block: MappedBlock) -> str:
+    """``"xxh3_128c:<hex>"`` of RAM block *block* as QEMU loads it from *path* (`loaded_chunks`: what
+    `ramdigest.digests` finds in the loading QEMU's memory).
+
+    :raise FileNotFoundError: the file is gone.
+    """
+    total = xxhash.xxh3_128()
+    for chunk in loaded_chunks(path, block):
+        total.update(xxhash.xxh3_128(chunk).digest())
     return f"{ALGORITHM}:{total.hexdigest()}"
 
 
