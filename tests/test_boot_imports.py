@@ -1,18 +1,25 @@
 """What ``cprctl restore-all`` imports before its first restore: at boot its python start-up is part of every
 guest's downtime (the timeline's ``queue``; benchmarks/reboot.py), so the save, update and trial paths,
-which a restore never runs, are not imported with it."""
+which a restore never runs, and `status`'s full report and `check` (`inspect`), are not imported with it."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 
-NOT_AT_BOOT = ("cprctl._checkpoint.save", "cprctl._checkpoint.update", "cprctl._checkpoint.warmup")
+NOT_AT_BOOT = (
+    "cprctl._checkpoint.save",
+    "cprctl._checkpoint.update",
+    "cprctl._checkpoint.warmup",
+    "cprctl._checkpoint.inspect",
+    "cprctl._checkpoint.trial",
+    "cprctl._checkpoint.precopy",
+)
 
 
 def test_restore_all_path_imports_no_save_or_update() -> None:
     code = (
-        "import sys, cprctl.cli, cprctl._api, cprctl._checkpoint.fleet\n"
+        "import sys, cprctl.cli, cprctl._api, cprctl._checkpoint.fleet, cprctl._checkpoint.restore\n"
         f"print(' '.join(m for m in {NOT_AT_BOOT!r} if m in sys.modules))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -67,3 +67,20 @@ def test_shares_of_an_older_record_are_unknown() -> None:
     t = timeline.make(cp(timings_ms={"migrate": 300.0}), 105.0, 105.3, None, None, restore_ms={"load": 100.0})
     assert timeline.shares(t) is None
     assert timeline.shares(Timeline(100.0, 100.4, 105.0, 105.3)) is None
+
+
+def test_queue_steps_split_the_queue_at_boot_by_this_process_marks() -> None:
+    """python's start and imports up to restore-all's start, then every VM's state; marks before the
+    process's start (or missing) give no step."""
+    marks = {"restore_all": 130.5, "states": 130.75}
+    assert timeline.queue_steps(130.2, marks) == {"queue_python": 300.0, "queue_states": 250.0}
+    assert timeline.queue_steps(None, marks) == {"queue_states": 250.0}
+    assert timeline.queue_steps(131.0, {"restore_all": 130.5}) == {}
+    assert timeline.queue_steps(130.2, {}) == {}
+    # They are steps of the restore, beside its own: the shares do not change.
+    saved = cp(fleet_done_at=101.0, timings_ms={"migrate_stopped": 300.0})
+    steps = {"check": 100.0, "spawn": 50.0, "start": 150.0, "load": 200.0}
+    plain = timeline.make(saved, 131.0, 131.5, 110.0, 130.2, 112.0, steps)
+    split = timeline.make(saved, 131.0, 131.5, 110.0, 130.2, 112.0, {**steps, **timeline.queue_steps(130.2, marks)})
+    assert timeline.shares(split) == timeline.shares(plain)
+    assert split.restore_ms["queue_python"] == 300.0

@@ -13,18 +13,20 @@ import time
 from dataclasses import dataclass, replace
 from typing import Literal
 
+from .._host import clock
 from .._qemu.argv import ram_layout
 from .._qemu.process import Binary
 from .._store import StateDir, VMLock
 from ..errors import CprctlError, FleetCheckFailed
-from . import inspect, lifecycle, timeline
+from . import lifecycle, timeline
 from .plan import Finding, SuspendMode
 from .report import Quiet, Reporter
 from .restore import restore
-from .vm import open_vm
+from .vm import open_vm, settled
 
-# save, trial and update are imported where used: restore-all runs at boot, in every guest's downtime, and
-# python's imports are a part of it that cprctl adds (issue 16's benchmark: the timeline's ``queue``).
+# save, trial, update and inspect (status, check) are imported where used: restore-all runs at boot, in every
+# guest's downtime, and python's imports are a part of it that cprctl adds (issue 16's benchmark: the
+# timeline's ``queue``).
 
 Outcome = Literal["saved", "restored", "updated", "failed", "left running", "skipped", "shut down", "cold-booted"]
 
@@ -75,6 +77,8 @@ async def save_all(
 
     :raise FleetCheckFailed: with *reboot* alone, when any VM fails its check (nothing was touched).
     """
+    from . import inspect
+
     reboot = reboot or shutdown_unsaveable
     reporter = reporter or Quiet()
     states = {st.name: st.state for st in await inspect.status(sd, reporter=reporter)}  # finishes interrupted ops
@@ -191,8 +195,11 @@ async def restore_all(
     sd: StateDir, *, parallel: int | None = None, sync_time: bool = True, reporter: Reporter | None = None
 ) -> list[VMOutcome]:
     """Restore every saved VM, and boot afresh every VM a host shutdown powered off (it could not be saved)."""
+    clock.mark("restore_all")  # at boot: the end of python's start (see `timeline.queue_steps`)
     reporter = reporter or Quiet()
-    states = {st.name: st.state for st in await inspect.status(sd, reporter=reporter)}  # finishes interrupted ops
+    # Each VM's state once interrupted operations are finished; not `status`'s whole report (at boot it is time).
+    states = {n: (await settled(sd, n, reporter)).state() for n in sd.names()}
+    clock.mark("states")
     saved = [n for n, s in states.items() if s == "saved"]
     saved += [n for n, s in states.items() if s == "stopped" and open_vm(sd, n).record.boot_pending]
     limit = asyncio.Semaphore(parallel or default_parallel())
@@ -236,6 +243,8 @@ async def update_all(
 
     :raise UsageError: *qemu* is not an executable (no VM touched).
     """
+    from . import inspect
+
     reporter = reporter or Quiet()
     binary = Binary.find(qemu).path if qemu else None
     statuses = await inspect.status(sd, reporter=reporter)  # finishes interrupted ops

@@ -13,8 +13,8 @@ from .._qemu import process
 from .._qemu.argv import ram_layout
 from .._qemu.process import Binary
 from .._qemu.qmp import Monitor
-from .._store import StateDir, VMLock
-from ..errors import BusyError, CprctlError, QemuError
+from .._store import StateDir
+from ..errors import CprctlError, QemuError
 from . import disks, kept, statefile, timeline
 from .compat import binary_findings, load_finding, transfer_blockers
 from .facts import binary_info, gather, mount_of, ram_fact, vfio_refusal
@@ -33,7 +33,7 @@ from .plan import (
 from .precopy import warm_path
 from .report import Quiet, Reporter
 from .trial import trial as trial_load
-from .vm import VM, note_host_down, open_vm, ran_before_boot, recover
+from .vm import VM, open_vm, settled
 
 
 @dataclass(frozen=True)
@@ -140,17 +140,7 @@ async def status(sd: StateDir, name: str | None = None, reporter: Reporter | Non
     :raise VMNotFound: *name* is not managed.
     """
     names = [name] if name else sd.names()
-    out = []
-    for n in names:
-        vm = open_vm(sd, n)
-        stale = vm.record.operation is not None and not vm.alive(vm.record.operation.pid)
-        if stale or ran_before_boot(vm):
-            with contextlib.suppress(BusyError), VMLock(vm.folder, n, "recover"):
-                vm = open_vm(sd, n)
-                await recover(vm, reporter or Quiet())
-                note_host_down(vm, reporter or Quiet())
-        out.append(vm_status(vm))
-    return out
+    return [vm_status(await settled(sd, n, reporter or Quiet())) for n in names]
 
 
 async def check(

@@ -491,8 +491,9 @@ def _timeline(cp: Checkpoint, restore_at: float, running_at: float, timings: dic
     """Where the downtime went; across a host reboot (another boot id than the save's), with the new
     kernel's start and this cprctl's (at boot, the unit's ``restore-all``)."""
     if cp.boot_id and cp.boot_id != clock.boot_id():
-        init = clock.process_start(1)
-        return timeline.make(cp, restore_at, running_at, clock.boot_time(), clock.process_start(), init, timings)
+        init, started = clock.process_start(1), clock.process_start()
+        steps = {**timings, **timeline.queue_steps(started, clock.marks())}
+        return timeline.make(cp, restore_at, running_at, clock.boot_time(), started, init, steps)
     return timeline.make(cp, restore_at, running_at, None, None, restore_ms=timings)
 async def _fit_queues(vm: VM, cp: Checkpoint, mon: Monitor, binary: str, compat: list[str]) -> None:
     """Compare the checkpoint's virtqueues with what the new QEMU allocated (see `compat.queue_args`).

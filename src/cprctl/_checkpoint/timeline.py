@@ -17,6 +17,10 @@ its load and its ``cont``), the host (the shutdown after the saves, firmware or 
 cprctl (everything else: hashing and flushing after the save, python's start and imports at boot, the
 restores queued before this one, the state file's checks, the records it writes, the scope it starts QEMU in).
 
+At boot the ``queue`` is split further in the restore's steps (`queue_steps`): ``queue_python`` (python's
+start, its imports and the arguments, up to ``restore-all``'s start) and ``queue_states`` (every VM's state,
+interrupted operations finished); the rest of it is the restores before this one, its lock and its recovery.
+
 Without a reboot in between, ``saved`` (its checkpoint -> its restore) stands for shutdown, reboot, kernel,
 boot and queue. In a container (systemd-nspawn) the kernel does not restart: ``reboot`` runs to the start
 of the container's init, and there is no ``kernel``.
@@ -53,6 +57,18 @@ def make(
         dict(cp.timings_ms),
         dict(restore_ms or {}),
     )
+
+
+def queue_steps(cprctl_at: float | None, marks: dict[str, float]) -> dict[str, float]:
+    """Milliseconds of the queue's first steps (see the module's doc) from this process's *marks*
+    (`clock.mark`: ``restore_all``, ``states``) and its start *cprctl_at*; those it has."""
+    out = {}
+    start, states = marks.get("restore_all"), marks.get("states")
+    if cprctl_at is not None and start is not None and start >= cprctl_at:
+        out["queue_python"] = (start - cprctl_at) * 1000
+    if start is not None and states is not None and states >= start:
+        out["queue_states"] = (states - start) * 1000
+    return {k: round(v, 1) for k, v in out.items()}
 
 
 def segments(t: Timeline) -> dict[str, float]:

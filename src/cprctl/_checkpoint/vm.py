@@ -16,9 +16,9 @@ from .._qemu import process
 from .._qemu.argv import served_sockets
 from .._qemu.qmp import Monitor
 from .._qemu.sockets import drop_sockets, take_over_sockets
-from .._store import StateDir
+from .._store import StateDir, VMLock
 from .._store.statedir import RECORD_FILE
-from ..errors import QemuError, VMNotFound
+from ..errors import BusyError, QemuError, VMNotFound
 from . import disks, record
 from .record import GUEST_RESUMED, VMRecord
 from .report import Reporter
@@ -111,6 +111,20 @@ def open_vm(sd: StateDir, name: str) -> VM:
     vm = VM(name, folder, record.load(folder / RECORD_FILE))
     if not vm.same_boot():
         vm.stale_pid = vm.record.pid
+    return vm
+
+
+async def settled(sd: StateDir, name: str, reporter: Reporter) -> VM:
+    """VM *name* once what an earlier boot or a killed cprctl left is dealt with: an interrupted operation
+    finished or rolled back (`recover`), a VM that ran unsaved when the host went down noted (`note_host_down`).
+    A VM another cprctl holds is returned as it is."""
+    vm = open_vm(sd, name)
+    stale = vm.record.operation is not None and not vm.alive(vm.record.operation.pid)
+    if stale or ran_before_boot(vm):
+        with contextlib.suppress(BusyError), VMLock(vm.folder, name, "recover"):
+            vm = open_vm(sd, name)
+            await recover(vm, reporter)
+            note_host_down(vm, reporter)
     return vm
 
 

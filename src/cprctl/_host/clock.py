@@ -8,6 +8,20 @@ from pathlib import Path
 
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 
+#: Moments this process reached (Unix time), by name: see `mark`.
+_marks: dict[str, float] = {}
+
+
+def mark(name: str) -> None:
+    """Note that this process reached moment *name* now (the first time only): ``restore-all`` marks its
+    start and when it knew every VM's state, and a restore's timeline splits its queue by them."""
+    _marks.setdefault(name, time.time())
+
+
+def marks() -> dict[str, float]:
+    """The moments `mark` noted so far."""
+    return dict(_marks)
+
 
 def boot_time() -> float:
     """When the running kernel started (Unix time, to the millisecond): now less ``CLOCK_BOOTTIME``
