@@ -62,6 +62,8 @@ def test_unit_sizes_mounts_and_timeout(tmp_path: Path) -> None:
     assert "ExecStop=/usr/local/bin/cprctl save-all --shutdown-unsaveable" in text
     # "-": a failed restore (one VM's) still leaves the unit active, so its save runs at the next shutdown.
     assert "ExecStart=-/usr/local/bin/cprctl restore-all" in text
+    # At boot and shutdown only, the saves and restores come before the other services' CPU.
+    assert f"StartupCPUWeight={_units.STARTUP_CPU_WEIGHT}\n" in text and "\nCPUWeight" not in text
     timeout = int(text.split("TimeoutStopSec=")[1].split()[0])
     assert timeout >= (64 << 30) // _units.SLOW_DISK  # only the anonymous 64G is written
 

@@ -37,6 +37,8 @@ UNIT = systemd.GUESTS_UNIT
 SYSTEM_DEST = Path("/etc/systemd/system")
 __all__ = ("UNIT", "install", "size_bytes", "unit_text", "user_dest")
 
+#: The unit's CPU weight while the host boots or shuts down (systemd's default for every unit: 100).
+STARTUP_CPU_WEIGHT = 1000
 #: Assumed worst-case write speed for RAM that goes into state files (bytes/s) when sizing the stop timeout.
 SLOW_DISK = 100_000_000
 
@@ -90,6 +92,9 @@ ExecStop={exe} save-all --shutdown-unsaveable
 TimeoutStartSec={timeout}
 TimeoutStopSec={timeout}
 NotifyAccess=all
+# At boot and shutdown (only then) the restores and saves are the guests' downtime: they come before
+# the rest of the host's services starting or stopping beside them (the cgroup's CPU weight, default 100).
+StartupCPUWeight={STARTUP_CPU_WEIGHT}
 # VMs run in scopes of their own (cprctl-NAME.scope, ordered Before= this unit). QEMUs an older
 # cprctl restored at boot live in this unit's cgroup: never kill one that could not be saved.
 KillMode=process
