@@ -430,6 +430,8 @@ async def _load(
         # An incoming query-migrate has no RAM counters: QEMU's own read count tells how far the load is.
         start = process.bytes_read(pid) or 0
         total = min(cp.size, statefile.stored_bytes(vm.checkpoint_file()))
+        timings["setup"] = (time.perf_counter() - t) * 1000  # cprctl's asking, before QEMU's load (as a save's)
+        t = time.perf_counter()
         await mon.execute("migrate-incoming", {"uri": f"file:{cp.state_file}"})
 
         def loading(_info: object) -> None:

@@ -13,9 +13,11 @@ that restored it, its restore's start and the guest's resume):
     restore    -> its guest running again
 
 `shares` splits the same downtime by who spent it: QEMU (its migration after the guest stopped, its start,
-its load and its ``cont``), the host (the shutdown after the saves, firmware or kexec, kernel, systemd) and
-cprctl (everything else: hashing and flushing after the save, python's start and imports at boot, the
-restores queued before this one, the state file's checks, the records it writes, the scope it starts QEMU in).
+its load from ``migrate-incoming`` to the loaded state, and its ``cont``), the host (the shutdown after the
+save, other VMs' saves included: the host goes down once all are saved; firmware or kexec, kernel, systemd up
+to the unit) and cprctl (everything else: hashing and flushing after the save, python's start and imports at
+boot, the restores queued before this one, the state file's checks, setting QEMU's migration parameters, the
+RAM's verification, the records it writes, the scope it starts QEMU in).
 
 At boot the ``queue`` is split further in the restore's steps (`queue_steps`): ``queue_python`` (python's
 start, its imports and the arguments, up to ``restore-all``'s start) and ``queue_states`` (every VM's state,
