@@ -4,8 +4,10 @@ which a restore never runs, and `status`'s full report and `check` (`inspect`), 
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 NOT_AT_BOOT = (
     "cprctl._checkpoint.save",
@@ -27,3 +29,24 @@ def test_restore_all_path_imports_no_save_or_update() -> None:
     # It can fail: the save path is what save-all imports.
     code = "import sys, cprctl._checkpoint.fleet as f, asyncio; from cprctl._checkpoint import save; print('ok')"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "ok\n"
+
+
+def test_the_units_boot_entry_imports_no_cli() -> None:
+    """`cprctl._boot` (the unit's ExecStart) imports neither click nor the CLI, besides the above."""
+    code = (
+        "import sys, cprctl._boot, cprctl._api, cprctl._checkpoint.fleet, cprctl._checkpoint.restore\n"
+        f"print(' '.join(m for m in {(*NOT_AT_BOOT, 'click', 'cprctl.cli', 'rich')!r} if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "", f"imported by the unit's restore-all: {done.stdout}"
+
+
+def test_the_units_boot_entry_runs_restore_all(tmp_path: Path) -> None:
+    """With no VM it restores none and says so (the unit's status line); other arguments are refused."""
+    env = {**os.environ, "CPRCTL_STATE_DIR": str(tmp_path / "state")}
+    env.pop("NOTIFY_SOCKET", None)
+    run = [sys.executable, "-m", "cprctl._boot"]
+    done = subprocess.run([*run, "restore-all"], capture_output=True, text=True, env=env, cwd="/")
+    assert done.returncode == 0 and done.stdout == "no VMs\n", done
+    wrong = subprocess.run([*run, "save-all"], capture_output=True, text=True, env=env, cwd="/")
+    assert wrong.returncode == 2 and wrong.stderr.startswith("usage:"), wrong

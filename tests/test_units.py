@@ -101,3 +101,17 @@ def test_unit_waits_for_exactly_what_the_vms_need(tmp_path: Path) -> None:
     assert sorted(mounts) == sorted(want)
     assert "After=network.target\n" in text and "network-online" not in text
     assert "network" not in _units.unit_text(sd, exe="/usr/local/bin/cprctl", user=True)
+
+
+def test_boot_runs_the_commands_python_on_the_lean_entry(tmp_path: Path) -> None:
+    """The unit starts restore-all with the python of the cprctl command (its #! line) on `cprctl._boot`, which
+    imports less before the first restore; a command whose python is unknown or lacks cprctl runs as itself."""
+    script = tmp_path / "cprctl"
+    script.write_text(f"#!{sys.executable}\nimport sys\nfrom cprctl.cli import main\nsys.exit(main())\n")
+    assert _units.boot_command(str(script)) == f"{sys.executable} -m cprctl._boot restore-all"
+    sd = StateDir(tmp_path / "state")
+    assert f"ExecStart=-{sys.executable} -m cprctl._boot restore-all\n" in _units.unit_text(sd, exe=str(script))
+    other = tmp_path / "other"
+    other.write_text("#!/bin/sh\nexec cprctl \"$@\"\n")
+    assert _units.boot_command(str(other)) == f"{other} restore-all"
+    assert _units.boot_command(str(tmp_path / "missing")) == f"{tmp_path / 'missing'} restore-all"

@@ -1,7 +1,7 @@
 """systemd integration: ``cprctl-guests.service`` saves every VM at shutdown and restores them at boot.
 
 Like libvirt-guests, the unit is a oneshot that stays active: ``ExecStart``
-(at boot) runs ``restore-all``, ``ExecStop`` (at shutdown, before the
+(at boot) runs ``restore-all`` (through `cprctl._boot`, which imports less), ``ExecStop`` (at shutdown, before the
 filesystems it needs are unmounted) runs ``save-all --shutdown-unsaveable``:
 every VM that can be saved is, the others are shut down cleanly. ``ExecStart`` is
 prefixed with ``-``: a boot whose ``restore-all`` failed for one VM (it keeps its
@@ -64,6 +64,31 @@ def _facts(sd: StateDir) -> tuple[list[str], int, bool]:
     return sorted(mounts), written, network
 
 
+def boot_command(exe: str) -> str:
+    """What the unit runs at boot: ``PYTHON -m cprctl._boot restore-all`` with the python of the ``cprctl``
+    command *exe* (its ``#!`` line), which imports less than the CLI before the first restore (`cprctl._boot`);
+    ``EXE restore-all`` when that python is not known or cannot import it."""
+    try:
+        with open(exe, "rb") as f:
+            first = f.readline(4096).decode(errors="replace")
+    except OSError:
+        first = ""
+    python = first[2:].split()[:1] if first.startswith("#!") else []
+    if python and os.path.isabs(python[0]) and " " not in python[0] and _imports_boot(python[0]):
+        return f"{python[0]} -m cprctl._boot restore-all"
+    return f"{exe} restore-all"
+
+
+def _imports_boot(python: str) -> bool:
+    """Whether *python* imports `cprctl._boot` as the unit would run it (from /, no PYTHONPATH)."""
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    try:
+        done = subprocess.run([python, "-c", "import cprctl._boot"], cwd="/", env=env, capture_output=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
+
+
 def unit_text(sd: StateDir, exe: str | None = None, user: bool = False) -> str:
     """The unit for state directory *sd*, with mounts and stop timeout sized from its VMs now."""
     exe = exe or shutil.which("cprctl") or str(Path(sys.argv[0]).resolve())
@@ -85,7 +110,7 @@ Description=Save running QEMU VMs at shutdown and restore them at boot (cprctl, 
 Type=oneshot
 RemainAfterExit=yes
 Environment=CPRCTL_STATE_DIR={state}
-ExecStart=-{exe} restore-all
+ExecStart=-{boot_command(exe)}
 ExecStop={exe} save-all --shutdown-unsaveable
 # A floor sized from the VMs' RAM at install ({written >> 20} MiB written at most); cprctl extends it
 # (sd_notify EXTEND_TIMEOUT_USEC) while saves and loads make progress, never without progress.
@@ -100,6 +125,7 @@ StartupCPUWeight={STARTUP_CPU_WEIGHT}
 KillMode=process
 StandardOutput=journal
 StandardError=journal
+SyslogIdentifier=cprctl
 
 [Install]
 WantedBy={"default.target" if user else "multi-user.target"}

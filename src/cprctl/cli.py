@@ -7,7 +7,6 @@ import json
 import signal
 import sys
 import threading
-from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
@@ -393,8 +392,9 @@ def _unit_status(rep: TermReporter | systemd.Notifier, outcomes: list[VMOutcome]
     if not isinstance(rep, systemd.Notifier):
         _summary(outcomes, as_json)
         return
-    counts = Counter(o.outcome for o in outcomes)
-    rep.status(", ".join(f"{n} {what}" for what, n in sorted(counts.items())) or "no VMs")
+    from ._checkpoint.fleet import summary
+
+    rep.status(summary(outcomes))
     if not all(o.ok for o in outcomes):
         sys.exit(1)
 

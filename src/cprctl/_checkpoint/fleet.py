@@ -50,6 +50,14 @@ class VMOutcome:
         return self.outcome in ("saved", "restored", "updated", "skipped", "cold-booted")
 
 
+def summary(outcomes: list[VMOutcome]) -> str:
+    """How many VMs had each outcome, in a few words (a unit's ``STATUS=``): ``1 failed, 2 restored``."""
+    counts: dict[str, int] = {}
+    for o in outcomes:
+        counts[o.outcome] = counts.get(o.outcome, 0) + 1
+    return ", ".join(f"{n} {what}" for what, n in sorted(counts.items())) or "no VMs"
+
+
 def default_parallel() -> int:
     return max(1, os.cpu_count() or 1)
 
