@@ -213,6 +213,73 @@ def _data_disk(path: Path, guest: Path) -> None:
         _run(["mkfs.ext4", "-q", "-F", "-L", "cprdata", "-d", str(stage), str(path)])
 
 
+OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
+OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+#: What a Debian host's GRUB does by default (``GRUB_TIMEOUT=5``: the menu waits 5 s), booting the kernel
+#: and initrd the image's /vmlinuz and /initrd.img point to, from the root filesystem (label ``cprhost``).
+GRUB_CFG = """\
+set timeout=5
+insmod part_msdos
+insmod ext2
+search --no-floppy --label cprhost --set=root
+menuentry 'Debian GNU/Linux' {{
+    linux /vmlinuz {cmdline}
+    initrd /initrd.img
+}}
+"""
+UEFI_TOOLS = {"grub-mkstandalone": "grub-common", "mformat": "mtools", str(OVMF_CODE): "ovmf"}
+GRUB_EFI = Path("/usr/lib/grub/x86_64-efi")
+
+
+def uefi_disks(work: Path, cmdline: str) -> list[str]:
+    """QEMU arguments for a UEFI boot as a Debian host's: OVMF (its variables in *work*) and a third disk,
+    an EFI system partition (on SATA) with GRUB as the removable-media loader (``EFI/BOOT/BOOTX64.EFI``),
+    whose menu boots the root filesystem's kernel with *cmdline*. The root and data disks stay vda and vdb.
+
+    :raise RuntimeError: a tool is missing (which Debian package has it).
+    """
+    missing = sorted({pkg for tool, pkg in UEFI_TOOLS.items() if not (shutil.which(tool) or Path(tool).exists())})
+    if not GRUB_EFI.is_dir():
+        missing.append("grub-efi-amd64-bin")
+    if missing:
+        raise RuntimeError(f"a UEFI boot of the host VM needs: apt-get install {' '.join(missing)}")
+    vars_fd = work / "OVMF_VARS.fd"
+    shutil.copy(OVMF_VARS, vars_fd)
+    cfg, efi, esp = work / "grub.cfg", work / "BOOTX64.EFI", work / "esp.img"
+    cfg.write_text(GRUB_CFG.format(cmdline=cmdline))
+    mods = "linux normal ext2 part_msdos fat search search_label echo test gzio configfile"
+    _run(["grub-mkstandalone", "-O", "x86_64-efi", "-o", str(efi), f"--install-modules={mods}",
+          "--modules=part_msdos ext2 fat", "--locales=", "--fonts=", f"boot/grub/grub.cfg={cfg}"])  # fmt: skip
+    _esp(esp, efi)
+    return [
+        "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
+        "-drive", f"if=pflash,format=raw,unit=1,file={vars_fd}",
+        "-drive", f"file={esp},if=none,id=esp,format=raw",
+        # On q35's own SATA (AHCI): a virtio disk of its own would take a PCI slot before the root disk's
+        # (QEMU adds ``if=virtio`` drives' devices after every -device), and root=/dev/vda would name it.
+        "-device", "ide-hd,drive=esp,bus=ide.0,bootindex=0",
+    ]  # fmt: skip
+
+
+def _esp(path: Path, loader: Path, mib: int = 64) -> None:
+    """A disk of *mib* MiB with one MBR partition of type EF (EFI system) from 1 MiB on, FAT, holding *loader*
+    as ``EFI/BOOT/BOOTX64.EFI``."""
+    import struct
+
+    start = 2048
+    with open(path, "wb") as f:
+        f.truncate(mib << 20)
+        lba = b"\xfe\xff\xff"  # CHS fields unused: LBA addressing
+        f.seek(0x1BE)
+        f.write(struct.pack("<B3sB3sII", 0, lba, 0xEF, lba, start, (mib << 20) // 512 - start))
+        f.seek(0x1FE)
+        f.write(b"\x55\xaa")
+    part = f"{path}@@{start * 512}"
+    _run(["mformat", "-i", part, "-F", "-v", "ESP", "::"])
+    _run(["mmd", "-i", part, "::/EFI", "::/EFI/BOOT"])
+    _run(["mcopy", "-i", part, str(loader), "::/EFI/BOOT/BOOTX64.EFI"])
+
+
 def _die_with_parent() -> None:
     """In the child: SIGKILL when the test process dies (a killed pytest leaves no host VM behind)."""
     import ctypes
@@ -309,9 +376,22 @@ class Result:
 
 
 class HostVM:
-    """The host VM's QEMU, started by this process, and its agent channel."""
+    """The host VM's QEMU, started by this process, and its agent channel.
 
-    def __init__(self, image: Image, work: Path, guest: Path, extra: tuple[str, ...] = (), append: str = "") -> None:
+    *firmware* ``kernel`` (the tests): QEMU loads the image's default kernel itself (``-kernel``, SeaBIOS
+    boots it at once); ``uefi``: as a Debian host boots, UEFI firmware (OVMF) then GRUB from an EFI system
+    partition (Debian's menu timeout) then the kernel GRUB reads from the root filesystem (`uefi_disks`).
+    """
+
+    def __init__(
+        self,
+        image: Image,
+        work: Path,
+        guest: Path,
+        extra: tuple[str, ...] = (),
+        append: str = "",
+        firmware: str = "kernel",
+    ) -> None:
         self.image = image
         self.work = work
         self.kernel = image.kernels[0]
@@ -321,14 +401,19 @@ class HostVM:
         _data_disk(self.data, guest)
         self.console = work / "console.log"
         self.agent = Agent(work / "qga.sock")
+        cmdline = f"root=/dev/vda rw console=ttyS0 {append}".strip()
+        if firmware == "uefi":
+            boot = uefi_disks(work, cmdline)
+        else:
+            boot = ["-kernel", str(image.vmlinuz(self.kernel)), "-initrd", str(image.initrd(self.kernel))]
+            boot += ["-append", cmdline]
         argv = [
             QEMU,
             "-accel", "tcg,thread=multi", "-cpu", "max", "-smp", "2", "-m", "3G", "-machine", "q35",
             "-display", "none", "-nodefaults",
-            "-kernel", str(image.vmlinuz(self.kernel)), "-initrd", str(image.initrd(self.kernel)),
-            "-append", f"root=/dev/vda rw console=ttyS0 {append}".strip(),
             "-drive", f"file={self.overlay},if=virtio,format=qcow2,cache=unsafe",
             "-drive", f"file={self.data},if=virtio,format=raw",
+            *boot,
             "-chardev", f"file,id=con0,path={self.console},append=on", "-serial", "chardev:con0",
             "-chardev", f"socket,id=qga0,path={self.agent.path},server=on,wait=off",
             "-device", "virtio-serial-pci",
