@@ -8,7 +8,11 @@ boot both guests must run again with the same guest boot id, their tick counter 
 verifying; their timeline (``cprctl status --json``: ``downtime``, ``downtime_shares``,
 ``downtime_steps_ms``) is collected. Writes its own section of ``RESULTS.md``.
 
-    .venv/bin/python benchmarks/reboot.py [--rounds 3] [--ram-mib 256] [--fill 64] [--note "..."]
+    .venv/bin/python benchmarks/reboot.py [--rounds 3] [--host-boot uefi] [--ram-mib 256] [--fill 64] [--note "..."]
+
+``--host-boot uefi`` (the default) boots the host VM as a Debian host boots: UEFI firmware (OVMF), GRUB with
+Debian's 5 s menu, then the kernel; ``kernel`` boots it as the tests do (QEMU's ``-kernel``: no firmware
+to speak of and no boot loader, so a cold reboot there skips what a real one has and kexec saves).
 
 Run as root (it boots a VM with QEMU and builds the image on first use, like ``make test-hostvm``).
 """
@@ -38,6 +42,8 @@ from common import machine_info  # noqa: E402
 from tests.guestvm import guest_dir  # noqa: E402
 from tests.hostvm import (  # noqa: E402
     QEMU,
+    SRC,
+    VENV,
     HostVM,
     cached_image,
     console_text,
@@ -52,6 +58,13 @@ KINDS = {"reboot": "cprctl reboot", "kexec": "cprctl reboot --kexec"}
 BLOB = "/srv/vms/blob"
 GOAL_SHARE = 0.10
 GOAL_KEXEC = 0.6
+#: What a cold reboot goes through before the kernel, by ``--host-boot``.
+COLD = {
+    "uefi": "the host VM's reset, its UEFI firmware (OVMF), GRUB with Debian's 5 s menu, GRUB reading the kernel "
+    "and initrd, then the kernel: as a Debian host boots",
+    "kernel": "the host VM's reset, SeaBIOS loading the kernel QEMU was given (`-kernel`): no boot loader, "
+    "less firmware than any real host's",
+}
 
 
 @dataclass
@@ -64,6 +77,11 @@ class Round:
     wall_s: float
     kernel: str
     guests: dict[str, dict[str, object]] = field(default_factory=dict)
+    #: The load average at the round's end, the CPU seconds the host VM's QEMU got during it, and the boot's
+    #: ``systemd-analyze`` line (firmware, loader, kernel, initrd, userspace).
+    loadavg_end: float = 0.0
+    cpu_s: float = 0.0
+    analyze: str = ""
 
     def total(self, name: str) -> float:
         return float(self.guests[name]["downtime"]["total"])  # type: ignore[index]
@@ -117,14 +135,17 @@ def firmware_argv(name: str, ram: str, ram_mib: int) -> list[str]:
     return argv
 
 
-def setup(work: Path, ram_mib: int, fill: int, firmware_only: bool) -> HostVM:
+def setup(work: Path, ram_mib: int, fill: int, firmware_only: bool, host_boot: str) -> HostVM:
     t = time.monotonic()
     image = cached_image()
     print(f"host image: {time.monotonic() - t:.0f} s", flush=True)
     t = time.monotonic()
-    host = HostVM(image, work, guest_dir())
-    print(f"host VM booted: {time.monotonic() - t:.0f} s", flush=True)
+    host = HostVM(image, work, guest_dir(), firmware=host_boot)
+    print(f"host VM booted ({host_boot}): {time.monotonic() - t:.0f} s", flush=True)
     host.install()
+    # Byte-compiled as an installed package is (pip and Debian's packages compile at install; the tests' install
+    # copies the sources only): else the first boot's restore-all would compile cprctl inside the guests' downtime.
+    host.sh(f"{VENV}/bin/python -m compileall -q {SRC} && sync", timeout=900)
     host.wait_kvm()
     if firmware_only:
         host.sh(f"mkdir -p /srv/vms && head -c {fill}M /dev/urandom > {BLOB}")
@@ -147,11 +168,14 @@ def one_round(host: HostVM, kind: str, n: int, firmware_only: bool) -> Round:
     plan = host.sh(f"{KINDS[kind]} --dry-run", timeout=300)
     print(plan.strip(), flush=True)
     before = {} if firmware_only else {name: _ticks(host, name) for name in GUESTS}
-    load = os.getloadavg()[0]
+    load, cpu = os.getloadavg()[0], host.cpu_seconds()
     wall = host.reboot_with(KINDS[kind], timeout=1800)
     _assert_back(host, before)
     st = host.status()
     rnd = Round(kind, n, load, wall, host.sh("uname -r").strip())
+    rnd.loadavg_end, rnd.cpu_s = os.getloadavg()[0], host.cpu_seconds() - cpu
+    analyze = host.exec("systemd-analyze", check=False).out.strip().splitlines()
+    rnd.analyze = analyze[0] if analyze else ""
     for name in GUESTS:
         row = st[name]
         if row["state"] != "running" or not row.get("downtime_shares"):
@@ -174,13 +198,18 @@ def host_facts(host: HostVM) -> dict[str, str]:
     out["critical chain"] = " ".join(
         host.exec("systemd-analyze critical-chain cprctl-guests.service --no-pager", check=False).out.split()
     )[-600:]
-    starts = []
-    for _ in range(3):
-        t = host.sh("a=$(date +%s%N); cprctl --version >/dev/null; b=$(date +%s%N); echo $(( (b - a) / 1000000 ))")
-        starts.append(int(t.strip()))
-    out["`cprctl --version` wall ms (3 runs, warm cache)"] = ", ".join(map(str, starts))
-    imp = host.exec(f"cd / && {host_python()} -X importtime -c 'import cprctl.cli' 2>&1 | tail -1", check=False)
-    out["`import cprctl.cli` (-X importtime, cumulative µs of the last line)"] = imp.out.strip()
+    boot = "import cprctl._boot, cprctl._api, cprctl._checkpoint.fleet, cprctl._checkpoint.restore"
+    for what, code in (("the CLI (`import cprctl.cli`)", "import cprctl.cli"), ("the unit's boot entry", boot)):
+        starts = []
+        for _ in range(3):
+            t = host.sh(f"cd / && a=$(date +%s%N); {host_python()} -c '{code}'; b=$(date +%s%N); "
+                        "echo $(( (b - a) / 1000000 ))")  # fmt: skip
+            starts.append(int(t.strip()))
+        out[f"python's start and imports of {what}, wall ms (3 runs, warm cache, idle host VM)"] = ", ".join(
+            map(str, starts)
+        )
+    unit = host.exec("systemctl show -p ExecStart --value cprctl-guests.service", check=False).out.strip()
+    out["the unit's ExecStart"] = unit[:300]
     return out
 
 
@@ -197,8 +226,8 @@ def _med_worst(values: list[float]) -> tuple[float, float]:
 def section(rounds: list[Round], facts: dict[str, str], info: dict[str, str], args: argparse.Namespace) -> str:
     lines = [TITLE, ""]
     lines.append(
-        f"`benchmarks/reboot.py --rounds {args.rounds} --ram-mib {args.ram_mib} --fill {args.fill}"
-        f"{' --firmware-only' if args.firmware_only else ''}`, {info['date']}. The Debian 13 host VM "
+        f"`benchmarks/reboot.py --rounds {args.rounds} --host-boot {args.host_boot} --ram-mib {args.ram_mib} "
+        f"--fill {args.fill}{' --firmware-only' if args.firmware_only else ''}`, {info['date']}. The Debian 13 host VM "
         "(tests/hostvm.py: 2 vCPUs under TCG, 3 GiB, QEMU 10.0.13 and cprctl with its unit inside) runs two "
         f"nested guests with `-accel kvm` (the host VM's emulated SVM): `file` ({args.ram_mib} MiB in a "
         f"shared file, kept in place) and `anon` ({args.ram_mib} MiB anonymous, written as mapped-ram), "
@@ -210,19 +239,26 @@ def section(rounds: list[Round], facts: dict[str, str], info: dict[str, str], ar
             else f"the demo guest dirtying {args.fill} MiB; after each round both ran again with the same guest "
             "boot, the tick counter continuous and RAM verifying. "
         )
-        + "Each round is `cprctl reboot` (the host VM's firmware, SeaBIOS with `-kernel`, then the kernel) or "
-        "`cprctl reboot --kexec` (no firmware); after each, `status` showed both running. **This machine is "
+        + f"Each round is `cprctl reboot` ({COLD[args.host_boot]}) or "
+        "`cprctl reboot --kexec` (no firmware, no boot loader: the new kernel straight from the old); after each, "
+        "`status` showed both running. **This machine is "
         "shared and loaded** (other helpers' QEMUs under TCG on its 2 cores; load average at each round's "
         "start in the last table): absolute numbers are slow and noisy."
     )
     if args.note:
         lines += ["", args.note]
-    lines += ["", "cprctl's own share (`cprctl status --json`: `downtime_shares`, `timeline.shares`) is the downtime "
-              "less QEMU's own work (its migration after the guest stopped, its process start less the scope's "
-              "`systemd-run`, its load and `cont`) and less the host's (the shutdown after the saves, firmware or "
-              "kexec, kernel, systemd up to the unit): hashing and flushing after the save, python's start and "
-              "imports at boot, waiting for other restores, the state file's checks, its records' fsyncs, the "
-              "scope it starts QEMU in."]
+    lines += [
+        "",
+        "cprctl's own share (`cprctl status --json`: `downtime_shares`, `timeline.shares`) is the downtime less "
+        "QEMU's own work (its migration after the guest stopped; at boot its process start less the scope's "
+        "`systemd-run`, its load from `migrate-incoming` on, and its `cont`) and less the host's (the shutdown "
+        "after this VM's save, the other VMs' saves included, then firmware, boot loader or kexec, the kernel, "
+        "systemd up to the unit): the save's digest and flush, python's start and imports at boot "
+        "(`queue_python`), every VM's state (`queue_states`), the state file's checks (`check`), the scope's "
+        "`systemd-run` (`spawn`), QEMU's migration parameters (`setup`), the RAM's verification "
+        "(`verify_wait`, `verify_ram`) and the records' fsyncs (`resume` less `cont`). The clocks of two boots "
+        "are compared (each read from the RTC at boot, 1 s resolution, no NTP in the host VM): ±1 s.",
+    ]
     lines += ["", "| how | guest | rounds | downtime median s | worst s | cprctl's share median | worst | goal |",
               "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     med: dict[tuple[str, str], float] = {}
@@ -261,7 +297,8 @@ def section(rounds: list[Round], facts: dict[str, str], info: dict[str, str], ar
             lines.append(f"| {kind} | {g} | " + " | ".join(f"{c:.2f}" for c in [*cells, *shares]) + " |")
     steps = sorted({k for r in rounds for g in GUESTS for k in r.guests[g]["downtime_steps_ms"]["restore"]})  # type: ignore[index]
     lines += ["", "Median ms of each restore step at boot (`downtime_steps_ms`; `start` includes `spawn`, "
-              "the scope's systemd-run; `verify` runs beside `load`):", "",
+              "the scope's systemd-run; `verify` runs beside `load`; `queue_python` and `queue_states` are the "
+              "first two parts of the `queue`, before any restore):", "",
               "| how | guest | " + " | ".join(steps) + " |", "|---|---|" + "---|" * len(steps)]  # fmt: skip
     for kind in KINDS:
         for g in GUESTS:
@@ -273,15 +310,17 @@ def section(rounds: list[Round], facts: dict[str, str], info: dict[str, str], ar
                 ]
                 lines.append(f"| {kind} | {g} | " + " | ".join(f"{v:.0f}" for v in vals) + " |")
     lines += ["", "Every round (seconds; the host's wall time is from `cprctl reboot` to the agent answering "
-              "in a booted system):", "", "| # | how | kernel after | load avg | host wall | file | anon |",
-              "|---|---|---|---|---|---|---|"]  # fmt: skip
+              "in a booted system; load average at its start and end; CPU seconds the host VM's QEMU got in it; "
+              "the boot's `systemd-analyze`):", "",
+              "| # | how | kernel after | load avg | host wall | host VM CPU | file | anon | systemd-analyze |",
+              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rounds:
         lines.append(
-            f"| {r.n} | {r.kind} | {r.kernel} | {r.loadavg:.1f} | {r.wall_s:.0f} | {_line(r, 'file')} "
-            f"| {_line(r, 'anon')} |"
+            f"| {r.n} | {r.kind} | {r.kernel} | {r.loadavg:.1f} to {r.loadavg_end:.1f} | {r.wall_s:.0f} "
+            f"| {r.cpu_s:.0f} | {_line(r, 'file')} | {_line(r, 'anon')} | {r.analyze} |"
         )
     if facts:
-        lines += ["", "Inside the host VM (last boot):", ""]
+        lines += ["", "Inside the host VM (after the first round's boot):", ""]
         lines += [f"- {k}: {v}" for k, v in facts.items()]
     lines += ["", "This machine: " + "; ".join(f"{k} {v}" for k, v in info.items()), ""]
     return "\n".join(lines)
@@ -302,6 +341,13 @@ def main() -> int:
         action="store_true",
         help="nested guests with no OS (SeaBIOS waiting, --fill MiB of random bytes loaded in RAM): no first boot",
     )
+    ap.add_argument(
+        "--host-boot",
+        choices=("uefi", "kernel"),
+        default="uefi",
+        help="how the host VM boots cold: uefi (OVMF, GRUB, the kernel: as a Debian host) or kernel (QEMU's "
+        "-kernel, as the tests) (default: %(default)s)",
+    )
     ap.add_argument("--note", default="", help="a line added to the section (e.g. what else ran)")
     ap.add_argument("--out", default=str(HERE / "RESULTS.md"))
     ap.add_argument("--raw", default="", help="also write every round as JSON here")
@@ -311,9 +357,11 @@ def main() -> int:
     if args.from_raw:
         rounds = [Round(**r) for r in json.loads(Path(args.from_raw).read_text())]
         raw = Path(args.from_raw)
+        facts_file = raw.with_suffix(".facts.json")
+        facts = json.loads(facts_file.read_text()) if facts_file.exists() else {}
         info = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(raw.stat().st_mtime)), "from": str(raw)}
         out = Path(args.out)
-        text = section(rounds, {}, info, args)
+        text = section(rounds, facts, info, args)
         print(text)
         out.write_text(replace_section(out.read_text() if out.exists() else "# Results\n", TITLE, text))
         return 0
@@ -323,15 +371,18 @@ def main() -> int:
     rounds: list[Round] = []
     try:
         info = machine_info("qemu-system-x86_64", work)
-        host = setup(work, args.ram_mib, args.fill, args.firmware_only)
+        host = setup(work, args.ram_mib, args.fill, args.firmware_only, args.host_boot)
+        facts: dict[str, str] = {}
         for n in range(1, args.rounds + 1):
             for kind in kinds:
                 rounds.append(one_round(host, kind, n, args.firmware_only))
                 if args.raw:
                     Path(args.raw).write_text(json.dumps([r.__dict__ for r in rounds], indent=1))
-        facts = host_facts(host)
-        if args.raw:
-            Path(args.raw).with_suffix(".facts.json").write_text(json.dumps(facts, indent=1))
+                if not facts:  # once, after the first reboot (a run cut short has them too)
+                    facts = host_facts(host)
+                    print(json.dumps(facts, indent=1), flush=True)
+                    if args.raw:
+                        Path(args.raw).with_suffix(".facts.json").write_text(json.dumps(facts, indent=1))
         text = section(rounds, facts, info, args)
         print(text)
         out = Path(args.out)
