@@ -247,9 +247,9 @@ def uefi_disks(work: Path, cmdline: str) -> list[str]:
     shutil.copy(OVMF_VARS, vars_fd)
     cfg, efi, esp = work / "grub.cfg", work / "BOOTX64.EFI", work / "esp.img"
     cfg.write_text(GRUB_CFG.format(cmdline=cmdline))
-    mods = "linux normal ext2 part_msdos fat search search_label echo test gzio configfile"
-    _run(["grub-mkstandalone", "-O", "x86_64-efi", "-o", str(efi), f"--install-modules={mods}",
-          "--modules=part_msdos ext2 fat", "--locales=", "--fonts=", f"boot/grub/grub.cfg={cfg}"])  # fmt: skip
+    # Every module in its memdisk, as /boot/grub holds them on a Debian host (`search` tries each filesystem's).
+    _run(["grub-mkstandalone", "-O", "x86_64-efi", "-o", str(efi), "--modules=part_msdos ext2 fat",
+          "--locales=", "--fonts=", f"boot/grub/grub.cfg={cfg}"])  # fmt: skip
     _esp(esp, efi)
     return [
         "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
@@ -257,7 +257,9 @@ def uefi_disks(work: Path, cmdline: str) -> list[str]:
         "-drive", f"file={esp},if=none,id=esp,format=raw",
         # On q35's own SATA (AHCI): a virtio disk of its own would take a PCI slot before the root disk's
         # (QEMU adds ``if=virtio`` drives' devices after every -device), and root=/dev/vda would name it.
-        "-device", "ide-hd,drive=esp,bus=ide.0,bootindex=0",
+        # No bootindex: with one, OVMF connects only the devices in the boot order, and GRUB would not see
+        # the root disk; without, it connects all and boots the first EFI loader it finds (the ESP's).
+        "-device", "ide-hd,drive=esp,bus=ide.0",
     ]  # fmt: skip
 
 
