@@ -18,10 +18,11 @@ from .._host import kexec, systemd
 from .._host.kexec import KexecKernel
 from .._store import StateDir
 from ..errors import FleetCheckFailed, UsageError
-from . import inspect
+from . import inspect, timeline
 from .fleet import blocks, broken_finding
 from .plan import Finding, SuspendMode, estimate, estimate_restore, written_bytes
 from .report import Quiet, Reporter
+from .vm import open_vm
 
 How = Literal["reboot", "kexec"]
 #: The segments of a VM's downtime that are the host's own reboot (see `timeline`).
@@ -104,9 +105,8 @@ async def reboot(
         raise UsageError(f"reboot refused, nothing touched: {refusals[0]}")
     statuses = await inspect.status(sd)  # finishes interrupted operations, as save-all does
     vms, refused = await _vm_plans(sd, statuses, suspend, force)
-    last = [sum(d.get(k, 0.0) for k in HOST_SEGMENTS) for st in statuses if (d := st.downtime) and "reboot" in d]
     plan = RebootPlan(
-        "kexec" if use_kexec else "reboot", chosen, vms, refusals, _saves_s(vms), last_host_s=max(last, default=None)
+        "kexec" if use_kexec else "reboot", chosen, vms, refusals, _saves_s(vms), last_host_s=_last_host_s(sd, statuses)
     )
     if refused and not dry_run:
         raise FleetCheckFailed(refused, "reboot")
@@ -115,6 +115,16 @@ async def reboot(
         return plan
     await asyncio.to_thread(_hand_over, plan, reporter)
     return RebootPlan(plan.how, plan.kernel, plan.vms, [], plan.saves_s, True, plan.last_host_s)
+
+
+def _last_host_s(sd: StateDir, statuses: list[inspect.VMStatus]) -> float | None:
+    """Seconds of the host's own part (`HOST_SEGMENTS`) of the last reboot a VM was restored across: that of
+    the latest such restore (a VM restored long ago, since stopped, speaks of an older one); None without."""
+    timelines = [tl for st in statuses if (tl := open_vm(sd, st.name).record.timeline) and tl.boot_at is not None]
+    if not timelines:
+        return None
+    seg = timeline.segments(max(timelines, key=lambda tl: tl.restore_at))
+    return sum(seg.get(k, 0.0) for k in HOST_SEGMENTS)
 
 
 def host_refusals(use_kexec: bool) -> list[str]:
