@@ -198,8 +198,11 @@ def host_facts(host: HostVM) -> dict[str, str]:
     out["critical chain"] = " ".join(
         host.exec("systemd-analyze critical-chain cprctl-guests.service --no-pager", check=False).out.split()
     )[-600:]
-    boot = "import cprctl._boot, cprctl._api, cprctl._checkpoint.fleet, cprctl._checkpoint.restore"
-    for what, code in (("the CLI (`import cprctl.cli`)", "import cprctl.cli"), ("the unit's boot entry", boot)):
+    path = "cprctl._api, cprctl._checkpoint.fleet, cprctl._checkpoint.restore"
+    for what, code in (
+        ("restore-all through the CLI (`cprctl.cli` and the restore path)", f"import cprctl.cli, {path}"),
+        ("restore-all through the unit's entry (`cprctl._boot` and the restore path)", f"import cprctl._boot, {path}"),
+    ):
         starts = []
         for _ in range(3):
             t = host.sh(f"cd / && a=$(date +%s%N); {host_python()} -c '{code}'; b=$(date +%s%N); "
