@@ -778,12 +778,15 @@ def ratios(res: Results, sizes: list[int]) -> list[Ratio]:
                 + steps.get("restore.verify_wait", steps.get("restore.verify", 0.0))
                 + steps.get("restore.verify_ram", 0.0)
             )
+            # The state file's flush runs beside the save's digest (save.sync: until both are done).
+            sync = steps.get("save.sync", 0.0)
+            flushed = f", the state file's flush after QEMU's write {sync:,.0f} ms" if sync else ""
             out_.append(
                 Ratio(
                     "mapped-ram pause: cprctl / bare QMP with the same settings",
                     size,
                     f"{m / b:.2f} ({m - b:+,.0f} ms; digests in the pause {digest:,.0f} ms = "
-                    f"{digest / m * 100:.0f} % of it)",
+                    f"{digest / m * 100:.0f} % of it{flushed})",
                 )
             )
     par, seq = res.get(None, "fleet-par"), res.get(None, "fleet-seq")
