@@ -33,9 +33,10 @@ from .record import Checkpoint, DiskPrint, Operation, RamPrint
 from .report import Quiet, Reporter, migration_progress
 from .vm import VM, finish_quit, open_vm, recover, resume_guest
 
+T = TypeVar("T")
+
 #: How long a guest may take to reach ``suspended`` after guest-suspend-ram.
 SUSPEND_TIMEOUT = 20.0
-T = TypeVar("T")
 #: Runstates of a QEMU whose guest cannot change its RAM: a cpr-reboot migration stops the guest
 #: (``finish-migrate``) before QEMU writes any RAM.
 STOPPED = {"finish-migrate", "postmigrate", "paused", "suspended"}
@@ -308,7 +309,7 @@ async def _timed(work: Awaitable[T], timings: dict[str, float], key: str, start:
 def _fsync_file(path: Path) -> None:
     """Flush *path* to disk: a host crash after the save then loses nothing. QEMU wrote its RAM with O_DIRECT,
     past the page cache but not past the disk's own write cache, which only a flush empties: here, a virtual
-    disk whose cache is its host's page cache, 1.2-1.6 s for 1 GiB, longer than QEMU's write itself."""
+    disk whose cache is its host's page cache, 1.1-1.7 s for 1.1 GB, longer than QEMU's write itself."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
