@@ -114,6 +114,8 @@ class Row:
     steps: list[dict[str, float]] = field(default_factory=list)
     #: The host's 1-minute load average as each run started (the machine is shared).
     load: list[float] = field(default_factory=list)
+    #: Bare runs: ms an fsync of the state file took right after the save (what a durable save adds).
+    flush_ms: list[float] = field(default_factory=list)
 
     @property
     def runs(self) -> int:
@@ -243,6 +245,18 @@ async def _qmp_command(sock: str, cmd: str) -> None:
         await qmp.execute(cmd)
     finally:
         await qmp.disconnect()
+
+
+def _fsync_ms(path: Path) -> float:
+    """ms to flush *path* to disk: what a save that survives a host crash adds to the bare script's
+    (cprctl flushes every state file before it records the checkpoint)."""
+    t = time.perf_counter()
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return (time.perf_counter() - t) * 1000
 
 
 async def bare_save(
@@ -477,6 +491,7 @@ class Bench:
         row.load.append(os.getloadavg()[0])
         save_ms, stopped = asyncio.run(bare_save(vm, path, caps, params, pause))
         saved_at = time.time()
+        row.flush_ms.append(_fsync_ms(path))
         row.disk_bytes, row.apparent_bytes = file_sizes(path)
         as_after_reboot()
         gap = time.time() - saved_at
@@ -751,6 +766,8 @@ def ratios(res: Results, sizes: list[int]) -> list[Ratio]:
                             f"{statistics.median(pairs):.2f} (rounds: {', '.join(f'{p:.2f}' for p in pairs)})",
                         )
                     )
+                if what == "save_ms" and len(best.flush_ms) == len(best.save_ms):
+                    out_.extend(_durable_ratios(size, mapped, best))
         if mapped and best and mapped.pause_ms and best.pause_ms:
             m, b = mapped.median("pause_ms"), best.median("pause_ms")
             assert m is not None and b is not None
@@ -761,12 +778,15 @@ def ratios(res: Results, sizes: list[int]) -> list[Ratio]:
                 + steps.get("restore.verify_wait", steps.get("restore.verify", 0.0))
                 + steps.get("restore.verify_ram", 0.0)
             )
+            # The state file's flush runs beside the save's digest (save.sync: until both are done).
+            sync = steps.get("save.sync", 0.0)
+            flushed = f", the state file's flush after QEMU's write {sync:,.0f} ms" if sync else ""
             out_.append(
                 Ratio(
                     "mapped-ram pause: cprctl / bare QMP with the same settings",
                     size,
                     f"{m / b:.2f} ({m - b:+,.0f} ms; digests in the pause {digest:,.0f} ms = "
-                    f"{digest / m * 100:.0f} % of it)",
+                    f"{digest / m * 100:.0f} % of it{flushed})",
                 )
             )
     par, seq = res.get(None, "fleet-par"), res.get(None, "fleet-seq")
@@ -779,6 +799,26 @@ def ratios(res: Results, sizes: list[int]) -> list[Ratio]:
             )
         )
     return out_
+
+
+def _durable_ratios(size: int, mapped: Row, best: Row) -> list[Ratio]:
+    """cprctl's whole save against the bare script's followed by an fsync of its state file: both then leave
+    the state on disk (cprctl's save flushes it; the bare script's leaves it in the disk's write cache)."""
+    durable = [s + f for s, f in zip(best.save_ms, best.flush_ms, strict=True)]
+    m, b = statistics.median(mapped.save_ms), statistics.median(durable)
+    pairs = [c / d for c, d in zip(mapped.save_ms, durable, strict=False) if d]
+    return [
+        Ratio(
+            "mapped-ram: whole save, cprctl / bare QMP + fsync of its state file",
+            size,
+            f"{m / b:.2f} ({m:,.0f} / {b:,.0f} ms; the fsync alone {statistics.median(best.flush_ms):,.0f} ms)",
+        ),
+        Ratio(
+            "mapped-ram: whole save, cprctl / bare QMP + fsync, round by round",
+            size,
+            f"{statistics.median(pairs):.2f} (rounds: {', '.join(f'{p:.2f}' for p in pairs)})",
+        ),
+    ]
 
 
 def _ms(v: float | None) -> str:
