@@ -456,12 +456,13 @@ class HostVM:
         self.sh(f"chmod {mode:o} {path}")
 
     def arm_crash_at_restore(self) -> None:
-        """At the next boot, reset the host in the middle of the unit's restore-all (once)."""
+        """At the next boot, reset the host in the middle of the unit's restore-all (once). Synced: armed for
+        the boot after a power cut too."""
         self.put("/usr/local/sbin/crash-when", CRASH_WHEN, 0o755)
         self.put("/etc/systemd/system/crash-restore.service", CRASH_UNIT)
         self.sh(
             "mkdir -p /etc/systemd/system/cprctl-guests.service.wants && ln -sf ../crash-restore.service"
-            " /etc/systemd/system/cprctl-guests.service.wants/ && systemctl daemon-reload"
+            " /etc/systemd/system/cprctl-guests.service.wants/ && systemctl daemon-reload && sync"
         )
 
     def status(self) -> dict[str, dict[str, object]]:
@@ -487,7 +488,8 @@ systemctl start cprctl-guests.service
 
 #: Copied into the host VM: polls the VM records (5 ms) and resets the host at the moment named by argv[1]:
 #: ``save``: one VM saved (checkpoint, no operation) while another is not yet; ``restore``: a VM's restore
-#: under way before its guest resumes. A power cut there, with no sync.
+#: under way while no guest has resumed yet (every VM still has its checkpoint: a guest that ran again on the
+#: restored state and then lost it in a power cut can only boot afresh). A power cut there, with no sync.
 CRASH_WHEN = """\
 import json, pathlib, sys, time
 when = sys.argv[1]
@@ -505,8 +507,9 @@ def moment(recs):
         saved = [r for r in recs if r.get("checkpoint") and not r.get("operation")]
         return bool(saved) and any(not r.get("checkpoint") for r in recs)
     ops = [r.get("operation") or {} for r in recs]
-    return any(o.get("kind") == "restore" and (o.get("steps") or [["started"]])[-1][0] in ("started", "verified")
-               for o in ops)
+    return all(r.get("checkpoint") for r in recs) and any(
+        o.get("kind") == "restore" and (o.get("steps") or [["started"]])[-1][0] in ("started", "verified")
+        for o in ops)
 while time.monotonic() < deadline:
     recs = records()
     if moment(recs):
@@ -552,8 +555,7 @@ def nested_argv(name: str, *, ram: str = "file", ram_mib: int = 128, fill: int =
     argv[argv.index("tcg")] = "kvm"
     # Without SVM of its own: under KVM, -cpu max hands the host VM's (emulated) SVM on to the guest and its
     # migration stream carries KVM's nested state, which failed to load at boot for the anonymous-RAM guest
-    # ('Failed to set nested state: Invalid argument'). With -svm it loads, but cprctl's RAM digest of pc.ram
-    # then differs from the recorded one (under KVM, not TCG: an open product issue); the file-RAM guest restores.
+    # ('Failed to set nested state: Invalid argument').
     argv[argv.index("max")] = "max,-svm"
     argv[argv.index("q35")] = "pc-q35-10.0"  # pinned: the restore must meet the same machine
     return argv
