@@ -487,9 +487,10 @@ systemctl start cprctl-guests.service
 """
 
 #: Copied into the host VM: polls the VM records (5 ms) and resets the host at the moment named by argv[1]:
-#: ``save``: one VM saved (checkpoint, no operation) while another is not yet; ``restore``: a VM's restore
-#: under way while no guest has resumed yet (every VM still has its checkpoint: a guest that ran again on the
-#: restored state and then lost it in a power cut can only boot afresh). A power cut there, with no sync.
+#: ``save``: one VM saved (checkpoint, no operation) while another is not yet; ``restore``: a restore under
+#: way (its QEMU loading) while no restore got further and every VM still has its checkpoint: no guest can
+#: resume in the 50 ms before the cut (a guest that ran again on its restored state and then lost it in a
+#: power cut can only boot afresh). A power cut there, with no sync.
 CRASH_WHEN = """\
 import json, pathlib, sys, time
 when = sys.argv[1]
@@ -507,9 +508,8 @@ def moment(recs):
         saved = [r for r in recs if r.get("checkpoint") and not r.get("operation")]
         return bool(saved) and any(not r.get("checkpoint") for r in recs)
     ops = [r.get("operation") or {} for r in recs]
-    return all(r.get("checkpoint") for r in recs) and any(
-        o.get("kind") == "restore" and (o.get("steps") or [["started"]])[-1][0] in ("started", "verified")
-        for o in ops)
+    steps = [(o.get("steps") or [["started"]])[-1][0] for o in ops if o.get("kind") == "restore"]
+    return all(r.get("checkpoint") for r in recs) and bool(steps) and set(steps) == {"started"}
 while time.monotonic() < deadline:
     recs = records()
     if moment(recs):

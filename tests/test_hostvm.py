@@ -206,7 +206,7 @@ def test_crash_right_after_save_all_then_in_the_middle_of_restore_all(host: Host
     mark = host.console_mark()
     host.crash()  # no sync, no shutdown
     host.wait_silent()
-    host.wait_boot()  # past the boot cut in the middle of its restore-all
+    host.wait_boot(timeout=1200)  # two boots: the one cut in the middle of its restore-all, and the next
     moment = crash_line(host, mark)
     assert all(f"{n}=True/" in moment for n in GUESTS), moment  # every VM still saved when the second cut came
     assert_back(host, before, crashed=True)
