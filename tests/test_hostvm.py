@@ -3,7 +3,10 @@
 Two nested guests run under ``cprctl-guests.service``: ``file`` with its RAM in a shared file (kept in
 place across the reboot) and ``anon`` with anonymous RAM (written to the state file). After every reboot
 both must run again with the same guest boot id, the tick counter going on where it stopped and their RAM
-pattern verifying. The tests share one host VM and run in order; each leaves both guests running.
+pattern verifying. The tests share one host VM and run in order; each leaves both guests running. Five host
+boots in all: ``systemctl reboot``, ``cprctl reboot --kexec``, a power cut right after ``save-all --reboot``
+whose boot is cut again in the middle of its ``restore-all``, and last a cut in the middle of ``save-all``
+(its unsaved guest boots afresh).
 """
 
 from __future__ import annotations
