@@ -341,6 +341,7 @@ class HostVM:
             argv, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
         )
         self.boot_id = ""
+        self.scanned = 0  # console bytes `check_alive` has looked at
         self.wait_boot()
 
     # -- the channel -------------------------------------------------------------------------------
@@ -356,6 +357,7 @@ class HostVM:
             if st.get("exited"):
                 break
             if time.monotonic() > deadline:
+                self.check_alive()
                 raise TimeoutError(f"{script[:200]}: still running after {timeout:.0f} s")
             time.sleep(pause)
             pause = min(pause * 2, 2.0)
@@ -380,7 +382,7 @@ class HostVM:
         """Wait until a boot other than the last one seen runs with systemd up; its boot id."""
         deadline = time.monotonic() + timeout
         while True:
-            assert self.proc.poll() is None, f"the host VM's QEMU exited:\n{self.tail()}"
+            self.check_alive()
             assert time.monotonic() < deadline, f"the host VM did not boot in {timeout:.0f} s:\n{self.tail()}"
             if self.agent.answers(timeout=5):
                 with contextlib.suppress(OSError, TimeoutError, AgentError, AssertionError):
@@ -392,10 +394,25 @@ class HostVM:
                         return boot
             time.sleep(1)
 
+    #: What the host VM's kernel prints when it panics (then it hangs: nothing answers again).
+    PANIC = "Kernel panic - not syncing"
+
+    def check_alive(self) -> None:
+        """Fail at once, with what the console says, when the host VM's QEMU exited or its kernel panicked."""
+        assert self.proc.poll() is None, f"the host VM's QEMU exited:\n{self.tail()}"
+        with open(self.console, "rb") as f:
+            f.seek(self.scanned)
+            data = f.read()
+        if (at := data.find(self.PANIC.encode())) >= 0:
+            text = data[max(0, at - 1500) : at + 2500].decode(errors="replace")
+            raise AssertionError(f"the host VM's kernel panicked:\n{text}")
+        self.scanned = max(self.scanned, self.scanned + len(data) - len(self.PANIC))  # a part line: read again
+
     def wait_silent(self, timeout: float = 600) -> None:
         """Wait until the agent stops answering (the host is going down); it answers until late."""
         deadline = time.monotonic() + timeout
         while self.agent.answers(timeout=3):
+            self.check_alive()
             assert time.monotonic() < deadline, f"the host VM did not go down in {timeout:.0f} s:\n{self.tail()}"
             time.sleep(0.5)
 
