@@ -400,9 +400,12 @@ class HostVM:
     def check_alive(self) -> None:
         """Fail at once, with what the console says, when the host VM's QEMU exited or its kernel panicked."""
         assert self.proc.poll() is None, f"the host VM's QEMU exited:\n{self.tail()}"
-        with open(self.console, "rb") as f:
-            f.seek(self.scanned)
-            data = f.read()
+        try:
+            with open(self.console, "rb") as f:
+                f.seek(self.scanned)
+                data = f.read()
+        except FileNotFoundError:  # QEMU has not opened it yet
+            return
         if (at := data.find(self.PANIC.encode())) >= 0:
             text = data[max(0, at - 1500) : at + 2500].decode(errors="replace")
             raise AssertionError(f"the host VM's kernel panicked:\n{text}")
