@@ -9,7 +9,7 @@ export CPRCTL_QEMU_ROOTS := $(QEMU_ROOTS)
 export CPRCTL_TEST_GUEST := $(GUEST_DIR)
 export CPRCTL_OLD_QEMU := $(OLD_QEMU_DIR)/usr/bin/qemu-system-x86_64
 
-.PHONY: all deps venv guest old-qemu qemu-roots demo test test-hostvm unit lint bench clean
+.PHONY: all deps venv guest old-qemu qemu-roots demo test test-hostvm hostvm-image unit lint bench clean
 
 all: test
 
@@ -55,6 +55,10 @@ test: deps venv guest old-qemu qemu-roots lint
 # is cached under ~/.cache/cprctl-hostvm. .ci/run runs it after `make test`; -s shows its set-up phases.
 test-hostvm: deps venv guest
 	$(VENV)/bin/pytest -q -ra -s --durations=0 -m hostvm
+
+# The host VM's image alone (the tests build it on first use too): .ci/run builds it beside `make test`.
+hostvm-image: deps venv
+	$(VENV)/bin/python -c 'from tests.hostvm import cached_image; print(cached_image().folder)'
 
 bench: deps venv guest
 	$(VENV)/bin/python benchmarks/bench.py --guest $(GUEST_DIR)

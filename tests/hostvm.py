@@ -428,6 +428,7 @@ class HostVM:
             argv, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
         )
         self.boot_id = ""
+        self.scanned = 0  # console bytes `check_alive` has looked at
         self.wait_boot()
 
     # -- the channel -------------------------------------------------------------------------------
@@ -443,6 +444,7 @@ class HostVM:
             if st.get("exited"):
                 break
             if time.monotonic() > deadline:
+                self.check_alive()
                 raise TimeoutError(f"{script[:200]}: still running after {timeout:.0f} s")
             time.sleep(pause)
             pause = min(pause * 2, 2.0)
@@ -467,7 +469,7 @@ class HostVM:
         """Wait until a boot other than the last one seen runs with systemd up; its boot id."""
         deadline = time.monotonic() + timeout
         while True:
-            assert self.proc.poll() is None, f"the host VM's QEMU exited:\n{self.tail()}"
+            self.check_alive()
             assert time.monotonic() < deadline, f"the host VM did not boot in {timeout:.0f} s:\n{self.tail()}"
             if self.agent.answers(timeout=5):
                 with contextlib.suppress(OSError, TimeoutError, AgentError, AssertionError):
@@ -479,10 +481,28 @@ class HostVM:
                         return boot
             time.sleep(1)
 
+    #: What the host VM's kernel prints when it panics (then it hangs: nothing answers again).
+    PANIC = "Kernel panic - not syncing"
+
+    def check_alive(self) -> None:
+        """Fail at once, with what the console says, when the host VM's QEMU exited or its kernel panicked."""
+        assert self.proc.poll() is None, f"the host VM's QEMU exited:\n{self.tail()}"
+        try:
+            with open(self.console, "rb") as f:
+                f.seek(self.scanned)
+                data = f.read()
+        except FileNotFoundError:  # QEMU has not opened it yet
+            return
+        if (at := data.find(self.PANIC.encode())) >= 0:
+            text = data[max(0, at - 1500) : at + 2500].decode(errors="replace")
+            raise AssertionError(f"the host VM's kernel panicked:\n{text}")
+        self.scanned = max(self.scanned, self.scanned + len(data) - len(self.PANIC))  # a part line: read again
+
     def wait_silent(self, timeout: float = 600) -> None:
         """Wait until the agent stops answering (the host is going down); it answers until late."""
         deadline = time.monotonic() + timeout
         while self.agent.answers(timeout=3):
+            self.check_alive()
             assert time.monotonic() < deadline, f"the host VM did not go down in {timeout:.0f} s:\n{self.tail()}"
             time.sleep(0.5)
 
@@ -543,12 +563,13 @@ class HostVM:
         self.sh(f"chmod {mode:o} {path}")
 
     def arm_crash_at_restore(self) -> None:
-        """At the next boot, reset the host in the middle of the unit's restore-all (once)."""
+        """At the next boot, reset the host in the middle of the unit's restore-all (once). Synced: armed for
+        the boot after a power cut too."""
         self.put("/usr/local/sbin/crash-when", CRASH_WHEN, 0o755)
         self.put("/etc/systemd/system/crash-restore.service", CRASH_UNIT)
         self.sh(
             "mkdir -p /etc/systemd/system/cprctl-guests.service.wants && ln -sf ../crash-restore.service"
-            " /etc/systemd/system/cprctl-guests.service.wants/ && systemctl daemon-reload"
+            " /etc/systemd/system/cprctl-guests.service.wants/ && systemctl daemon-reload && sync"
         )
 
     def status(self) -> dict[str, dict[str, object]]:
@@ -573,8 +594,10 @@ systemctl start cprctl-guests.service
 """
 
 #: Copied into the host VM: polls the VM records (5 ms) and resets the host at the moment named by argv[1]:
-#: ``save``: one VM saved (checkpoint, no operation) while another is not yet; ``restore``: a VM's restore
-#: under way before its guest resumes. A power cut there, with no sync.
+#: ``save``: one VM saved (checkpoint, no operation) while another is not yet; ``restore``: a restore under
+#: way (its QEMU loading) while no restore got further and every VM still has its checkpoint: no guest can
+#: resume in the 50 ms before the cut (a guest that ran again on its restored state and then lost it in a
+#: power cut can only boot afresh). A power cut there, with no sync.
 CRASH_WHEN = """\
 import json, pathlib, sys, time
 when = sys.argv[1]
@@ -592,8 +615,8 @@ def moment(recs):
         saved = [r for r in recs if r.get("checkpoint") and not r.get("operation")]
         return bool(saved) and any(not r.get("checkpoint") for r in recs)
     ops = [r.get("operation") or {} for r in recs]
-    return any(o.get("kind") == "restore" and (o.get("steps") or [["started"]])[-1][0] in ("started", "verified")
-               for o in ops)
+    steps = [(o.get("steps") or [["started"]])[-1][0] for o in ops if o.get("kind") == "restore"]
+    return all(r.get("checkpoint") for r in recs) and bool(steps) and set(steps) == {"started"}
 while time.monotonic() < deadline:
     recs = records()
     if moment(recs):
@@ -639,8 +662,7 @@ def nested_argv(name: str, *, ram: str = "file", ram_mib: int = 128, fill: int =
     argv[argv.index("tcg")] = "kvm"
     # Without SVM of its own: under KVM, -cpu max hands the host VM's (emulated) SVM on to the guest and its
     # migration stream carries KVM's nested state, which failed to load at boot for the anonymous-RAM guest
-    # ('Failed to set nested state: Invalid argument'). With -svm it loads, but cprctl's RAM digest of pc.ram
-    # then differs from the recorded one (under KVM, not TCG: an open product issue); the file-RAM guest restores.
+    # ('Failed to set nested state: Invalid argument').
     argv[argv.index("max")] = "max,-svm"
     argv[argv.index("q35")] = "pc-q35-10.0"  # pinned: the restore must meet the same machine
     return argv

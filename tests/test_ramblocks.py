@@ -90,6 +90,10 @@ def test_a_kvmclock_update_is_told_from_other_differences() -> None:
     assert ramdigest.rewritten(page, page) == 0
     loaded[200] ^= 1
     assert ramdigest.rewritten(page[:96] + SAVED_CLOCK + page[128:], bytes(loaded)) is None
+    # The error names the first difference no record explains, with the bytes around it on each side.
+    line = ramdigest.unexplained(page[:96] + SAVED_CLOCK + page[128:], bytes(loaded), 0x10000)
+    assert line.startswith(f"at 0x100c8 (bytes 0x100c0-0x100ff saved {page[192:256].hex()}, loaded "), line
+    assert line.endswith(f"{loaded[192:256].hex()}; 1 page(s) of the 4 KiB from 0x10000 differ)"), line
 
 
 def test_a_wall_clock_update_is_told_from_other_differences() -> None:
@@ -126,7 +130,7 @@ def test_reconcile_passes_a_clock_update_and_nothing_else(tmp_path: pytest.TempP
     block = ramblocks.RamBlock("pc.ram", len(loaded), ctypes.addressof(ctypes.c_char.from_buffer(buf)))
     assert ramdigest.reconcile(os.getpid(), block, path, mapped, digest) == 1
     buf[0x300000] ^= 0xFF  # the loaded memory differs elsewhere
-    with pytest.raises(ValueError, match="differs from the state file at 0x0"):
+    with pytest.raises(ValueError, match=r"differs from the state file at 0x300000 \(bytes 0x300000-0x30003f saved "):
         ramdigest.reconcile(os.getpid(), block, path, mapped, digest)
     buf[0x300000] ^= 0xFF
     with open(path, "r+b") as f:  # the file's pages are not what was saved (and the memory agrees with them)

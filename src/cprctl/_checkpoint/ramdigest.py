@@ -159,6 +159,12 @@ def rewritten(saved: bytes, loaded: bytes) -> int | None:
     """How many records differ between equal-sized *saved* and *loaded*, when each is a kvmclock record
     (`pvclock_update`) or the wall-clock record (`wallclock_update`, found by its version, the first byte to
     differ) that KVM rewrote; None when any difference is not."""
+    count, _ = _scan(saved, loaded)
+    return count
+
+
+def _scan(saved: bytes, loaded: bytes) -> tuple[int | None, int]:
+    """`rewritten`'s count, and the offset of the first difference it cannot explain (with None)."""
     count = 0
     for page in range(0, len(saved), PAGE):
         a, b = saved[page : page + PAGE], loaded[page : page + PAGE]
@@ -167,10 +173,26 @@ def rewritten(saved: bytes, loaded: bytes) -> int | None:
             if a[at] == b[at]:
                 at += 1
             elif (end := _explained(a, b, at)) is None:
-                return None
+                return None, page + at
             else:
                 count, at = count + 1, end
-    return count
+    return count, len(saved)
+
+
+#: How many bytes around an unexplained difference its error shows (aligned, from each side).
+SHOWN = 64
+
+
+def unexplained(saved: bytes, loaded: bytes, base: int) -> str:
+    """One line on the first difference between *saved* and *loaded* (at offset *base* in their block) that
+    `rewritten` cannot explain: where, the bytes around it on each side, and how many pages differ in all."""
+    _, at = _scan(saved, loaded)
+    w = at - at % SHOWN
+    pages = sum(saved[p : p + PAGE] != loaded[p : p + PAGE] for p in range(0, len(saved), PAGE))
+    return (
+        f"at {base + at:#x} (bytes {base + w:#x}-{base + w + SHOWN - 1:#x} saved {saved[w : w + SHOWN].hex()}, "
+        f"loaded {loaded[w : w + SHOWN].hex()}; {pages} page(s) of the {len(saved) >> 10} KiB from {base:#x} differ)"
+    )
 
 
 def reconcile(pid: int, block: RamBlock, path: Path, mapped: MappedBlock, want: str) -> int:
@@ -189,8 +211,9 @@ def reconcile(pid: int, block: RamBlock, path: Path, mapped: MappedBlock, want: 
             mem.read_into(mem_buf, len(chunk), block.host + off)
             h.update(xxhash.xxh3_128(chunk).digest())
             if mem_buf[: len(chunk)] != chunk:
-                if (n := rewritten(chunk, mem_buf[: len(chunk)])) is None:
-                    raise ValueError(f"RAM block {block.name} as loaded differs from the state file at {off:#x}")
+                if (n := rewritten(chunk, loaded := mem_buf[: len(chunk)])) is None:
+                    why = unexplained(chunk, loaded, off)
+                    raise ValueError(f"RAM block {block.name} as loaded differs from the state file {why}")
                 total += n
     if f"{ALGORITHM}:{h.hexdigest()}" != want:
         raise ValueError(f"the state file's pages of RAM block {block.name} do not match the recorded digest")
