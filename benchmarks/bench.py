@@ -57,6 +57,7 @@ from common import (
     dd_bandwidth,
     file_sizes,
     first_touch,
+    fsync_ms,
     kill_under,
     machine_info,
 )
@@ -245,18 +246,6 @@ async def _qmp_command(sock: str, cmd: str) -> None:
         await qmp.execute(cmd)
     finally:
         await qmp.disconnect()
-
-
-def _fsync_ms(path: Path) -> float:
-    """ms to flush *path* to disk: what a save that survives a host crash adds to the bare script's
-    (cprctl flushes every state file before it records the checkpoint)."""
-    t = time.perf_counter()
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return (time.perf_counter() - t) * 1000
 
 
 async def bare_save(
@@ -491,7 +480,7 @@ class Bench:
         row.load.append(os.getloadavg()[0])
         save_ms, stopped = asyncio.run(bare_save(vm, path, caps, params, pause))
         saved_at = time.time()
-        row.flush_ms.append(_fsync_ms(path))
+        row.flush_ms.append(fsync_ms(path))
         row.disk_bytes, row.apparent_bytes = file_sizes(path)
         as_after_reboot()
         gap = time.time() - saved_at

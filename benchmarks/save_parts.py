@@ -34,7 +34,7 @@ from cprctl._qemu.ramblocks import parse
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import BEST_CAPS, BEST_PARAMS, BareVM, _query, _setup
-from common import Guest
+from common import Guest, fsync_ms
 
 STOPPED = {"finish-migrate", "postmigrate", "paused"}
 MODES = ("none", "during", "after")
@@ -80,13 +80,7 @@ async def save(vm: BareVM, pid: int, path: Path, mode: str) -> dict[str, float]:
         t = time.perf_counter()
         statefile.device_digest(path, layout)
         r["device"] = (time.perf_counter() - t) * 1000
-        t = time.perf_counter()
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        r["fsync"] = (time.perf_counter() - t) * 1000
+        r["fsync"] = fsync_ms(path)
         r["total"] = since()
         await qmp.execute("cont")
     finally:
