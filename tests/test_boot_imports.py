@@ -19,13 +19,17 @@ NOT_AT_BOOT = (
 )
 
 
-def test_restore_all_path_imports_no_save_or_update() -> None:
+def _imported(entry: str, unwanted: tuple[str, ...]) -> str:
+    """Which of *unwanted* a fresh python has imported once it imported *entry* and restore-all's modules."""
     code = (
-        "import sys, cprctl.cli, cprctl._api, cprctl._checkpoint.fleet, cprctl._checkpoint.restore\n"
-        f"print(' '.join(m for m in {NOT_AT_BOOT!r} if m in sys.modules))"
+        f"import sys, {entry}, cprctl._api, cprctl._checkpoint.fleet, cprctl._checkpoint.restore\n"
+        f"print(' '.join(m for m in {unwanted!r} if m in sys.modules))"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert done.stdout.strip() == "", f"imported by restore-all's path: {done.stdout}"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_restore_all_path_imports_no_save_or_update() -> None:
+    assert (found := _imported("cprctl.cli", NOT_AT_BOOT)) == "", f"imported by restore-all's path: {found}"
     # It can fail: the save path is what save-all imports.
     code = "import sys, cprctl._checkpoint.fleet as f, asyncio; from cprctl._checkpoint import save; print('ok')"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "ok\n"
@@ -33,12 +37,8 @@ def test_restore_all_path_imports_no_save_or_update() -> None:
 
 def test_the_units_boot_entry_imports_no_cli() -> None:
     """`cprctl._boot` (the unit's ExecStart) imports neither click nor the CLI, besides the above."""
-    code = (
-        "import sys, cprctl._boot, cprctl._api, cprctl._checkpoint.fleet, cprctl._checkpoint.restore\n"
-        f"print(' '.join(m for m in {(*NOT_AT_BOOT, 'click', 'cprctl.cli', 'rich')!r} if m in sys.modules))"
-    )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert done.stdout.strip() == "", f"imported by the unit's restore-all: {done.stdout}"
+    found = _imported("cprctl._boot", (*NOT_AT_BOOT, "click", "cprctl.cli", "rich"))
+    assert found == "", f"imported by the unit's restore-all: {found}"
 
 
 def test_the_units_boot_entry_runs_restore_all(tmp_path: Path) -> None:
