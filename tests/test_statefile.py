@@ -35,7 +35,7 @@ def test_digest_is_the_same_read_any_way_and_sparse_or_not(tmp_path: Path) -> No
     assert statefile.digest(sparse, direct=True) == want
     assert statefile.digest(sparse, direct=True, pace=statefile.BESIDE_LOAD) == want  # 1 MiB requests
     assert statefile.digest(sparse, direct=True, pace=statefile.Pace(3, 64 << 10)) == want
-    assert statefile.digest(dense, fsync=True, direct=True) == want
+    assert statefile.digest(dense, direct=True) == want
 
 
 @pytest.mark.parametrize("offset", [0, statefile.CHUNK - 1, 4 * statefile.CHUNK + 5 * MIB + 122])

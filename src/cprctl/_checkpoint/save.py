@@ -15,7 +15,6 @@ import threading
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal, TypeVar
 
 from .._host import clock
@@ -195,7 +194,7 @@ async def _checkpoint(
         t = time.perf_counter()
         (size, digest, ram), _ = await asyncio.gather(
             _timed(_digest(vm, plan, hashing, reporter), timings, "digest", t),
-            _timed(asyncio.to_thread(_fsync_file, vm.state_path), timings, "sync", t),
+            _timed(asyncio.to_thread(statefile.flush, vm.state_path), timings, "sync", t),
         )
     finally:
         hashing.stop.set()  # on a failure, a digest still reading QEMU's memory stops at its next chunk
@@ -306,17 +305,6 @@ async def _timed(work: Awaitable[T], timings: dict[str, float], key: str, start:
     return result
 
 
-def _fsync_file(path: Path) -> None:
-    """Flush *path* to disk: a host crash after the save then loses nothing. QEMU wrote its RAM with O_DIRECT,
-    past the page cache but not past the disk's own write cache, which only a flush empties: here, a virtual
-    disk whose cache is its host's page cache, 1.1-1.7 s for 1.1 GB, longer than QEMU's write itself."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 async def _digest(
     vm: VM, plan: Plan, hashing: _MemoryDigest, reporter: Reporter
 ) -> tuple[int, str, dict[str, RamPrint]]:
@@ -336,7 +324,6 @@ async def _digest(
     size, digest = await asyncio.to_thread(
         statefile.digest,
         path,
-        False,
         direct_io(plan.parameters),
         lambda done, total: reporter.progress(done, total, "hashing"),
     )
@@ -347,11 +334,7 @@ def _fsync_ram(argv: list[str]) -> None:
     """Flush RAM kept in files to disk, so a host crash after the save loses nothing."""
     for b in ram_layout(argv).backends:
         if b.named_shared_file and b.path and os.path.isfile(b.path):
-            fd = os.open(b.path, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            statefile.flush(b.path)
 
 
 async def suspend_guest(vm: VM, mon: Monitor) -> float:

@@ -54,6 +54,21 @@ FULL = Pace(THREADS, CHUNK)
 BESIDE_LOAD = Pace(1, 1 << 20)
 
 
+def flush(path: Path | str) -> None:
+    """Flush file *path* to disk (fsync), so that a host crash after it loses nothing of it. A file written
+    with O_DIRECT is past the page cache but not past the disk's own write cache, which only a flush
+    empties: on this machine's virtual disk, whose cache is its host's page cache, 1.1-1.7 s for 1.1 GB,
+    longer than QEMU's write itself.
+
+    :raise OSError: the file cannot be opened or flushed.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _data_chunks(fd: int, size: int) -> set[int]:
     """Indexes of the chunks that hold data; chunks wholly inside holes are known to be zeros."""
     chunks: set[int] = set()
@@ -95,12 +110,11 @@ def no_progress(done: int, total: int) -> None:
 
 def digest(
     path: Path,
-    fsync: bool = False,
     direct: bool = False,
     progress: Progress = no_progress,
     pace: Pace | None = None,
 ) -> tuple[int, str]:
-    """``(size, "xxh3_128c:<hex>")`` of *path*; with *fsync*, flush it to disk first.
+    """``(size, "xxh3_128c:<hex>")`` of *path*.
 
     Holes are not read (mapped-ram state files are sparse); a file's digest
     depends only on its bytes, not on how sparse it is. With *direct*, the file
@@ -114,8 +128,6 @@ def digest(
     fd, direct = _open(path, direct)
     buffers = threading.local()
     try:
-        if fsync:
-            os.fsync(fd)
         size = os.fstat(fd).st_size
         count = (size + CHUNK - 1) // CHUNK
         wanted = sorted(_data_chunks(fd, size))
@@ -335,17 +347,14 @@ def device_regions(size: int, blocks: list[MappedBlock]) -> list[tuple[int, int]
     return [(s, e) for s, e in regions if e > s]
 
 
-def device_digest(path: Path, blocks: list[MappedBlock], fsync: bool = False) -> str:
-    """``"xxh3_128d:<hex>"`` of *path*'s bytes outside the RAM pages of *blocks*; with *fsync*, flush
-    the whole file to disk first.
+def device_digest(path: Path, blocks: list[MappedBlock]) -> str:
+    """``"xxh3_128d:<hex>"`` of *path*'s bytes outside the RAM pages of *blocks*.
 
     :raise FileNotFoundError: the file is gone.
     """
     h = xxhash.xxh3_128()
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        if fsync:
-            os.fsync(fd)
         for start, end in device_regions(os.fstat(fd).st_size, blocks):
             while start < end:
                 data = os.pread(fd, min(CHUNK, end - start), start)
