@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -52,9 +53,7 @@ class VMOutcome:
 
 def summary(outcomes: list[VMOutcome]) -> str:
     """How many VMs had each outcome, in a few words (a unit's ``STATUS=``): ``1 failed, 2 restored``."""
-    counts: dict[str, int] = {}
-    for o in outcomes:
-        counts[o.outcome] = counts.get(o.outcome, 0) + 1
+    counts = Counter(o.outcome for o in outcomes)
     return ", ".join(f"{n} {what}" for what, n in sorted(counts.items())) or "no VMs"
 
 
