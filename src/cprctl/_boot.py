@@ -15,6 +15,13 @@ import signal
 import sys
 
 USAGE = "usage: python -m cprctl._boot restore-all (cprctl-guests.service's start; by hand: cprctl restore-all)"
+#: What an interrupted command says (Ctrl-C or SIGTERM), here and in the CLI (`cprctl.cli.run`).
+INTERRUPTED = "cprctl: interrupted; the operation was rolled back or kept restorable (see 'cprctl status')"
+
+
+def interrupt_on_sigterm() -> None:
+    """Make SIGTERM a KeyboardInterrupt, as Ctrl-C: the operation under way rolls back, then exit 130."""
+    signal.signal(signal.SIGTERM, _interrupt)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     from ._host import systemd
     from .errors import CprctlError
 
-    signal.signal(signal.SIGTERM, _interrupt)  # as the CLI: the restores roll back, then exit 130
+    interrupt_on_sigterm()
     rep = systemd.Notifier()
     try:
         outcomes = _api.restore_all(reporter=rep)
@@ -35,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cprctl: error: {exc}", file=sys.stderr, flush=True)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("cprctl: interrupted; the operation was rolled back or kept restorable (see 'cprctl status')")
+        print(INTERRUPTED)
         return 130
     rep.status(summary(outcomes))
     return 0 if all(o.ok for o in outcomes) else 1

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import getpass
 import json
-import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -13,6 +12,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 import click
 
 from . import _api
+from ._boot import INTERRUPTED, interrupt_on_sigterm
 from ._host import systemd
 from .errors import CheckFailed, CprctlError
 
@@ -103,18 +103,14 @@ def fail(exc: CprctlError) -> NoReturn:
 def run(fn: Callable[[], T]) -> T:
     """Call *fn*; a `CprctlError` becomes one line and its exit status, Ctrl-C or SIGTERM exit 130
     after the operation rolled itself back."""
-    signal.signal(signal.SIGTERM, _interrupt)
+    interrupt_on_sigterm()
     try:
         return fn()
     except CprctlError as exc:
         fail(exc)
     except KeyboardInterrupt:
-        err.print("cprctl: interrupted; the operation was rolled back or kept restorable (see 'cprctl status')")
+        err.print(INTERRUPTED)
         sys.exit(130)
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
