@@ -395,6 +395,12 @@ class HostVM:
         firmware: str = "kernel",
     ) -> None:
         self.image = image
+        self.guest, self.extra, self.append, self.firmware = guest, extra, append, firmware
+        self.start(work)
+
+    def start(self, work: Path) -> None:
+        """Boot the host VM from the image afresh: a new overlay and data disk in *work*."""
+        image, guest, extra, append, firmware = self.image, self.guest, self.extra, self.append, self.firmware
         self.work = work
         self.kernel = image.kernels[0]
         self.overlay = work / "overlay.qcow2"
@@ -497,6 +503,12 @@ class HostVM:
             text = data[max(0, at - 1500) : at + 2500].decode(errors="replace")
             raise AssertionError(f"the host VM's kernel panicked:\n{text}")
         self.scanned = max(self.scanned, self.scanned + len(data) - len(self.PANIC))  # a part line: read again
+
+    def panic_since(self, mark: int) -> str:
+        """The host VM's kernel panic on its console past byte *mark*, with the lines around it; "" if none."""
+        text = self.console_since(mark)
+        at = text.find(self.PANIC)
+        return text[max(0, at - 3000) : at + 2500] if at >= 0 else ""
 
     def wait_silent(self, timeout: float = 600) -> None:
         """Wait until the agent stops answering (the host is going down); it answers until late."""
