@@ -193,7 +193,9 @@ def wait_first_tick(vm: HostVM, name: str, slow: float = 600) -> None:
     deadline = time.monotonic() + FIRST_BOOT_S
     said = False
     while not any(t.n > 2 for t in console_ticks(vm, name)):
-        state = vm.status()[name]["state"]
+        # A cheap look for its QEMU first (no python in the TCG host VM); cprctl's word when none is seen.
+        alive = vm.exec(f"pgrep -f '[/]srv/vms/{name}/'", check=False).rc == 0
+        state = "running" if alive else vm.status()[name]["state"]
         if state != "running":
             raise GuestExited(f"{name} is {state} before its first tick:\n{diagnose(vm, name)}")
         if time.monotonic() > deadline:
