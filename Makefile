@@ -9,7 +9,7 @@ export CPRCTL_QEMU_ROOTS := $(QEMU_ROOTS)
 export CPRCTL_TEST_GUEST := $(GUEST_DIR)
 export CPRCTL_OLD_QEMU := $(OLD_QEMU_DIR)/usr/bin/qemu-system-x86_64
 
-.PHONY: all deps venv guest old-qemu qemu-roots demo test test-fast test-hostvm hostvm-image unit lint bench clean
+.PHONY: all deps venv guest old-qemu qemu-roots demo test test-fast test-hostvm hostvm-image unit lint bench bench-reboot clean
 
 all: test
 
@@ -76,6 +76,13 @@ hostvm-image: deps venv
 
 bench: deps venv guest
 	$(VENV)/bin/python benchmarks/bench.py --guest $(GUEST_DIR)
+
+# Each guest's downtime across real host reboots and kexecs in the host VM (issue 16; benchmarks/README.md): the
+# host VM's image, and for its UEFI cold boot (reboot.py's default --host-boot uefi) OVMF, GRUB and mtools.
+BENCH_REBOOT_ARGS ?= --rounds 3 --firmware-only
+bench-reboot: deps venv guest
+	@if [ "$$(id -u)" -eq 0 ]; then bash scripts/install-uefi-deps.sh; else sudo bash scripts/install-uefi-deps.sh; fi
+	$(VENV)/bin/python benchmarks/reboot.py $(BENCH_REBOOT_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

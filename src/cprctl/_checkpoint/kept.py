@@ -17,7 +17,6 @@ and the VM has none (``status`` shows ``build: null``).
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -180,6 +179,8 @@ def _datadirs(rb: RunningBuild, pid: int, launcher: str) -> list[str]:
     root = probe.process_root(pid)
     path: str | None = launcher if root != "/" else rb.exe.path
     if not path or not os.path.exists(path):
+        import shutil  # here: restore-all at boot needs none of it (its bz2, lzma; `cprctl._boot`)
+
         path = shutil.which(os.path.basename(rb.exe.path))
     if not path:
         return []

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
 import socket
 import struct
 import time
@@ -47,6 +46,8 @@ def _claim(sd: StateDir, name: str, operation: str) -> Iterator[Path]:
         try:
             yield folder
         except BaseException:
+            import shutil  # here: restore-all at boot needs none of it (its bz2, lzma; `cprctl._boot`)
+
             shutil.rmtree(folder, ignore_errors=True)
             raise
 
@@ -282,6 +283,8 @@ def remove(sd: StateDir, name: str, force: bool = False) -> None:
             raise VMStateError(f"{name} is running; 'cprctl stop {name}' first")
         if vm.record.checkpoint is not None and not force:
             raise VMStateError(f"{name} is saved; removing it discards its checkpoint (use --force)")
+        import shutil  # here: restore-all at boot needs none of it (its bz2, lzma; `cprctl._boot`)
+
         shutil.rmtree(vm.folder)
     kept.collect(sd.path)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import secrets
 import threading
 import time
 from dataclasses import dataclass
@@ -330,7 +329,7 @@ def retire_file(path: str) -> threading.Thread | None:
     1.2 GB here), and nothing waits for it: the guest already runs. The thread is not a daemon, so a process
     that exits still deletes it first; what a killed one left is deleted by `remove_retired`.
     """
-    retired = f"{path}{RETIRED}{secrets.token_hex(4)}"
+    retired = f"{path}{RETIRED}{os.urandom(4).hex()}"
     try:
         os.rename(path, retired)
     except FileNotFoundError:

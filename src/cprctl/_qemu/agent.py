@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
-import secrets
+import os
 from typing import Any
 
 from qemu.qmp import ExecuteError, QMPClient, QMPError
@@ -23,7 +22,7 @@ class _AgentClient(QMPClient):
 
     def __init__(self, name: str) -> None:
         super().__init__(name)
-        self._prefix = f"cprctl-{secrets.token_hex(4)}"
+        self._prefix = f"cprctl-{os.urandom(4).hex()}"
         self._seq = 0
         self.await_greeting = False
         self.negotiate = False
@@ -76,7 +75,7 @@ class Agent:
             raise AgentError(f"{self.name}: guest agent connection broke during {cmd}: {exc}") from exc
 
     async def sync(self) -> None:
-        token = random.randrange(1, 2**31)
+        token = int.from_bytes(os.urandom(4)) % (2**31 - 1) + 1
         if await self.execute("guest-sync", {"id": token}) != token:
             raise AgentError(f"{self.name}: guest agent answered guest-sync with a stale reply")
 

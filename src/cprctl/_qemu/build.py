@@ -10,7 +10,6 @@ in its place.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import struct
 from dataclasses import dataclass
@@ -69,6 +68,8 @@ def file_build_id(path: str) -> str:
 
     :raise QemuError: it cannot be read.
     """
+    import hashlib  # only here: a restore at boot rarely hashes (`kept.same_build`)
+
     digest = hashlib.sha256()
     try:
         with open(path, "rb") as exe:

@@ -16,7 +16,6 @@ The argv given to the new QEMU is not recorded: the record keeps the original
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import io
 import os
 import re
@@ -70,6 +69,8 @@ def getfd(pid: int, target: int) -> int:
         pidfd = os.pidfd_open(pid)
     except OSError as exc:
         raise HandoverError(f"cannot open process {pid}: {exc.strerror}") from exc
+    import ctypes  # here: only a warm handover takes fds (restore-all at boot never, `cprctl._boot`)
+
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         fd = int(libc.syscall(_SYS_PIDFD_GETFD, pidfd, target, 0))

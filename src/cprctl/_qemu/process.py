@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import shutil
 import signal
 import subprocess
 import time
@@ -33,6 +32,8 @@ class Binary:
 
         :raise UsageError: when there is no such binary.
         """
+        import shutil  # here: restore-all at boot needs none of it (its bz2, lzma; `cprctl._boot`)
+
         found = shutil.which(name) if os.sep not in name else name
         if not found:
             raise UsageError(f"QEMU binary not found: {name}")
@@ -247,6 +248,8 @@ def copy_exe(pid: int, dest: Path) -> None:
     :raise QemuError: when the process is gone or its executable cannot be read.
     """
     try:
+        import shutil  # here: restore-all at boot needs none of it (its bz2, lzma; `cprctl._boot`)
+
         shutil.copyfile(f"/proc/{pid}/exe", dest)
     except OSError as exc:
         raise QemuError(f"cannot copy the executable of process {pid}: {exc.strerror}") from exc

@@ -9,7 +9,7 @@ the same name in the loading QEMU hold the same bytes once the load completed.
 
 from __future__ import annotations
 
-import ctypes
+import functools
 import mmap
 import os
 from dataclasses import dataclass
@@ -96,23 +96,23 @@ def anonymous_private(pid: int, host: int, length: int) -> bool:
 _POPULATED = (1 << 63) | (1 << 62)
 
 
-class _Iovec(ctypes.Structure):
-    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+@functools.cache
+def _process_vm_readv() -> tuple[Any, Any] | None:
+    """libc's process_vm_readv(2) and its ``struct iovec``, or None. Made on first use: ctypes (and libffi)
+    is loaded only when a RAM block is read, not by restore-all's start at boot (`cprctl._boot`)."""
+    import ctypes
 
+    class Iovec(ctypes.Structure):
+        _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
 
-def _process_vm_readv() -> Any:
-    """libc's process_vm_readv(2), or None."""
     try:
         fn = ctypes.CDLL(None, use_errno=True).process_vm_readv
     except (OSError, AttributeError):
         return None
     fn.restype = ctypes.c_ssize_t
-    iov = ctypes.POINTER(_Iovec)
+    iov = ctypes.POINTER(Iovec)
     fn.argtypes = [ctypes.c_int, iov, ctypes.c_ulong, iov, ctypes.c_ulong, ctypes.c_ulong]
-    return fn
-
-
-_READV = _process_vm_readv()
+    return fn, Iovec
 
 
 class Memory:
@@ -133,10 +133,13 @@ class Memory:
 
         :raise OSError: the range is not mapped (or the process is gone).
         """
-        if _READV is not None:
-            local = _Iovec(ctypes.addressof(ctypes.c_char.from_buffer(buf)), length)
-            remote = _Iovec(address, length)
-            if _READV(self.pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0) == length:
+        if (readv := _process_vm_readv()) is not None:
+            import ctypes
+
+            fn, iovec = readv
+            local = iovec(ctypes.addressof(ctypes.c_char.from_buffer(buf)), length)
+            remote = iovec(address, length)
+            if fn(self.pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0) == length:
                 return
         view, got = memoryview(buf), 0
         try:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shlex
-import shutil
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -109,6 +108,8 @@ class Builds:
             return launcher
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         tmp = self.root / f".{meta.id}.{os.getpid()}.tmp"
+        import shutil  # here: restore-all at boot needs none of it (its bz2, lzma; `cprctl._boot`)
+
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             for sub in ("bin", "exe", "lib", "modules", "share"):
@@ -125,6 +126,8 @@ class Builds:
             (tmp / META).write_bytes(msgspec.json.encode(meta))
             os.rename(tmp, final)
         except OSError as exc:
+            import shutil  # here: restore-all at boot needs none of it (its bz2, lzma; `cprctl._boot`)
+
             shutil.rmtree(tmp, ignore_errors=True)
             if self.meta(meta.id) is None:  # else another cprctl kept it first (the rename found it there)
                 raise StateDirError(f"cannot keep QEMU build {meta.id} in {self.root}: {exc}") from exc
@@ -137,6 +140,8 @@ class Builds:
             meta = self.folder(build) / META
             with contextlib.suppress(OSError):
                 if build not in keep and now - meta.stat().st_mtime >= grace:
+                    import shutil  # here: restore-all at boot needs none of it (its bz2, lzma; `cprctl._boot`)
+
                     shutil.rmtree(self.folder(build))
                     gone.append(build)
         return gone
@@ -151,6 +156,8 @@ def _place(f: File, folder: Path, mode: int) -> None:
         with contextlib.suppress(OSError):
             os.link(f.source, dest)
             return
+    import shutil  # here: restore-all at boot needs none of it (its bz2, lzma; `cprctl._boot`)
+
     shutil.copyfile(f.source, dest)
     os.chmod(dest, mode)
 
