@@ -163,11 +163,15 @@ def vfio_pin_refusal(ram: Sequence[RamFact], kernel: tuple[int, int]) -> Finding
         f"backend {r.backend.id!r} is {r.backend.path} on {r.fs_type or 'a filesystem'}{' (DAX)' if r.dax else ''}"
         for r in bad
     )
+    # What QEMU's VFIO says (seen on 6.12): -14 (EFAULT) for a regular filesystem's file, -95 (EOPNOTSUPP) for
+    # a file on a DAX filesystem.
+    seen = {"-95" if r.dax else "-14" for r in bad}
+    errnos = " or ".join(e for e in ("-14", "-95") if e in seen)
     return Finding(
         "vfio-file-ram",
         "error",
         f"VFIO cannot pin RAM kept in a shared file of a regular filesystem ({where}): the kernel refuses "
-        "long-term pins of its pages and QEMU fails (vfio_container_dma_map = -14)",
+        f"long-term pins of its pages and QEMU fails (vfio_container_dma_map = {errnos})",
         "back that RAM with anonymous or memfd memory (written to the state file at a save), a file on "
         "hugetlbfs, or a device DAX (/dev/daxN.M)",
     )
