@@ -199,3 +199,11 @@ def test_served_sockets_cover_qmp_monitor_agent_and_console() -> None:
         "socket,id=c,path=/s/client",
     ]
     assert sorted(qa.served_sockets(argv)) == ["/s/con", "/s/mon", "/s/qga.sock", "/s/qmp.sock"]
+
+
+def test_uefi_firmware() -> None:
+    assert not qa.uefi_firmware(["qemu", "-machine", "q35"])
+    assert qa.uefi_firmware(["qemu", "-drive", "if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd"])
+    assert qa.uefi_firmware(["qemu", "-machine", "q35,pflash0=code"])
+    assert qa.uefi_firmware(["qemu", "-bios", "/usr/share/ovmf/OVMF.fd"])
+    assert not qa.uefi_firmware(["qemu", "-bios", "/usr/share/seabios/bios-256k.bin"])

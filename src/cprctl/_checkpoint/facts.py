@@ -177,6 +177,7 @@ async def gather(record: VMRecord, mon: Monitor, state_dir: Path, suspend: Suspe
             "agent_can_suspend": can_suspend,
             "agent_error": err,
             "s3_enabled": qargv.s3_enabled(record.argv),
+            "seabios": not qargv.uefi_firmware(record.argv),
             "status": status,
             "state_fs": mount_of(str(state_dir))[1],
             "state_free": vfs.f_bavail * vfs.f_frsize,

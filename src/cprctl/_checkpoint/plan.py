@@ -118,6 +118,8 @@ class Facts:
     agent_can_suspend: bool = False
     agent_error: str = ""
     s3_enabled: bool = False
+    #: The guest boots QEMU's default SeaBIOS (no UEFI firmware).
+    seabios: bool = False
     status: str = "running"
     state_fs: str = ""
     state_free: int = 0
@@ -483,6 +485,18 @@ def _suspend(facts: Facts, mode: SuspendMode) -> list[Finding]:
                 "error",
                 f"{why}, but the guest agent does not offer guest-suspend-ram",
                 "enable guest-suspend-ram in qemu-ga",
+            )
+        )
+    if facts.s3_enabled and facts.seabios and "q35" in facts.machine:
+        out.append(
+            Finding(
+                "s3-once",
+                "warning",
+                f"{why}: a q35 guest on SeaBIOS suspends to RAM once per boot: the wake resets the ICH9 LPC "
+                "bridge and SeaBIOS does not set its ACPI base again, so after the restore the guest's ACPI power "
+                "block is off (its next suspend fails, a save of it then rolls back; ACPI power-off and the power "
+                "button are expected to fail too) until the guest reboots",
+                "boot the guest with UEFI firmware (OVMF, which restores it), or on an i440fx (pc) machine",
             )
         )
     if not facts.s3_enabled:

@@ -371,6 +371,14 @@ def s3_enabled(argv: Sequence[str]) -> bool:
     return False
 
 
+def uefi_firmware(argv: Sequence[str]) -> bool:
+    """Whether *argv* boots UEFI firmware (pflash drives, ``-machine pflash0=``, or a ``-bios`` OVMF/edk2 image)
+    rather than QEMU's default SeaBIOS."""
+    if any("if=pflash" in (o.value or "") for o in options(argv, "drive")) or "pflash0" in machine_props(argv):
+        return True
+    return any(re.search(r"ovmf|edk2", o.value or "", re.IGNORECASE) for o in options(argv, "bios"))
+
+
 def qmp_args(path: str, ident: str = "cprctl-qmp") -> list[str]:
     return ["-chardev", f"socket,id={ident},path={path},server=on,wait=off", "-mon", f"chardev={ident},mode=control"]
 
