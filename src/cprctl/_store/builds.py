@@ -126,8 +126,6 @@ class Builds:
             (tmp / META).write_bytes(msgspec.json.encode(meta))
             os.rename(tmp, final)
         except OSError as exc:
-            import shutil  # here: restore-all at boot needs none of it (its bz2, lzma; `cprctl._boot`)
-
             shutil.rmtree(tmp, ignore_errors=True)
             if self.meta(meta.id) is None:  # else another cprctl kept it first (the rename found it there)
                 raise StateDirError(f"cannot keep QEMU build {meta.id} in {self.root}: {exc}") from exc
