@@ -97,13 +97,18 @@ def set_up(vm: HostVM, phases: Phases) -> None:
             if RELAUNCHED:
                 raise
             RELAUNCHED.append(name)
-            bar = "!" * 100
-            print(f"\n{bar}\n!!! {name}'s QEMU EXITED in its first boot: launching it again ONCE.\n{exc}\n{bar}")
+            loud(f"{name}'s QEMU EXITED in its first boot: launching it again ONCE.", str(exc))
             vm.exec(f"cprctl remove {name}; rm -rf /srv/vms/{name}", check=False)
             launch_nested(vm, name, **GUESTS[name])
             wait_first_tick(vm, name)
         wait_mem_ok(vm, name, 0)
         phases.done(f"guest {name} ticking, its RAM checked")
+
+
+def loud(headline: str, detail: str) -> None:
+    """Print a retry of the host VM's own fault so that no one misses it in the output."""
+    bar = "!" * 100
+    print(f"\n{bar}\n!!! {headline}\n{detail}\n{bar}")
 
 
 #: What was run again after a panic of the host VM's kernel (at most one thing per module).
@@ -120,9 +125,10 @@ def again(vm: HostVM, failure: Exception, what: str) -> None:
     if not panic or RETRIED:
         raise failure
     RETRIED.append(what)
-    print(
-        f"\n{'!' * 100}\n!!! THE HOST VM'S KERNEL PANICKED in {what} (its emulated SVM, not cprctl): booting a fresh"
-        f" host VM and running {what} again ONCE.\n!!! The failure: {failure!r}\n{panic}\n{'!' * 100}"
+    loud(
+        f"THE HOST VM'S KERNEL PANICKED in {what} (its emulated SVM, not cprctl): booting a fresh host VM and"
+        f" running {what} again ONCE.\n!!! The failure: {failure!r}",
+        panic,
     )
     old = vm.work
     vm.stop()
