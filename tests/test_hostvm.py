@@ -49,7 +49,11 @@ GUESTS: dict[str, dict[str, object]] = {"file": {"ram": "file", "fill": FILL}, "
 
 
 #: Given to the host VM's kernel: KVM without virtual GIF, which the host VM's SVM (emulated by TCG) offers (see
-#: *Open* in the README: the host VM's kernel panicked once under its KVM).
+#: *The host VM's own faults* in the README: the host VM's kernel panicked under its KVM, with and without it).
+#: Not ``kvm_amd.npt=0``: QEMU 10.0's TCG checks a nested guest's CR3/CR4 reads against KVM's CR0-read intercept
+#: (the new decoder's ``if (decode->e.intercept)`` in decode_op, X86_TYPE_C: READ_CR0 is 0), so under KVM's shadow
+#: paging a guest reads the shadow CR3 and both nested guests triple-fault early in their boot, after 10-14 s of
+#: their CPU (20 of 20 launches, tests/hostvm_soak.py, 30 Nov).
 KVM_AMD = "kvm_amd.vgif=0"
 
 

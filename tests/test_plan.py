@@ -177,3 +177,26 @@ def test_a_q35_guest_on_seabios_is_warned_it_suspends_once(machine: str, seabios
 
 def test_no_suspend_no_s3_warning() -> None:
     assert "s3-once" not in {f.code for f in findings(facts(SHARED, seabios=True, **AGENT))}
+
+
+def test_an_unmapped_acpi_pm_block_refuses_a_suspend() -> None:
+    """Measured, not guessed: a guest whose ACPI PM block is off cannot enter S3 (its sleep request goes nowhere)."""
+    found = findings(facts(SHARED, vfio=["hostdev0"], seabios=True, acpi_pm_mapped=False, **AGENT))
+    off = [f for f in found if f.code == "acpi-pm-unmapped"]
+    assert off and off[0].blocking and not off[0].forceable, found
+    assert "not decoded (SeaBIOS" in off[0].message and "until it reboots" in off[0].message
+    assert "reboot the guest" in off[0].fix and "OVMF" in off[0].fix and "--suspend" not in off[0].fix
+    assert "s3-once" not in {f.code for f in found}, "said once, as the error"
+    always = findings(facts(SHARED, seabios=True, acpi_pm_mapped=False, **AGENT), suspend="always")
+    fix = next(f.fix for f in always if f.code == "acpi-pm-unmapped")
+    assert fix.endswith("or save it with --suspend auto")
+    ovmf = findings(facts(SHARED, seabios=False, acpi_pm_mapped=False, **AGENT), suspend="always")
+    assert "acpi-pm-unmapped" in codes(ovmf) and "SeaBIOS" not in " ".join(f.message for f in ovmf)
+
+
+def test_a_mapped_or_unknown_acpi_pm_block_or_no_suspend_refuses_nothing() -> None:
+    for mapped in (True, None):
+        found = findings(facts(SHARED, seabios=True, acpi_pm_mapped=mapped, **AGENT), suspend="always")
+        assert not codes(found) and "s3-once" in {f.code for f in found}, found
+    unplanned = findings(facts(SHARED, seabios=True, acpi_pm_mapped=False, **AGENT), suspend="never")
+    assert not codes(unplanned), unplanned

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -13,6 +14,8 @@ import pytest
 
 import cprctl
 from cprctl._checkpoint import record
+from cprctl._qemu import acpi
+from cprctl._qemu.qmp import Monitor
 
 from .guestvm import QEMU, GuestVM, cli, guest_dir
 
@@ -106,10 +109,23 @@ def test_strategies_one_after_another_on_the_same_vm(state_dir: Path) -> None:
     vm.stop()
 
 
+def acpi_pm_mapped(vm: GuestVM) -> bool | None:
+    """What QEMU's memory map says of the guest's ACPI PM block now (the probe check and save use)."""
+    st = vm.status()
+
+    async def ask() -> bool | None:
+        async with Monitor(st.qmp, vm.name, st.pid) as mon:  # type: ignore[arg-type]
+            return await acpi.acpi_pm_mapped(mon)
+
+    return asyncio.run(ask())
+
+
 def test_suspend_always_saves_suspended_and_wakes(state_dir: Path) -> None:
     vm = GuestVM.launch("susp", state_dir, ram="file", fill=32)
+    assert acpi_pm_mapped(vm) is True, "SeaBIOS set PMBASE at boot: the block decodes at 0x600"
     found = {f.code: f for f in cprctl.check("susp", suspend="always", state_dir=state_dir)}
     assert "s3-once" in found and not found["s3-once"].blocking, found  # q35 on SeaBIOS: suspends once per boot
+    assert not [f for f in found.values() if f.blocking], found
     saved = cprctl.save("susp", suspend="always", state_dir=state_dir)
     assert saved.suspended
     rec = record.load(state_dir / "vms" / "susp" / "vm.json")
@@ -120,11 +136,21 @@ def test_suspend_always_saves_suspended_and_wakes(state_dir: Path) -> None:
     assert res.woke and res.status == "running"
     vm.wait_for("resumed", after=mark)
     vm.assert_continued(mark, fill=32)
-    # What the warning says: after that wake SeaBIOS left q35's ACPI block off, so the next suspend never holds;
-    # the save rolls back and the guest runs on, nothing lost.
-    with pytest.raises(cprctl.CprctlError, match="suspended"):
+    # What the warning said: the wake reset the LPC bridge and SeaBIOS did not set PMBASE again, so the block is
+    # off and the next suspend could never hold. check and save say so at once, and the guest is not touched.
+    assert acpi_pm_mapped(vm) is False
+    found = {f.code: f for f in cprctl.check("susp", suspend="always", state_dir=state_dir)}
+    assert found["acpi-pm-unmapped"].blocking and "s3-once" not in found, found
+    pid, again = vm.status().pid, vm.mark()
+    with pytest.raises(cprctl.CheckFailed, match="nothing touched: --suspend always, but the guest's ACPI power"):
         cprctl.save("susp", suspend="always", state_dir=state_dir)
-    assert vm.status().state == "running"
+    out = cli("save", "susp", "--suspend", "always", state_dir=state_dir)
+    errors = [line for line in out.stderr.splitlines() if line.startswith("cprctl: error: ")]
+    assert out.returncode != 0 and len(errors) == 1 and "Traceback" not in out.stderr, out.stderr
+    assert "not decoded (SeaBIOS" in errors[0] and "fix: reboot the guest" in errors[0], out.stderr
+    st = vm.status()
+    assert st.state == "running" and st.pid == pid and st.state_file is None
+    assert "suspending" not in vm.text()[again:], "the guest was asked to suspend"
     vm.assert_continued(mark, fill=32)
     vm.stop()
 

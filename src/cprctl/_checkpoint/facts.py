@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .._qemu import argv as qargv
+from .._qemu.acpi import acpi_pm_mapped
 from .._qemu.agent import Agent
 from .._qemu.probe import BinaryInfo, probe
 from .._qemu.process import Binary
@@ -165,9 +166,9 @@ async def gather(record: VMRecord, mon: Monitor, state_dir: Path, suspend: Suspe
         frozenset(c["capability"] for c in caps if c["state"]),
         vfio,
     )
-    answers, can_suspend, err = (False, False, "")
+    (answers, can_suspend, err), pm_mapped = (False, False, ""), None
     if wants_suspend(base, suspend) and status == "running":
-        answers, can_suspend, err = await agent_facts(record)
+        (answers, can_suspend, err), pm_mapped = await asyncio.gather(agent_facts(record), acpi_pm_mapped(mon))
     vfs = os.statvfs(state_dir)
     return Facts(
         **{
@@ -178,6 +179,7 @@ async def gather(record: VMRecord, mon: Monitor, state_dir: Path, suspend: Suspe
             "agent_error": err,
             "s3_enabled": qargv.s3_enabled(record.argv),
             "seabios": not qargv.uefi_firmware(record.argv),
+            "acpi_pm_mapped": pm_mapped,
             "status": status,
             "state_fs": mount_of(str(state_dir))[1],
             "state_free": vfs.f_bavail * vfs.f_frsize,

@@ -120,6 +120,9 @@ class Facts:
     s3_enabled: bool = False
     #: The guest boots QEMU's default SeaBIOS (no UEFI firmware).
     seabios: bool = False
+    #: The guest's ACPI power-management block is decoded (QEMU's memory map, asked only when a suspend
+    #: is wanted); None: not known (not asked, or no ICH9 block: not q35).
+    acpi_pm_mapped: bool | None = None
     status: str = "running"
     state_fs: str = ""
     state_free: int = 0
@@ -487,18 +490,8 @@ def _suspend(facts: Facts, mode: SuspendMode) -> list[Finding]:
                 "enable guest-suspend-ram in qemu-ga",
             )
         )
-    if facts.s3_enabled and facts.seabios and "q35" in facts.machine:
-        out.append(
-            Finding(
-                "s3-once",
-                "warning",
-                f"{why}: a q35 guest on SeaBIOS suspends to RAM once per boot: the wake resets the ICH9 LPC "
-                "bridge and SeaBIOS does not set its ACPI base again, so after the restore the guest's ACPI power "
-                "block is off (its next suspend fails, a save of it then rolls back; ACPI power-off and the power "
-                "button are expected to fail too) until the guest reboots",
-                "boot the guest with UEFI firmware (OVMF, which restores it), or on an i440fx (pc) machine",
-            )
-        )
+    if facts.s3_enabled:
+        out += _s3_again(facts, why)
     if not facts.s3_enabled:
         out.append(
             Finding(
@@ -510,6 +503,35 @@ def _suspend(facts: Facts, mode: SuspendMode) -> list[Finding]:
             )
         )
     return out
+
+
+def _s3_again(facts: Facts, why: str) -> list[Finding]:
+    """Whether the guest can enter S3 now, and again after the wake that follows this save's restore."""
+    if facts.acpi_pm_mapped is False:
+        cause = " (SeaBIOS does not set ICH9's PMBASE again after an S3 wake)" if facts.seabios else ""
+        return [
+            Finding(
+                "acpi-pm-unmapped",
+                "error",
+                f"{why}, but the guest's ACPI power-management block is not decoded{cause}: it cannot suspend "
+                "again until it reboots",
+                "reboot the guest, or boot it with UEFI firmware (OVMF)"
+                + ("" if facts.vfio else ", or save it with --suspend auto"),
+            )
+        ]
+    if facts.seabios and "q35" in facts.machine:
+        return [
+            Finding(
+                "s3-once",
+                "warning",
+                f"{why}: a q35 guest on SeaBIOS suspends to RAM once per boot: the wake resets the ICH9 LPC "
+                "bridge and SeaBIOS does not set its ACPI base again, so after the restore the guest's ACPI power "
+                "block is off until the guest reboots (cprctl then refuses to suspend it: acpi-pm-unmapped; ACPI "
+                "power-off and the power button are expected to fail too)",
+                "boot the guest with UEFI firmware (OVMF, which restores it), or on an i440fx (pc) machine",
+            )
+        ]
+    return []
 
 
 def _space(facts: Facts, reboot: bool, suspend: SuspendMode, strategy: Strategy) -> list[Finding]:
