@@ -377,6 +377,9 @@ class Result:
     err: str
 
 
+#: A power cut, in a script run inside: sysrq b resets the host at once (no sync, no shutdown).
+POWER_CUT = "echo 1 > /proc/sys/kernel/sysrq; echo b > /proc/sysrq-trigger"
+
 #: The host VM's TCG: one thread per vCPU. With it the host VM's kernel panicked under its KVM on a quiet machine
 #: in every run (``corrupted stack end detected inside scheduler``, 20-80 s after the nested guests' launch; 30 Nov
 #: 07:42, 10:05 and 10:38 at a load of 1-2, each retry too) and never at a load of 3-12 (147 min of soak, four
@@ -535,10 +538,6 @@ class HostVM:
         self.wait_silent(timeout)
         self.wait_boot(timeout)
         return time.monotonic() - t
-
-    def crash(self) -> None:
-        """A power cut: sysrq b resets at once (no sync, no shutdown)."""
-        self.spawn("echo 1 > /proc/sys/kernel/sysrq; echo b > /proc/sysrq-trigger")
 
     def console_since(self, mark: int) -> str:
         """The host VM's serial console past byte offset *mark* (``console_since(0)``: all of it)."""

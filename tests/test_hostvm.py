@@ -26,6 +26,7 @@ from cprctl._demo import TICK
 from .guestvm import guest_dir
 from .hostvm import (
     CRASH_WHEN,
+    POWER_CUT,
     HostVM,
     cached_image,
     console_text,
@@ -336,12 +337,7 @@ def test_crash_right_after_save_all(host: HostVM) -> None:
     # file guest counted again from the tick of the `sync` above (README, *The flush check*).
     host.sh("sysctl -qw vm.dirty_expire_centisecs=360000")  # an hour; the cut resets it
     consoles = " ".join(f"/srv/vms/{n}/console.log" for n in GUESTS)
-    host.spawn(
-        f"cprctl save-all --reboot && sync {consoles} && {{ echo 1 > /proc/sys/kernel/sysrq;"
-        " echo b > /proc/sysrq-trigger; }"
-    )
-    host.wait_silent()
-    host.wait_boot()
+    host.reboot_with(f"cprctl save-all --reboot && sync {consoles} && {{ {POWER_CUT}; }}", timeout=600)
     assert_back(host, before)  # strict: no tick lost from the consoles, none counted twice
 
 
