@@ -492,7 +492,7 @@ def _suspend(facts: Facts, mode: SuspendMode) -> list[Finding]:
         )
     if facts.s3_enabled:
         out += _s3_again(facts, why)
-    if not facts.s3_enabled:
+    else:
         out.append(
             Finding(
                 "s3-disabled",
