@@ -9,7 +9,7 @@ export CPRCTL_QEMU_ROOTS := $(QEMU_ROOTS)
 export CPRCTL_TEST_GUEST := $(GUEST_DIR)
 export CPRCTL_OLD_QEMU := $(OLD_QEMU_DIR)/usr/bin/qemu-system-x86_64
 
-.PHONY: all deps venv guest old-qemu qemu-roots demo test test-all test-hostvm hostvm-image unit lint bench bench-reboot clean
+.PHONY: all deps venv guest old-qemu qemu-roots demo test test-quick test-hostvm hostvm-image unit lint bench bench-reboot clean
 
 all: test
 
@@ -48,23 +48,24 @@ lint: venv
 unit: venv
 	$(VENV)/bin/pytest -q -m "not qemu"
 
-# Lint and the test suite but the host VM module (what .ci/run runs: README, *Development*).
+# Lint, then the test suite and the host VM module (tests/test_hostvm.py) side by side: what .ci/run runs (README,
+# *Development*). The host VM has one vCPU, so the module takes one core and the suite the other; the module's
+# lines come prefixed `[hostvm]` as they come, its whole log is build/hostvm-tests.log. Not as root, the host VM
+# tests skip themselves and the module is not started.
 test: deps venv guest old-qemu qemu-roots lint
-	$(VENV)/bin/pytest -q -ra -m "not hostvm"
-
-# Lint, the suite, then the host VM module (tests/test_hostvm.py). As root, the host VM's image is built in the
-# background while the suite runs (its log in build/hostvm-image.log, shown when the build fails, which fails
-# `make test-all`); not as root, the host VM tests skip themselves. Not in .ci/run: the host VM's own kernel
-# still panics under its emulated SVM (README, *The host VM's own faults*).
-test-all: deps venv guest old-qemu qemu-roots lint
-	@mkdir -p build; image=; \
-	if [ "$$(id -u)" -eq 0 ]; then $(MAKE) -s hostvm-image > build/hostvm-image.log 2>&1 & image=$$!; fi; \
-	$(VENV)/bin/pytest -q -ra -m "not hostvm"; rc=$$?; \
-	if [ -n "$$image" ] && ! wait $$image; then \
-		echo "make test-all: building the host VM image failed (build/hostvm-image.log):"; cat build/hostvm-image.log; exit 1; \
+	@mkdir -p build; hv=; \
+	if [ "$$(id -u)" -eq 0 ]; then \
+		( set -o pipefail; $(VENV)/bin/pytest -q -ra -s --durations=0 -m hostvm --basetemp=build/hostvm-tmp 2>&1 | tee build/hostvm-tests.log \
+			| sed -u 's/^/[hostvm] /' ) & hv=$$!; \
 	fi; \
-	[ $$rc -eq 0 ] || exit $$rc; \
-	$(VENV)/bin/pytest -q -ra -s --durations=0 -m hostvm
+	$(VENV)/bin/pytest -q -ra -m "not hostvm"; rc=$$?; \
+	hrc=0; if [ -n "$$hv" ]; then wait $$hv || hrc=$$?; fi; \
+	echo "make test: suite exit $$rc; host VM module $$([ -n "$$hv" ] && echo "exit $$hrc" || echo "not run (not root)")"; \
+	[ $$rc -eq 0 ] && [ $$hrc -eq 0 ]
+
+# Lint and the test suite without the host VM module.
+test-quick: deps venv guest old-qemu qemu-roots lint
+	$(VENV)/bin/pytest -q -ra -m "not hostvm"
 
 # The host VM module alone (root only): real host reboots (systemctl reboot, cprctl reboot --kexec, crashes) in a
 # Debian 13 host VM, its image cached under ~/.cache/cprctl-hostvm; -s shows its set-up phases and costs.

@@ -380,14 +380,16 @@ class Result:
 #: A power cut, in a script run inside: sysrq b resets the host at once (no sync, no shutdown).
 POWER_CUT = "echo 1 > /proc/sys/kernel/sysrq; echo b > /proc/sysrq-trigger"
 
-#: The host VM's TCG: one thread per vCPU. With it the host VM's kernel panicked under its KVM on a quiet machine
-#: in every run (``corrupted stack end detected inside scheduler``, 20-80 s after the nested guests' launch; 30 Nov
-#: 07:42, 10:05 and 10:38 at a load of 1-2, each retry too) and never at a load of 3-12 (147 min of soak, four
-#: whole module runs), where its two vCPU threads rarely run at the same moment: a race between them in TCG's
-#: SVM/NPT emulation fits. ``tcg,thread=single`` avoided the panic on the quiet machine (2 runs), but the nested
-#: guests printed nothing in their first 10 min (with one thread per vCPU they tick in 2-3): too slow for the
-#: module. CPRCTL_HOSTVM_ACCEL overrides it. README: *The host VM's own faults*.
+#: The host VM's TCG and vCPUs: ONE vCPU. With two (one TCG thread each) its kernel panicked under its KVM on a
+#: quiet machine in every run (``corrupted stack end detected inside scheduler``, 20-80 s after the nested
+#: guests' launch; 30 Nov 07:42, 10:05 and 10:38 at a load of 1-2, each retry too) and never at a load of 3-12,
+#: where the two vCPU threads rarely run at the same moment: a race between them in TCG's SVM/NPT emulation
+#: fits. ``tcg,thread=single`` with two vCPUs avoided it but its nested guests printed nothing in 10 min. One vCPU
+#: avoided it on the quiet machine (30 Nov 11:34, soak at a load of 1: four cycles of first boots, nested guests
+#: ticking 81-167 s after launch, as fast as with two) and in whole module runs (README, *The host VM's own
+#: faults*). CPRCTL_HOSTVM_ACCEL and CPRCTL_HOSTVM_SMP override them.
 ACCEL = os.environ.get("CPRCTL_HOSTVM_ACCEL", "tcg,thread=multi")
+SMP = os.environ.get("CPRCTL_HOSTVM_SMP", "1")
 
 
 class HostVM:
@@ -430,7 +432,7 @@ class HostVM:
             boot += ["-append", cmdline]
         argv = [
             QEMU,
-            "-accel", ACCEL, "-cpu", "max", "-smp", "2", "-m", "3G", "-machine", "q35",
+            "-accel", ACCEL, "-cpu", "max", "-smp", SMP, "-m", "3G", "-machine", "q35",
             "-display", "none", "-nodefaults",
             "-drive", f"file={self.overlay},if=virtio,format=qcow2,cache=unsafe",
             "-drive", f"file={self.data},if=virtio,format=raw",
