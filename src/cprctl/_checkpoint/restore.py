@@ -353,7 +353,8 @@ async def _start_and_load(
                 "it is kept running, see 'cprctl status'"
             ) from exc
         await asyncio.to_thread(process.kill, pid)
-        await asyncio.to_thread(canary.retake, cp)  # what that QEMU wrote in the kept RAM (KVM's clock)
+        if op.step not in GUEST_RESUMED:  # the guest never ran: what that QEMU wrote in the kept RAM is KVM's
+            await asyncio.to_thread(canary.retake, cp)
         vm.record.operation = None
         vm.commit()
         if isinstance(exc, CprctlError):
