@@ -143,29 +143,29 @@ def problem(canary: RamCanary) -> str | None:
     try:
         fd = os.open(canary.path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
-        return "it is missing"
+        return "it is missing (deleted or moved since the save)"
     except OSError as exc:
         return f"it cannot be opened ({exc.strerror})"
     try:
         size = os.fstat(fd).st_size
         if size != canary.size:
-            return f"it is {size} bytes, the save left {canary.size}"
+            return f"it is {size} bytes, the save left {canary.size} (truncated or replaced since)"
         got = _digests(fd, sample_pages(canary.size, canary.seed))
     except OSError as exc:
         return f"it cannot be read ({exc.strerror})"
     finally:
         os.close(fd)
     if n := differing(canary.digests, got):
-        return f"{n} of {sampled(canary)} sampled pages differ"
+        return (
+            f"{n} of {sampled(canary)} sampled pages differ (writes lost in a host crash, or the file was put back "
+            "from an older copy, edited or replaced since the save)"
+        )
     return None
 
 
 def refusal(name: str, canary: RamCanary, why: str) -> str:
     """The one line that refuses VM *name*'s restore from RAM file *canary.path* (`problem`: *why*)."""
-    return (
-        f"{name}: RAM file {canary.path} is not what the save left: {why} (writes lost in a host crash, or "
-        "the file was restored, edited, truncated or replaced since the save); the guest cannot resume from it"
-    )
+    return f"{name}: RAM file {canary.path} is not what the save left: {why}; the guest cannot resume from it"
 
 
 def check(name: str, checkpoint: Checkpoint) -> None:
