@@ -182,3 +182,7 @@ def test_a_checkpoint_with_a_canary_round_trips_and_an_older_one_has_none(tmp_pa
     del data["checkpoint"]["kept_ram"]
     older = record.decode(msgspec.json.encode(data), "vm.json")
     assert older.checkpoint is not None and older.checkpoint.kept_ram == []
+
+
+def test_the_records_default_scheme_is_this_one() -> None:
+    assert RamCanary("/r", 0, 0, b"").scheme == canary.SCHEME
