@@ -367,6 +367,7 @@ def test_kept_ram_file_not_as_saved_is_refused_before_qemu_starts(state_dir: Pat
         vm, state_file, str(ram_path), f"{len(moved) + len(flipped)} of 1026 sampled pages differ", "cannot resume"
     )
     assert "not what the save left" in line and "writes lost in a host crash" in line
+    print(f"{len(moved)} sampled pages given their older content, {len(flipped)} rewritten: {line}")
     check = cli("check", "kept", state_dir=state_dir)  # where a saved VM's verification is shown
     said = " ".join(check.stdout.split())  # rich wraps lines
     assert check.returncode == 1 and "sampled pages differ" in said, said

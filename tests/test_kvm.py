@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import cprctl
+from cprctl import CprctlError
 from cprctl._checkpoint import canary, record, statefile
 
 from .guestvm import cli
@@ -88,6 +89,18 @@ def test_kept_ram_under_kvm_passes_its_canary_after_a_trial(
     assert canary.problem(saved.kept_ram[0]) is None  # QEMU's exit wrote nothing into it
     cprctl.check("kv3", trial=True, state_dir=state_dir)
     print(f"after the trial, against the save's canary: {canary.problem(saved.kept_ram[0]) or 'unchanged'}")
+    # A restore refused once its QEMU started (a byte of the state file flipped) may leave the same behind.
+    tried = record.load(state_dir / "vms" / "kv3" / "vm.json").checkpoint
+    assert tried is not None
+    path = state_dir / "vms" / "kv3" / "state.cpr"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(CprctlError, match="corrupt"):
+        cprctl.restore("kv3", state_dir=state_dir)
+    print(f"after the refused restore, against the trial's canary: {canary.problem(tried.kept_ram[0]) or 'unchanged'}")
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
     cprctl.restore("kv3", state_dir=state_dir)
     assert status(state_dir, "kv3")["state"] == "running"
     cprctl.stop("kv3", state_dir=state_dir)
