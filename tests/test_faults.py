@@ -383,7 +383,8 @@ def test_kept_ram_file_not_as_saved_is_refused_before_qemu_starts(state_dir: Pat
     os.rename(kept_aside, ram_path)
 
     # Untouched: restored as before; the guest never ran on a bad file (its counter has no gap or repeat).
-    cprctl.restore("kept", state_dir=state_dir)
+    res = cprctl.restore("kept", state_dir=state_dir)
+    print(f"save's canary {cp.timings_ms['canary']:.1f} ms; restore's check step {res.timings_ms['check']:.1f} ms")
     vm.assert_continued(mark, fill=32)
     vm.stop()
 
