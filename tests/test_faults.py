@@ -18,7 +18,7 @@ import pytest
 
 import cprctl
 from cprctl import BusyError, CheckFailed, CheckpointError, MigrationError, QemuError
-from cprctl._checkpoint import statefile
+from cprctl._checkpoint import canary, record, statefile
 from cprctl._qemu import process
 
 from .guestvm import QEMU, GuestVM, cli, op_step, record_of, short_tmp, spawn_cli, wait_record
@@ -313,6 +313,78 @@ def test_disk_written_between_save_and_restore(state_dir: Path) -> None:
     assert out.returncode != 0 and str(disk) in out.stderr and "changed since the save" in out.stderr
     assert vm.status().state == "saved"
     cprctl.restore("disk", force=True, state_dir=state_dir)  # the operator accepts the risk knowingly
+    vm.assert_continued(mark, fill=32)
+    vm.stop()
+
+
+def _refused_before_qemu_starts(vm: GuestVM, state_file: Path, *said: str) -> str:
+    """A CLI restore of *vm* fails in one line naming *said*, no QEMU started, and the checkpoint is kept."""
+    starts = _qemu_starts(vm)
+    out = cli("restore", vm.name, state_dir=vm.state_dir)
+    errors = [line for line in out.stderr.splitlines() if line.startswith("cprctl: error:")]
+    assert out.returncode == 1 and len(errors) == 1, out.stderr
+    assert all(s in errors[0] for s in said), errors[0]
+    assert _qemu_starts(vm) == starts and not _new_qemus(vm), "a QEMU was started on the RAM file"
+    assert vm.status().state == "saved" and state_file.exists()
+    return errors[0]
+
+
+def test_kept_ram_file_not_as_saved_is_refused_before_qemu_starts(state_dir: Path) -> None:
+    """RAM kept in place (`x-ignore-shared`) is not in the state file: the save samples its pages (`canary`),
+    and the restore refuses a RAM file that is not what the save left before any QEMU maps it: older content
+    in some pages (writes a host crash lost), truncated, deleted. Each time the checkpoint is kept, and once
+    the file is back the guest goes on as if nothing happened."""
+    vm = GuestVM.launch("kept", state_dir, fill=32)
+    ram_path = vm.work / "ram"  # guest_argv's RAM file
+    older = ram_path.read_bytes()  # the RAM file a few guest ticks before the save
+    time.sleep(2)
+    mark = vm.mark()
+    state_file = Path(cprctl.save("kept", state_dir=state_dir).state_file)
+    cp = record.load(state_dir / "vms" / "kept" / "vm.json").checkpoint
+    assert cp is not None and cp.strategy == "in-place" and "canary" in cp.timings_ms
+    [kept] = cp.kept_ram
+    assert kept.path == str(ram_path) and kept.size == 256 << 20 and canary.sampled(kept) == 1026
+    status = json.loads(cli("status", "kept", "--json", state_dir=state_dir).stdout)
+    assert status["kept_ram"] == [{"path": str(ram_path), "bytes": 256 << 20, "pages_sampled": 1026}]
+    check = cli("check", "kept", state_dir=state_dir)
+    assert check.returncode == 0 and "1026 of 65536 pages" in " ".join(check.stdout.split()), check.stdout
+    saved = ram_path.read_bytes()
+
+    # (a) Stale pages: the sampled pages the guest wrote since the copy get their older content back (as if
+    # their write-back was lost), and two more sampled pages other bytes (so that some page is always stale).
+    page = canary.PAGE
+    sampled = canary.sample_pages(kept.size, kept.seed)
+    moved = [p for p in sampled if older[p * page : (p + 1) * page] != saved[p * page : (p + 1) * page]]
+    flipped = [p for p in sampled[len(sampled) // 3 :: len(sampled) // 3][:2] if p not in moved]
+    with open(ram_path, "r+b") as f:
+        for p in moved:
+            f.seek(p * page)
+            f.write(older[p * page : (p + 1) * page])
+        for p in flipped:
+            f.seek(p * page + 512)
+            f.write(bytes(b ^ 0x5A for b in saved[p * page + 512 : p * page + 520]))
+    line = _refused_before_qemu_starts(
+        vm, state_file, str(ram_path), f"{len(moved) + len(flipped)} of 1026 sampled pages differ", "cannot resume"
+    )
+    assert "not what the save left" in line and "writes lost in a host crash" in line
+    print(f"{len(moved)} sampled pages given their older content, {len(flipped)} rewritten: {line}")
+    check = cli("check", "kept", state_dir=state_dir)  # where a saved VM's verification is shown
+    said = " ".join(check.stdout.split())  # rich wraps lines
+    assert check.returncode == 1 and "sampled pages differ" in said, said
+    ram_path.write_bytes(saved)
+
+    # (b) Truncated (to half), then (c) deleted; the file put back each time.
+    kept_aside = ram_path.with_name("kept-aside.ram")
+    os.rename(ram_path, kept_aside)
+    ram_path.write_bytes(saved[: len(saved) // 2])
+    _refused_before_qemu_starts(vm, state_file, str(ram_path), f"it is {128 << 20} bytes, the save left {256 << 20}")
+    ram_path.unlink()
+    _refused_before_qemu_starts(vm, state_file, str(ram_path), "it is missing", "cannot resume")
+    os.rename(kept_aside, ram_path)
+
+    # Untouched: restored as before; the guest never ran on a bad file (its counter has no gap or repeat).
+    res = cprctl.restore("kept", state_dir=state_dir)
+    print(f"save's canary {cp.timings_ms['canary']:.1f} ms; restore's check step {res.timings_ms['check']:.1f} ms")
     vm.assert_continued(mark, fill=32)
     vm.stop()
 

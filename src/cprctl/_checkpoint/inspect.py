@@ -15,7 +15,7 @@ from .._qemu.process import Binary
 from .._qemu.qmp import Monitor
 from .._store import StateDir
 from ..errors import CprctlError, QemuError
-from . import disks, kept, statefile, timeline
+from . import canary, disks, kept, statefile, timeline
 from .compat import binary_findings, load_finding, transfer_blockers
 from .facts import binary_info, gather, mount_of, ram_fact, vfio_refusal
 from .plan import (
@@ -31,6 +31,7 @@ from .plan import (
     warm_blockers,
 )
 from .precopy import warm_path
+from .record import RamCanary
 from .report import Quiet, Reporter
 from .trial import trial as trial_load
 from .vm import VM, open_vm, settled
@@ -83,6 +84,9 @@ class VMStatus:
     #: ``total``), and the save's and restore's steps in ms (``{"save": ..., "restore": ...}``).
     downtime_shares: dict[str, float] | None = None
     downtime_steps_ms: dict[str, dict[str, float]] | None = None
+    #: A saved VM's RAM files kept in place and their canaries (`canary`: ``path``, ``bytes``,
+    #: ``pages_sampled``), checked before its restore starts QEMU; None when it has none.
+    kept_ram: list[dict[str, Any]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -121,7 +125,12 @@ def vm_status(vm: VM) -> VMStatus:
         timeline.segments(r.timeline) if r.timeline else None,
         timeline.shares(r.timeline) if r.timeline else None,
         {"save": r.timeline.save_ms, "restore": r.timeline.restore_ms} if r.timeline else None,
+        [_kept_ram(c) for c in cp.kept_ram] if cp and cp.kept_ram else None,
     )
+
+
+def _kept_ram(c: RamCanary) -> dict[str, Any]:
+    return {"path": c.path, "bytes": c.size, "pages_sampled": canary.sampled(c)}
 
 
 def _loads(vm: VM, running: bool) -> tuple[str | None, str, str | None]:
@@ -341,9 +350,13 @@ def _check_saved(vm: VM, reboot: bool) -> list[Finding]:
                     "disk-changed", "error", f"disk {d.path}: {why}", "restore --force accepts the risk", forceable=True
                 )
             )
+    out += _canary_findings(vm)
     if cp.strategy == "in-place":
+        sampled = {c.path for c in cp.kept_ram}
         for b in ram_layout(vm.record.argv).backends:
             fact = ram_fact(b)
+            if b.path and os.path.normpath(os.path.join(vm.record.cwd, b.path)) in sampled:
+                continue  # the canary said it
             if fact.path_kind != "file" and not fact.dax:
                 out.append(
                     Finding(
@@ -373,4 +386,24 @@ def _check_saved(vm: VM, reboot: bool) -> list[Finding]:
                 "do not reboot before restoring",
             )
         )
-    return out or [Finding("ok", "info", f"checkpoint of {vm.name} verifies", "")]
+    return out or [Finding("ok", "info", f"checkpoint of {vm.name} verifies{_canary_summary(cp.kept_ram)}", "")]
+
+
+def _canary_findings(vm: VM) -> list[Finding]:
+    """A finding for each kept RAM file that is not what the save left (`canary`): never forceable."""
+    cp = vm.record.checkpoint
+    assert cp is not None
+    fix = "restore it once the file the save left is back; else its running state is lost ('cprctl remove --force')"
+    return [
+        Finding("ram-changed", "error", canary.refusal(vm.name, c, why), fix)
+        for c in cp.kept_ram
+        if (why := canary.problem(c))
+    ]
+
+
+def _canary_summary(kept_ram: list[RamCanary]) -> str:
+    """``" (kept RAM sampled: FILE 1026 of 65536 pages)"`` for a check that passed; "" without kept RAM."""
+    if not kept_ram:
+        return ""
+    files = ", ".join(f"{c.path} {canary.sampled(c)} of {canary.pages_of(c.size)} pages" for c in kept_ram)
+    return f" (kept RAM sampled: {files})"

@@ -53,6 +53,20 @@ class RamPrint(msgspec.Struct, forbid_unknown_fields=True):
     digest: str
 
 
+class RamCanary(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """A RAM file kept in place (``x-ignore-shared``) as the save left it: its size and the digests of a
+    sample of its pages (`canary`), checked before a restore starts QEMU on it."""
+
+    path: str
+    size: int
+    #: Draws the sampled pages (`canary.sample_pages`): a new one at each save.
+    seed: int
+    #: The xxh3-64 digest of each sampled 4 KiB page in page order, 8 bytes each (canonical, big-endian).
+    digests: bytes
+    #: How the pages were drawn and hashed; a canary of a scheme this cprctl does not know is not checked.
+    scheme: str = "xxh3_64-4k-1"
+
+
 class Checkpoint(msgspec.Struct, forbid_unknown_fields=True):
     """A completed save: everything restore needs to mirror it and to verify it."""
 
@@ -85,6 +99,9 @@ class Checkpoint(msgspec.Struct, forbid_unknown_fields=True):
     #: state file by name; *digest* is then that of the file's other bytes (`statefile.device_digest`).
     #: Empty: *digest* is the whole file's (older saves, in-place and stream saves).
     ram: dict[str, RamPrint] = {}
+    #: Each RAM file kept in place (not in the state file): its canary (`canary`). Empty: none was kept, or
+    #: the checkpoint was recorded before the canary existed (then nothing is checked).
+    kept_ram: list[RamCanary] = []
 
 
 ProofHow = Literal["update", "restore", "trial"]

@@ -41,7 +41,7 @@ from .._qemu.process import Binary
 from .._qemu.qmp import START_TIMEOUT, Monitor
 from .._store import StateDir, VMLock
 from ..errors import AgentError, CheckFailed, CheckpointError, CprctlError, QemuError, UsageError, VMStateError
-from . import disks, kept, ramdigest, statefile, timeline
+from . import canary, disks, kept, ramdigest, statefile, timeline
 from .compat import Resize, binary_findings, fallback_binary, queue_args, queue_mismatches, require
 from .facts import binary_info
 from .plan import direct_io
@@ -81,8 +81,10 @@ def verify(
     Without *digest*, the state file's size and header are checked but not its
     digest (`verify_digest` does that, while QEMU loads).
 
+    The RAM files kept in place are checked here too (`canary.check`), before any QEMU maps them.
+
     :raise VMStateError: nothing to restore; `CheckpointError` on any mismatch
-        (disk changes pass with *force*).
+        (disk changes pass with *force*; a kept RAM file that changed never does).
     """
     cp = vm.record.checkpoint
     if cp is None:
@@ -90,6 +92,7 @@ def verify(
     if vm.running():
         raise VMStateError(f"{vm.name}: QEMU (pid {vm.record.pid}) still runs; it is not saved")
     statefile.check_file(vm.checkpoint_file(), cp.size)
+    canary.check(vm.name, cp)
     if digest:
         verify_digest(vm, cp, trust_identity, progress)
     for old in cp.disks:
@@ -350,6 +353,8 @@ async def _start_and_load(
                 "it is kept running, see 'cprctl status'"
             ) from exc
         await asyncio.to_thread(process.kill, pid)
+        if op.step not in GUEST_RESUMED:  # the guest never ran: what that QEMU wrote in the kept RAM is KVM's
+            await asyncio.to_thread(canary.retake, cp)
         vm.record.operation = None
         vm.commit()
         if isinstance(exc, CprctlError):

@@ -25,7 +25,7 @@ from .._qemu.qmp import Monitor
 from .._qemu.ramblocks import RamBlock
 from .._store import StateDir, VMLock
 from ..errors import AgentError, CheckFailed, CheckpointError, CprctlError, QemuError, VMStateError
-from . import disks, kept, ramdigest, statefile
+from . import canary, disks, kept, ramdigest, statefile
 from .facts import gather
 from .plan import Plan, Strategy, SuspendMode, choose, direct_io, findings
 from .record import Checkpoint, DiskPrint, Operation, RamPrint
@@ -151,7 +151,7 @@ async def _checkpoint(
         # Flush RAM kept in files while the guest still runs: the flush after the stop then has
         # only what the guest wrote since, and the pause stays short.
         t = time.perf_counter()
-        await asyncio.to_thread(_fsync_ram, r.argv)
+        await asyncio.to_thread(_fsync_ram, r.argv, r.cwd)
         timings["preflush"] = (time.perf_counter() - t) * 1000
     # The virtqueues a restore on another build must allocate, asked while the guest still runs (not
     # in its pause): a guest's driver may only shrink a queue below what QEMU allocated.
@@ -201,8 +201,12 @@ async def _checkpoint(
     inode, mtime_ns = statefile.identity(vm.state_path)
     if durable:
         t = time.perf_counter()
-        await asyncio.to_thread(_fsync_ram, r.argv)
+        await asyncio.to_thread(_fsync_ram, r.argv, r.cwd)
         timings["flush"] = (time.perf_counter() - t) * 1000
+    # The RAM kept in files has its final content now (on disk when durable, else in the page cache).
+    t = time.perf_counter()
+    kept_ram = await asyncio.to_thread(canary.take_kept, r.argv, plan.capabilities, r.cwd)
+    timings["canary"] = (time.perf_counter() - t) * 1000
     checkpoint = Checkpoint(
         state_file=str(vm.state_path),
         size=size,
@@ -223,6 +227,7 @@ async def _checkpoint(
         build=r.build,
         boot_id=clock.boot_id(),
         ram=ram,
+        kept_ram=kept_ram,
     )
     r.checkpoint = checkpoint
     r.lost = None
@@ -330,11 +335,12 @@ async def _digest(
     return size, digest, {}
 
 
-def _fsync_ram(argv: list[str]) -> None:
-    """Flush RAM kept in files to disk, so a host crash after the save loses nothing."""
+def _fsync_ram(argv: list[str], cwd: str = "/") -> None:
+    """Flush RAM kept in files to disk, so a host crash after the save loses nothing (a relative ``mem-path``
+    is QEMU's, from *cwd*)."""
     for b in ram_layout(argv).backends:
-        if b.named_shared_file and b.path and os.path.isfile(b.path):
-            statefile.flush(b.path)
+        if b.named_shared_file and b.path and os.path.isfile(path := os.path.join(cwd, b.path)):
+            statefile.flush(path)
 
 
 async def suspend_guest(vm: VM, mon: Monitor) -> float:

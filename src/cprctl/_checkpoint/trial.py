@@ -23,7 +23,7 @@ from .._qemu import process
 from .._qemu.qmp import Monitor
 from .._store import StateDir, VMLock
 from ..errors import CprctlError, VMStateError
-from . import kept
+from . import canary, kept
 from .compat import Loadability
 from .report import Quiet
 from .restore import late_block_activate, verify
@@ -71,6 +71,7 @@ async def trial(sd: StateDir, name: str, qemu: str | None = None) -> TrialResult
             reason = f"{said} ({exc})" if said else str(exc)
         finally:
             await asyncio.to_thread(process.kill, pid)
+            await asyncio.to_thread(canary.retake, cp)  # what that QEMU wrote in the kept RAM (KVM's clock)
         kept.learn(vm, cp.build, argv[0], not reason, "trial", reason)
         vm.commit()
         return TrialResult(name, argv[0], not reason, reason, kept.loadability(vm, argv[0]))

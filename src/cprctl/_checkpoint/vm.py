@@ -18,7 +18,7 @@ from .._qemu.sockets import drop_sockets, take_over_sockets
 from .._store import StateDir, VMLock
 from .._store.statedir import RECORD_FILE
 from ..errors import BusyError, QemuError, VMNotFound
-from . import disks, record
+from . import canary, disks, record
 from .record import GUEST_RESUMED, VMRecord
 from .report import Reporter
 
@@ -213,6 +213,9 @@ async def _recover_restore(vm: VM) -> str:
             retire_checkpoint(vm, op.new_pid, None)
             return f"finished it (the guest was already resumed, now {status}); the checkpoint is retired"
         await asyncio.to_thread(process.kill, op.new_pid)
+    if r.checkpoint is not None and op.new_pid and op.step not in GUEST_RESUMED:
+        # That QEMU passed the kept RAM's check, and only it wrote the files since (KVM's clock records).
+        await asyncio.to_thread(canary.retake, r.checkpoint)
     return "rolled it back; the checkpoint is kept, run restore again"
 
 
