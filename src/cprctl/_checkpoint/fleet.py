@@ -207,8 +207,9 @@ async def restore_all(
     # Each VM's state once interrupted operations are finished; not `status`'s whole report (at boot it is time).
     states = {n: (await settled(sd, n, reporter)).state() for n in sd.names()}
     clock.mark("states")
-    saved = [n for n, s in states.items() if s == "saved"]
-    saved += [n for n, s in states.items() if s == "stopped" and open_vm(sd, n).record.boot_pending]
+    costs = {n: _restore_bytes(sd, n) for n, s in states.items() if s == "saved"}
+    costs |= {n: 0 for n, s in states.items() if s == "stopped" and open_vm(sd, n).record.boot_pending}
+    saved = restore_order(costs)
     limit = asyncio.Semaphore(parallel or default_parallel())
 
     async def one(name: str) -> VMOutcome:
@@ -234,6 +235,21 @@ async def restore_all(
     done = await asyncio.gather(*(one(n) for n in saved))
     others = [_untouched(n, s) for n, s in states.items() if n not in saved]
     return sorted([*done, *others], key=lambda o: o.name)
+
+
+def restore_order(costs: dict[str, int]) -> list[str]:
+    """The VMs of *costs* (``{name: bytes its restore loads}``) in the order restore-all starts them: the
+    quickest first, by name among equals. With fewer restores at a time than VMs, a VM whose RAM stayed in place
+    (a few MB of device state) then comes back in seconds instead of waiting behind one whose GBs of RAM are
+    loaded from its state file: the shortest first gives the least downtime on average (the longest
+    VM's is the same either way)."""
+    return sorted(costs, key=lambda n: (costs[n], n))
+
+
+def _restore_bytes(sd: StateDir, name: str) -> int:
+    """The bytes VM *name*'s restore loads: its state file's size (0 without a checkpoint)."""
+    cp = open_vm(sd, name).record.checkpoint
+    return cp.size if cp else 0
 
 
 async def update_all(
