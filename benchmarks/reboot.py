@@ -44,6 +44,7 @@ from common import machine_info  # noqa: E402
 from tests.guestvm import guest_dir  # noqa: E402
 from tests.hostvm import (  # noqa: E402
     QEMU,
+    SMP,
     SRC,
     VENV,
     HostVM,
@@ -257,7 +258,8 @@ def section(rounds: list[Round], facts: dict[str, str], info: dict[str, str], ar
     lines.append(
         f"`benchmarks/reboot.py --rounds {args.rounds} --host-boot {args.host_boot} --ram-mib {args.ram_mib} "
         f"--fill {args.fill}{' --firmware-only' if args.firmware_only else ''}`, {info['date']}. The Debian 13 host VM "
-        "(tests/hostvm.py: 2 vCPUs under TCG, 3 GiB, QEMU 10.0.13 and cprctl with its unit inside) runs two "
+        f"(tests/hostvm.py: {info.get('smp', '2')} vCPU(s) under TCG (runs before 30 Nov 12:00: 2), 3 GiB, QEMU "
+        "10.0.13 and cprctl with its unit inside) runs two "
         f"nested guests with `-accel kvm` (the host VM's emulated SVM): `file` ({args.ram_mib} MiB in a "
         f"shared file, kept in place) and `anon` ({args.ram_mib} MiB anonymous, written as mapped-ram), "
         + (
@@ -399,7 +401,7 @@ def main() -> int:
     host: HostVM | None = None
     rounds: list[Round] = []
     try:
-        info = machine_info("qemu-system-x86_64", work)
+        info = machine_info("qemu-system-x86_64", work) | {"smp": SMP}
         host = setup(work, args.ram_mib, args.fill, args.firmware_only, args.host_boot)
         facts: dict[str, str] = {}
         for n in range(1, args.rounds + 1):
