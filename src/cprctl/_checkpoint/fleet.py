@@ -23,7 +23,7 @@ from . import lifecycle, timeline
 from .plan import Finding, SuspendMode
 from .report import Quiet, Reporter
 from .restore import restore
-from .vm import open_vm, settled
+from .vm import VM, open_vm, settled
 
 # save, trial, update and inspect (status, check) are imported where used: restore-all runs at boot, in every
 # guest's downtime, and python's imports are a part of it that cprctl adds (issue 16's benchmark: the
@@ -205,10 +205,11 @@ async def restore_all(
     clock.mark("restore_all")  # at boot: the end of python's start (see `timeline.queue_steps`)
     reporter = reporter or Quiet()
     # Each VM's state once interrupted operations are finished; not `status`'s whole report (at boot it is time).
-    states = {n: (await settled(sd, n, reporter)).state() for n in sd.names()}
+    vms = {n: await settled(sd, n, reporter) for n in sd.names()}
+    states = {n: vm.state() for n, vm in vms.items()}
     clock.mark("states")
-    costs = {n: _restore_bytes(sd, n) for n, s in states.items() if s == "saved"}
-    costs |= {n: 0 for n, s in states.items() if s == "stopped" and open_vm(sd, n).record.boot_pending}
+    costs = {n: _restore_bytes(vms[n]) for n, s in states.items() if s == "saved"}
+    costs |= {n: 0 for n, s in states.items() if s == "stopped" and vms[n].record.boot_pending}
     saved = restore_order(costs)
     limit = asyncio.Semaphore(parallel or default_parallel())
 
@@ -246,9 +247,9 @@ def restore_order(costs: dict[str, int]) -> list[str]:
     return sorted(costs, key=lambda n: (costs[n], n))
 
 
-def _restore_bytes(sd: StateDir, name: str) -> int:
-    """The bytes VM *name*'s restore loads: its state file's size (0 without a checkpoint)."""
-    cp = open_vm(sd, name).record.checkpoint
+def _restore_bytes(vm: VM) -> int:
+    """The bytes *vm*'s restore loads: its state file's size (0 without a checkpoint)."""
+    cp = vm.record.checkpoint
     return cp.size if cp else 0
 
 
