@@ -30,7 +30,7 @@ wrote the file since.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import msgspec
 import xxhash
@@ -168,14 +168,21 @@ def refusal(name: str, canary: RamCanary, why: str) -> str:
     return f"{name}: RAM file {canary.path} is not what the save left: {why}; the guest cannot resume from it"
 
 
+def refusals(name: str, checkpoint: Checkpoint) -> Iterator[str]:
+    """A `refusal` line for each of *checkpoint*'s kept RAM files that is not what the save left, one file
+    checked at a time (VM *name*)."""
+    for canary in checkpoint.kept_ram:
+        if why := problem(canary):
+            yield refusal(name, canary, why)
+
+
 def check(name: str, checkpoint: Checkpoint) -> None:
     """Refuse a restore of VM *name* whose kept RAM files are not what *checkpoint*'s save left.
 
     :raise CheckpointError: naming the file and what differs; nothing is touched.
     """
-    for canary in checkpoint.kept_ram:
-        if why := problem(canary):
-            raise CheckpointError(refusal(name, canary, why))
+    if first := next(refusals(name, checkpoint), None):
+        raise CheckpointError(first)
 
 
 def retake(checkpoint: Checkpoint) -> None:

@@ -394,11 +394,7 @@ def _canary_findings(vm: VM) -> list[Finding]:
     cp = vm.record.checkpoint
     assert cp is not None
     fix = "restore it once the file the save left is back; else its running state is lost ('cprctl remove --force')"
-    return [
-        Finding("ram-changed", "error", canary.refusal(vm.name, c, why), fix)
-        for c in cp.kept_ram
-        if (why := canary.problem(c))
-    ]
+    return [Finding("ram-changed", "error", line, fix) for line in canary.refusals(vm.name, cp)]
 
 
 def _canary_summary(kept_ram: list[RamCanary]) -> str:
