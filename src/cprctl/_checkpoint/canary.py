@@ -89,13 +89,20 @@ def differing(want: bytes, got: bytes) -> int:
     return sum(want[i : i + DIGEST] != got[i : i + DIGEST] for i in range(0, max(len(want), len(got)), DIGEST))
 
 
+def ram_path(cwd: str, mem_path: str) -> str:
+    """A RAM backend's ``mem-path`` as an absolute, normalised path (a relative one is QEMU's, from *cwd*)."""
+    return os.path.normpath(os.path.join(cwd, mem_path))
+
+
+def shared_files(argv: Sequence[str], cwd: str = "/") -> list[str]:
+    """The named shared RAM files of *argv* (`ram_path`), each once."""
+    backends = ram_layout(argv).backends
+    return list(dict.fromkeys(ram_path(cwd, b.path) for b in backends if b.named_shared_file and b.path))
+
+
 def kept_files(argv: Sequence[str], capabilities: Mapping[str, bool], cwd: str = "/") -> list[str]:
-    """The RAM files a save with *capabilities* keeps in place (``x-ignore-shared``: every named shared file),
-    as absolute paths (a relative ``mem-path`` is QEMU's, from *cwd*)."""
-    if not capabilities.get("x-ignore-shared"):
-        return []
-    paths = [os.path.join(cwd, b.path) for b in ram_layout(argv).backends if b.named_shared_file and b.path]
-    return list(dict.fromkeys(os.path.normpath(p) for p in paths))
+    """The RAM files a save with *capabilities* keeps in place (``x-ignore-shared``: every named shared file)."""
+    return shared_files(argv, cwd) if capabilities.get("x-ignore-shared") else []
 
 
 # -- reading the file ---------------------------------------------------------------------------------

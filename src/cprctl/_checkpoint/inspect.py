@@ -355,7 +355,7 @@ def _check_saved(vm: VM, reboot: bool) -> list[Finding]:
         sampled = {c.path for c in cp.kept_ram}
         for b in ram_layout(vm.record.argv).backends:
             fact = ram_fact(b)
-            if b.path and os.path.normpath(os.path.join(vm.record.cwd, b.path)) in sampled:
+            if b.path and canary.ram_path(vm.record.cwd, b.path) in sampled:
                 continue  # the canary said it
             if fact.path_kind != "file" and not fact.dax:
                 out.append(

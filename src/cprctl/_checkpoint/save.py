@@ -20,7 +20,6 @@ from typing import Literal, TypeVar
 from .._host import clock
 from .._qemu import ramblocks, virtio
 from .._qemu.agent import Agent
-from .._qemu.argv import ram_layout
 from .._qemu.qmp import Monitor
 from .._qemu.ramblocks import RamBlock
 from .._store import StateDir, VMLock
@@ -338,8 +337,8 @@ async def _digest(
 def _fsync_ram(argv: list[str], cwd: str = "/") -> None:
     """Flush RAM kept in files to disk, so a host crash after the save loses nothing (a relative ``mem-path``
     is QEMU's, from *cwd*)."""
-    for b in ram_layout(argv).backends:
-        if b.named_shared_file and b.path and os.path.isfile(path := os.path.join(cwd, b.path)):
+    for path in canary.shared_files(argv, cwd):
+        if os.path.isfile(path):
             statefile.flush(path)
 
 
