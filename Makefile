@@ -48,6 +48,10 @@ lint: venv
 unit: venv
 	$(VENV)/bin/pytest -q -m "not qemu"
 
+# The test suite without the host VM module, and that module (-s: its set-up phases and costs).
+SUITE = $(VENV)/bin/pytest -q -ra -m "not hostvm"
+HOSTVM_TESTS = $(VENV)/bin/pytest -q -ra -s --durations=0 -m hostvm
+
 # Lint, then the test suite and the host VM module (tests/test_hostvm.py) side by side: what .ci/run runs (README,
 # *Development*). The host VM has one vCPU, so the module takes one core and the suite the other; the module's
 # lines come prefixed `[hostvm]` as they come, its whole log is build/hostvm-tests.log. Not as root, the host VM
@@ -55,22 +59,22 @@ unit: venv
 test: deps venv guest old-qemu qemu-roots lint
 	@mkdir -p build; hv=; \
 	if [ "$$(id -u)" -eq 0 ]; then \
-		( set -o pipefail; $(VENV)/bin/pytest -q -ra -s --durations=0 -m hostvm --basetemp=build/hostvm-tmp 2>&1 | tee build/hostvm-tests.log \
+		( set -o pipefail; $(HOSTVM_TESTS) --basetemp=build/hostvm-tmp 2>&1 | tee build/hostvm-tests.log \
 			| sed -u 's/^/[hostvm] /' ) & hv=$$!; \
 	fi; \
-	$(VENV)/bin/pytest -q -ra -m "not hostvm"; rc=$$?; \
+	$(SUITE); rc=$$?; \
 	hrc=0; if [ -n "$$hv" ]; then wait $$hv || hrc=$$?; fi; \
 	echo "make test: suite exit $$rc; host VM module $$([ -n "$$hv" ] && echo "exit $$hrc" || echo "not run (not root)")"; \
 	[ $$rc -eq 0 ] && [ $$hrc -eq 0 ]
 
 # Lint and the test suite without the host VM module.
 test-quick: deps venv guest old-qemu qemu-roots lint
-	$(VENV)/bin/pytest -q -ra -m "not hostvm"
+	$(SUITE)
 
 # The host VM module alone (root only): real host reboots (systemctl reboot, cprctl reboot --kexec, crashes) in a
 # Debian 13 host VM, its image cached under ~/.cache/cprctl-hostvm; -s shows its set-up phases and costs.
 test-hostvm: deps venv guest
-	$(VENV)/bin/pytest -q -ra -s --durations=0 -m hostvm
+	$(HOSTVM_TESTS)
 
 # The host VM's image alone (the tests build it on first use too).
 hostvm-image: deps venv
