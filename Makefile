@@ -9,7 +9,7 @@ export CPRCTL_QEMU_ROOTS := $(QEMU_ROOTS)
 export CPRCTL_TEST_GUEST := $(GUEST_DIR)
 export CPRCTL_OLD_QEMU := $(OLD_QEMU_DIR)/usr/bin/qemu-system-x86_64
 
-.PHONY: all deps venv guest old-qemu qemu-roots demo test test-quick test-hostvm hostvm-image unit lint bench bench-reboot clean
+.PHONY: all deps venv guest old-qemu qemu-roots demo test test-quick test-hostvm test-devices hostvm-image unit lint bench bench-reboot clean
 
 all: test
 
@@ -48,14 +48,14 @@ lint: venv
 unit: venv
 	$(VENV)/bin/pytest -q -m "not qemu"
 
-# The test suite without the host VM module, and that module (-s: its set-up phases and costs).
-SUITE = $(VENV)/bin/pytest -q -ra -m "not hostvm"
-HOSTVM_TESTS = $(VENV)/bin/pytest -q -ra -s --durations=0 -m hostvm
+# The test suite without the host VM modules, and those modules (-s: their set-up phases and costs).
+SUITE = $(VENV)/bin/pytest -q -ra -m "not hostvm and not devices"
+HOSTVM_TESTS = $(VENV)/bin/pytest -q -ra -s --durations=0 -m "hostvm or devices"
 
-# Lint, then the test suite and the host VM module (tests/test_hostvm.py) side by side: what .ci/run runs (README,
-# *Development*). The host VM has one vCPU, so the module takes one core and the suite the other; the module's
-# lines come prefixed `[hostvm]` as they come, its whole log is build/hostvm-tests.log. Not as root, the host VM
-# tests skip themselves and the module is not started.
+# Lint, then the test suite and the host VM modules (tests/test_hostvm.py, then tests/test_hostvm_devices.py, each
+# with a host VM of its own) side by side: what .ci/run runs (README, *Development*). A host VM has one vCPU, so the
+# modules take one core and the suite the other; their lines come prefixed `[hostvm]` as they come, their whole log
+# is build/hostvm-tests.log. Not as root, the host VM tests skip themselves and the modules are not started.
 test: deps venv guest old-qemu qemu-roots lint
 	@mkdir -p build; hv=; \
 	if [ "$$(id -u)" -eq 0 ]; then \
@@ -71,10 +71,16 @@ test: deps venv guest old-qemu qemu-roots lint
 test-quick: deps venv guest old-qemu qemu-roots lint
 	$(SUITE)
 
-# The host VM module alone (root only): real host reboots (systemctl reboot, cprctl reboot --kexec, crashes) in a
-# Debian 13 host VM, its image cached under ~/.cache/cprctl-hostvm; -s shows its set-up phases and costs.
+# The host VM modules alone (root only): real host reboots (systemctl reboot, cprctl reboot --kexec, crashes) in a
+# Debian 13 host VM, its image cached under ~/.cache/cprctl-hostvm, then persistent memory and VFIO in another; -s
+# shows their set-up phases and costs.
 test-hostvm: deps venv guest
 	$(HOSTVM_TESTS)
+
+# Persistent memory (an NVDIMM, ext4 -o dax) and a real VFIO device (QEMU's edu behind an emulated IOMMU) in the
+# host VM (tests/test_hostvm_devices.py, root only) alone.
+test-devices: deps venv guest
+	$(VENV)/bin/pytest -q -ra -s --durations=0 -m devices
 
 # The host VM's image alone (the tests build it on first use too).
 hostvm-image: deps venv

@@ -392,12 +392,39 @@ ACCEL = os.environ.get("CPRCTL_HOSTVM_ACCEL", "tcg,thread=multi")
 SMP = os.environ.get("CPRCTL_HOSTVM_SMP", "1")
 
 
+#: The host VM's emulated NVDIMM (persistent memory), a sparse file of this machine in the work folder.
+PMEM_MIB = 512
+#: Where its fsdax namespace's ext4 is mounted ``-o dax`` inside (from fstab, at every boot).
+PMEM_MOUNT = "/mnt/pmem"
+#: The IOMMU on for the host VM's devices (VFIO needs it); ``iommu=pt``: the host VM's own devices keep
+#: direct DMA (identity-mapped), only those bound to VFIO go through its page tables.
+DEVICES_APPEND = "intel_iommu=on iommu=pt"
+#: QEMU's ``edu`` test PCI device, assigned to a nested guest through VFIO.
+EDU = "1234:11e8"
+
+
+def device_args(work: Path) -> list[str]:
+    """QEMU arguments for the host VM's devices: an emulated IOMMU (before every other PCI device), an NVDIMM
+    on a sparse file in *work* (its contents outlive the host VM's resets, as persistent memory's outlive a
+    power cut), and the ``edu`` device for VFIO."""
+    pmem = work / "pmem.img"
+    with open(pmem, "wb") as f:
+        f.truncate(PMEM_MIB << 20)
+    return [
+        "-device", "intel-iommu,caching-mode=on",
+        "-object", f"memory-backend-file,id=pmem0,share=on,mem-path={pmem},size={PMEM_MIB}M",
+        "-device", "nvdimm,memdev=pmem0,id=nvdimm0",
+        "-device", "edu,id=edu0",
+    ]  # fmt: skip
+
+
 class HostVM:
     """The host VM's QEMU, started by this process, and its agent channel.
 
     *firmware* ``kernel`` (the tests): QEMU loads the image's default kernel itself (``-kernel``, SeaBIOS
     boots it at once); ``uefi``: as a Debian host boots, UEFI firmware (OVMF) then GRUB from an EFI system
     partition (Debian's menu timeout) then the kernel GRUB reads from the root filesystem (`uefi_disks`).
+    *devices*: with an IOMMU, an NVDIMM and the ``edu`` PCI device (`device_args`; `setup_pmem`, `bind_edu`).
     """
 
     def __init__(
@@ -408,9 +435,11 @@ class HostVM:
         extra: tuple[str, ...] = (),
         append: str = "",
         firmware: str = "kernel",
+        devices: bool = False,
     ) -> None:
         self.image = image
         self.guest, self.extra, self.append, self.firmware = guest, extra, append, firmware
+        self.devices = devices
         self.start(work)
 
     def start(self, work: Path) -> None:
@@ -424,6 +453,10 @@ class HostVM:
         _data_disk(self.data, guest)
         self.console = work / "console.log"
         self.agent = Agent(work / "qga.sock")
+        machine, memory, own = "q35", "3G", []
+        if self.devices:
+            machine, memory, own = "q35,nvdimm=on", f"3G,slots=2,maxmem={3072 + PMEM_MIB}M", device_args(work)
+            append = f"{DEVICES_APPEND} {append}"
         cmdline = f"root=/dev/vda rw console=ttyS0 {append}".strip()
         if firmware == "uefi":
             boot = uefi_disks(work, cmdline)
@@ -432,8 +465,9 @@ class HostVM:
             boot += ["-append", cmdline]
         argv = [
             QEMU,
-            "-accel", ACCEL, "-cpu", "max", "-smp", SMP, "-m", "3G", "-machine", "q35",
+            "-accel", ACCEL, "-cpu", "max", "-smp", SMP, "-m", memory, "-machine", machine,
             "-display", "none", "-nodefaults",
+            *own,
             "-drive", f"file={self.overlay},if=virtio,format=qcow2,cache=unsafe",
             "-drive", f"file={self.data},if=virtio,format=raw",
             *boot,
@@ -599,6 +633,14 @@ class HostVM:
         rows = json.loads(self.sh("cprctl status --json"))
         return {r["name"]: r for r in rows}
 
+    def setup_pmem(self) -> None:
+        """Make the NVDIMM an fsdax namespace with ext4 on it, in fstab mounted ``-o dax`` at every boot."""
+        self.sh(PMEM_SETUP, timeout=300)
+
+    def bind_edu(self) -> str:
+        """Bind the ``edu`` device to vfio-pci, now and at every boot; its PCI address."""
+        return self.sh(BIND_EDU, timeout=120).strip()
+
 
 #: The checkout's install inside (see `HostVM.install`), from the data disk on /dev/vdb.
 INSTALL = f"""set -e
@@ -615,6 +657,91 @@ chmod 755 /usr/local/bin/cprctl
 cprctl install-units
 systemctl start cprctl-guests.service
 """
+
+#: The NVDIMM, seen without labels as one raw namespace (no DAX: ext4 refuses ``-o dax`` on it), made an
+#: fsdax namespace through sysfs as ``ndctl create-namespace -m fsdax`` would (the image has no ndctl): its
+#: pfn device claims the namespace (memmap on the NVDIMM itself) and writes its info block there, which the
+#: kernel finds again at every boot. Then ext4 (4 KiB blocks: DAX needs the page size) in fstab with ``dax``,
+#: so it is mounted at every boot before ``cprctl-guests.service`` (its ``RequiresMountsFor=``).
+PMEM_SETUP = f"""set -e
+nd=/sys/bus/nd/devices
+ns=$(cd $nd && ls -d namespace*.0 | head -n 1)
+if [ "$(cat $nd/$ns/mode)" != memory ]; then
+    pfn=$(cat $nd/region0/pfn_seed)
+    echo $ns > /sys/bus/nd/drivers/nd_pmem/unbind
+    echo $ns > $nd/$pfn/namespace
+    echo pmem > $nd/$pfn/mode
+    cat /proc/sys/kernel/random/uuid > $nd/$pfn/uuid
+    echo $pfn > /sys/bus/nd/drivers/nd_pmem/bind
+fi
+udevadm settle
+[ "$(cat /sys/block/pmem0/queue/dax)" = 1 ]
+mkfs.ext4 -q -F -b 4096 -L cprpmem /dev/pmem0
+mkdir -p {PMEM_MOUNT}
+echo '/dev/pmem0 {PMEM_MOUNT} ext4 dax 0 2' >> /etc/fstab
+systemctl daemon-reload
+mount {PMEM_MOUNT}
+grep -q ' {PMEM_MOUNT} ext4 .*dax=always' /proc/mounts
+sync
+"""
+
+#: vfio-pci takes every ``edu`` device (none has a driver of its own), now and at every boot (as an operator
+#: makes an assignment last: ``options vfio-pci ids=`` and the module loaded by systemd-modules-load, before
+#: ``cprctl-guests.service``); prints the first one's address.
+BIND_EDU = f"""set -e
+echo 'options vfio-pci ids={EDU}' > /etc/modprobe.d/cprctl-edu.conf
+echo vfio-pci > /etc/modules-load.d/cprctl-edu.conf
+sync
+modprobe vfio-pci
+echo "{EDU.replace(":", " ")}" > /sys/bus/pci/drivers/vfio-pci/new_id 2>/dev/null || true
+for d in /sys/bus/pci/devices/*; do
+    [ "$(cat $d/vendor) $(cat $d/device)" = "0x{EDU.replace(":", " 0x")}" ] || continue
+    [ "$(basename $(readlink $d/driver))" = vfio-pci ]
+    [ -c /dev/vfio/$(basename $(readlink $d/iommu_group)) ]
+    basename $d
+    exit 0
+done
+echo "no edu device" >&2
+exit 1
+"""
+
+#: Copied into the host VM: runs a shell script in a nested guest through its agent (``guest-exec``, the
+#: test guest's busybox sh): ``gx AGENT_SOCKET SCRIPT``; its output and exit code.
+GX = """import asyncio, base64, sys
+from cprctl._qemu.agent import Agent
+async def main(path, script):
+    async with Agent(path, "gx", timeout=300) as agent:  # a busy host: its answers can take minutes
+        started = await agent.execute("guest-exec", {"path": "/bin/sh", "arg": ["-c", script], "capture-output": True})
+        while not (st := await agent.execute("guest-exec-status", {"pid": started["pid"]})).get("exited"):
+            await asyncio.sleep(0.2)
+    sys.stdout.write(base64.b64decode(st.get("out-data", "")).decode(errors="replace"))
+    sys.stderr.write(base64.b64decode(st.get("err-data", "")).decode(errors="replace"))
+    return int(st.get("exitcode", 1))
+sys.exit(asyncio.run(main(sys.argv[1], sys.argv[2])))
+"""
+
+#: Run in a nested guest: finds the ``edu`` device on its PCI bus and talks to it through its BAR 0
+#: (busybox devmem): register 0x00 is its identification (0x010000ed), 0x04 gives back the bitwise NOT of
+#: what was written.
+EDU_PROBE = f"""
+for d in /sys/bus/pci/devices/*; do
+    [ "$(cat $d/vendor) $(cat $d/device)" = "0x{EDU.replace(":", " 0x")}" ] || continue
+    read -r bar _ < $d/resource
+    devmem $((bar + 4)) 32 0x12345678
+    echo "edu $(basename $d) id=$(devmem $bar 32) not=$(devmem $((bar + 4)) 32)"
+    exit 0
+done
+echo "no edu device"
+exit 1
+"""
+
+
+def nested_exec(host: HostVM, name: str, script: str) -> str:
+    """*script* run in nested guest *name* through its agent (guest-exec); its output."""
+    if host.exec("test -e /usr/local/sbin/gx", check=False).rc != 0:
+        host.put("/usr/local/sbin/gx", GX)
+    return host.sh(f"{VENV}/bin/python /usr/local/sbin/gx /var/lib/cprctl/vms/{name}/qga.sock {shlex.quote(script)}")
+
 
 #: Copied into the host VM: polls the VM records (5 ms) and resets the host at the moment named by argv[1]:
 #: ``save``: one VM saved (checkpoint, no operation) while another is not yet; ``restore``: a restore under
