@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,32 @@ def test_digest_of_memory_is_the_file_digest_of_the_same_bytes() -> None:
     assert got["tail"] == f"xxh3_128c:{xxhash.xxh3_128(xxhash.xxh3_128(data[-4096:]).digest()).hexdigest()}"
     with pytest.raises(OSError):
         ramdigest.digests(os.getpid(), [ramblocks.RamBlock("nowhere", 4096, 4096)])
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="taking the priority back takes root")
+def test_the_digest_yields_the_cpu_until_told_then_runs_as_before() -> None:
+    """A save's digest runs `YIELD_NICE` nicer while QEMU writes (its *yield_until* not set), then as the caller
+    does; the digest is the same either way."""
+    data = os.urandom(32 * statefile.CHUNK)
+    buf = mmap.mmap(-1, len(data))
+    buf[:] = data
+    block = ramblocks.RamBlock("pc.ram", len(data), ctypes.addressof(ctypes.c_char.from_buffer(buf)))
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    written, seen = threading.Event(), []
+
+    def progress(done: int, total: int) -> None:  # in the worker that hashed the chunk, after it did
+        seen.append(os.getpriority(os.PRIO_PROCESS, 0))
+        if done >= total // 2:
+            written.set()
+
+    got = ramdigest.digests(os.getpid(), [block], progress, yield_until=written)
+    assert got == ramdigest.digests(os.getpid(), [block])
+    half = len(seen) // 2
+    assert set(seen[:half]) == {base + ramdigest.YIELD_NICE}, seen
+    # After it was set each thread finishes the chunk it had begun (nicer), then takes the priority back.
+    late = [n for n in seen[half:] if n != base]
+    assert seen[half:].count(base) >= half - ramdigest.THREADS and set(late) <= {base + ramdigest.YIELD_NICE}, seen
+    assert os.getpriority(os.PRIO_PROCESS, 0) == base  # the caller's own thread never changed
 
 
 def test_untouched_private_anonymous_chunks_are_zeros_and_not_read() -> None:

@@ -185,6 +185,7 @@ async def _checkpoint(
         timings["stopped"] = (time.perf_counter() - t) * 1000
     try:
         await mon.wait_migration(timeout=3600, on_progress=lambda i: migration_progress(reporter, i))
+        hashing.written.set()
         timings["migrate"] = (time.perf_counter() - t) * 1000
         stopped_at = stopped_at or mon.event_time("STOP", before - 1) or before
         # The migration's part of the guest's pause (`timeline.shares`: QEMU's own share of the downtime).
@@ -196,6 +197,7 @@ async def _checkpoint(
             _timed(asyncio.to_thread(statefile.flush, vm.state_path), timings, "sync", t),
         )
     finally:
+        hashing.written.set()
         hashing.stop.set()  # on a failure, a digest still reading QEMU's memory stops at its next chunk
     inode, mtime_ns = statefile.identity(vm.state_path)
     if durable:
@@ -259,6 +261,11 @@ class _MemoryDigest:
     def __init__(self, pid: int | None, reporter: Reporter) -> None:
         self.pid, self.reporter = pid, reporter
         self.stop = threading.Event()
+        #: Set once QEMU's write has ended: until then the digest yields the CPU to it (as root, which may
+        #: take the priority back after; `ramdigest.YIELD_NICE`).
+        self.written = threading.Event()
+        if os.geteuid() != 0:
+            self.written.set()
         self.blocks: dict[str, RamBlock] = {}
         self.task: asyncio.Future[dict[str, str]] | None = None
 
@@ -284,7 +291,7 @@ class _MemoryDigest:
                 raise OSError("stopped")
             self.reporter.progress(done, total, "hashing")
 
-        return ramdigest.digests(self.pid, blocks, hashing)
+        return ramdigest.digests(self.pid, blocks, hashing, yield_until=self.written)
 
     async def result(self, layout: list[statefile.MappedBlock]) -> dict[str, RamPrint]:
         """Each RAM block of the file (*layout*) with its digest; a block QEMU wrote that was not
