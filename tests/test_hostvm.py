@@ -243,13 +243,14 @@ def wait_mem_ok(host: HostVM, name: str, after: int, timeout: float = 120) -> No
 
 
 def snapshot(host: HostVM) -> dict[str, tuple[str, int, int]]:
-    """Each guest's current boot id, its last tick number and its console's length."""
-    out = {}
-    for name in GUESTS:
-        text = console_text(host, name)
-        last = list(TICK.finditer(text))[-1]  # the console may end in a line half written: start past this one
-        out[name] = (last["boot"], int(last["n"]), last.end())
-    return out
+    """Each guest's `mark_of`."""
+    return {name: mark_of(host, name) for name in GUESTS}
+
+
+def mark_of(host: HostVM, name: str) -> tuple[str, int, int]:
+    """Nested guest *name*'s boot id, its last tick number and where that tick ends on its console."""
+    last = list(TICK.finditer(console_text(host, name)))[-1]  # the console may end in a half line: start past this
+    return last["boot"], int(last["n"]), last.end()
 
 
 def assert_back(

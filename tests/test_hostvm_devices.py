@@ -26,13 +26,10 @@ import re
 import shlex
 import shutil
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from cprctl._demo import TICK
 
 from .guestvm import guest_dir
 from .hostvm import (
@@ -48,7 +45,18 @@ from .hostvm import (
     nested_exec,
     wait_tick,
 )
-from .test_hostvm import FILL, FIRST_BOOT_S, KVM_AMD, Phases, assert_back, journal, load, wait_mem_ok
+from .test_hostvm import (
+    FILL,
+    FIRST_BOOT_S,
+    KVM_AMD,
+    Phases,
+    assert_back,
+    cost,  # noqa: F401  (autouse: each test's wall-clock time and host VM CPU time, printed)
+    journal,
+    load,
+    mark_of,
+    wait_mem_ok,
+)
 
 pytestmark = [pytest.mark.qemu, pytest.mark.devices]
 
@@ -197,22 +205,8 @@ def assert_edu(host: HostVM, name: str) -> None:
     assert "id=0x010000ED not=0xEDCBA987" in out, out
 
 
-def mark_of(host: HostVM, name: str) -> tuple[str, int, int]:
-    """Nested guest *name*'s boot id, its last tick and where that tick ends on its console."""
-    last = list(TICK.finditer(console_text(host, name)))[-1]
-    return last["boot"], int(last["n"]), last.end()
-
-
 def dax_save_mb(detail: str) -> float:
     """MB a save wrote, from its outcome's detail (``in-place, 0.9 MB``)."""
     found = re.search(r"in-place, ([0-9.]+) MB", detail)
     assert found, detail
     return float(found[1])
-
-
-@pytest.fixture(autouse=True)
-def cost(host: HostVM, request: pytest.FixtureRequest) -> Iterator[None]:
-    """Prints each test's wall-clock time and the host VM's CPU time in it."""
-    t, cpu = time.monotonic(), host.cpu_seconds()
-    yield
-    print(f"\n{request.node.name}: {time.monotonic() - t:.0f} s, host VM CPU {host.cpu_seconds() - cpu:.0f} s")
