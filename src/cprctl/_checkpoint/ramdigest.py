@@ -120,13 +120,14 @@ def digests(
 
 
 def _pace(local: threading.local, until: threading.Event) -> None:
-    """Run the calling thread (Linux: niceness is a thread's) `YIELD_NICE` nicer until *until* is set, then as
-    before; its niceness so far is in *local*."""
+    """Run the calling thread (Linux: niceness is a thread's) `YIELD_NICE` nicer until *until* is set, then at
+    its own niceness again (the kernel caps the nicer one at 19); what it has so far is in *local*."""
     want = 0 if until.is_set() else YIELD_NICE
-    have: int = getattr(local, "nice", 0)
-    if want != have:
+    if getattr(local, "nice", 0) != want:
+        if not hasattr(local, "base"):
+            local.base = os.getpriority(os.PRIO_PROCESS, 0)
         with contextlib.suppress(OSError):  # not allowed (no root): the digest runs on as it is
-            os.setpriority(os.PRIO_PROCESS, 0, os.getpriority(os.PRIO_PROCESS, 0) + want - have)
+            os.setpriority(os.PRIO_PROCESS, 0, local.base + want)
             local.nice = want
 
 
